@@ -1,0 +1,86 @@
+"""Rotary position embedding (RoPE): the spec and its plain-PyTorch form.
+
+Two layouts of the rotated pairs:
+- ``"half"`` (GPT-NeoX, Llama in Hugging Face): pairs (x[i], x[i + D/2]);
+- ``"interleaved"`` (GPT-J, original RoFormer): pairs (x[2i], x[2i + 1]).
+
+Pair i at position p turns by angle p * theta ** (-2i / D). Positions are
+``q_offset + arange(Nq)`` for queries and ``k_offset + arange(Nk)`` for keys;
+``q_offset`` defaults to Nk - Nq (the queries are the last Nq tokens, as in
+decode and chunked prefill). ``cos``/``sin`` tables [max_pos, D/2] may be given
+instead of theta; rows are looked up by position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+ROPE_LAYOUTS = ("half", "interleaved")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    layout: str = "half"
+    theta: float = 10000.0
+    q_offset: Optional[int] = None
+    k_offset: int = 0
+    cos: Optional[torch.Tensor] = None
+    sin: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope layout must be one of {ROPE_LAYOUTS}; got {self.layout!r}")
+        if (self.cos is None) != (self.sin is None):
+            raise ValueError("rope cos and sin must be given together (both or neither)")
+        if self.cos is not None and self.cos.shape != self.sin.shape:
+            raise ValueError(
+                f"rope cos and sin must have one shape [max_pos, D/2]; got {tuple(self.cos.shape)} "
+                f"and {tuple(self.sin.shape)}"
+            )
+
+    def resolved_q_offset(self, nq: int, nk: int) -> int:
+        return (nk - nq) if self.q_offset is None else int(self.q_offset)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float64
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [len(positions), dim/2] of the rotation angles."""
+    half = dim // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2.0 / dim)
+    ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate the last dim of x [..., N, D] by cos/sin [N, D/2]."""
+    half = x.shape[-1] // 2
+    if layout == "half":
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x2 * cos + x1 * sin
+    return out
+
+
+def cos_sin_for(spec: RopeSpec, start: int, n: int, dim: int, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.arange(start, start + n, device=device)
+    if spec.cos is not None:
+        if n and start + n > spec.cos.shape[0]:
+            raise ValueError(
+                f"rope cos/sin tables have {spec.cos.shape[0]} positions; positions up to {start + n - 1} are needed"
+            )
+        return spec.cos[start : start + n].to(device=device, dtype=dtype), spec.sin[start : start + n].to(device=device, dtype=dtype)
+    return tuple(t.to(device=device) for t in rope_cos_sin(pos, dim, spec.theta, dtype))  # type: ignore[return-value]
+
+
+def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, spec: RopeSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B,H,Nq,D] and k [B,Hkv,Nk,D] in their own dtype."""
+    nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
+    qc, qs = cos_sin_for(spec, spec.resolved_q_offset(nq, nk), nq, d, q.dtype, q.device)
+    kc, ks = cos_sin_for(spec, spec.k_offset, nk, d, k.dtype, k.device)
+    return rotate(q, qc, qs, spec.layout), rotate(k, kc, ks, spec.layout)

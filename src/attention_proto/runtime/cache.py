@@ -1,0 +1,118 @@
+"""Compiled-kernel cache: kernel name + constexpr values -> compiled kernel.
+
+The counterpart of the research plan's PSO cache. Triton keeps its own
+in-process cache (and a disk cache); this one sits in front of it so that we
+can count hits, misses and compile seconds per variant (study 4 reads them)
+and hand the compiled object (registers, spills, shared memory, cubin) to the
+codegen study. It is thread-safe: compiles of one key happen once, under a
+per-key lock, and other keys compile concurrently.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+
+from .device import interpreter_mode
+
+
+@dataclass
+class CacheEntry:
+    kernel_name: str
+    constexprs: Tuple[Tuple[str, Any], ...]
+    compile_seconds: float
+    compiled: Any = None  # triton CompiledKernel (None under the interpreter)
+    hits: int = 0
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    compile_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "compile_seconds": self.compile_seconds}
+
+
+def _arg_signature(args: Tuple[Any, ...]) -> Tuple[Hashable, ...]:
+    sig = []
+    for a in args:
+        dtype = getattr(a, "dtype", None)
+        if dtype is not None and hasattr(a, "data_ptr"):
+            # pointer alignment is part of Triton's specialization
+            sig.append((str(dtype), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            sig.append(("bool", a))
+        elif isinstance(a, int):
+            sig.append(("i", a == 1, a % 16 == 0))
+        elif a is None:
+            sig.append(None)
+        else:
+            sig.append(type(a).__name__)
+    return tuple(sig)
+
+
+class KernelCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key_locks: Dict[Hashable, threading.Lock] = {}
+        self._entries: Dict[Hashable, CacheEntry] = {}
+        self.stats = CacheStats()
+
+    def key(self, kernel: Any, args: Tuple[Any, ...], constexprs: Dict[str, Any]) -> Hashable:
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
+        return (name, tuple(sorted((k, _freeze(v)) for k, v in constexprs.items())), _arg_signature(args))
+
+    def launch(self, kernel: Any, grid: Tuple[int, ...] | Callable, *args: Any, **constexprs: Any) -> None:
+        """Launch ``kernel[grid](*args, **constexprs)``, compiling (and timing it) on first use of the key."""
+        key = self.key(kernel, args, constexprs)
+        entry = self._entries.get(key)
+        if entry is None:
+            with self._lock:
+                klock = self._key_locks.setdefault(key, threading.Lock())
+            with klock:
+                entry = self._entries.get(key)
+                if entry is None:
+                    t0 = time.perf_counter()
+                    compiled = None
+                    if not interpreter_mode():
+                        compiled = kernel.warmup(*args, grid=grid, **constexprs)
+                    dt = time.perf_counter() - t0
+                    entry = CacheEntry(key[0], key[1], dt, compiled)
+                    with self._lock:
+                        self._entries[key] = entry
+                        self.stats.misses += 1
+                        self.stats.compile_seconds += dt
+                    kernel[grid](*args, **constexprs)
+                    return
+        with self._lock:
+            entry.hits += 1
+            self.stats.hits += 1
+        kernel[grid](*args, **constexprs)
+
+    def entries(self) -> list[CacheEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def find(self, kernel_name: str) -> list[CacheEntry]:
+        return [e for e in self.entries() if e.kernel_name == kernel_name]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._key_locks.clear()
+            self.stats = CacheStats()
+
+
+def _freeze(v: Any) -> Hashable:
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if callable(v):
+        return getattr(v, "__name__", None) or repr(v)
+    return v
+
+
+#: the process-wide cache every op launches through
+KERNEL_CACHE = KernelCache()

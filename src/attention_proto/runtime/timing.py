@@ -1,0 +1,90 @@
+"""GPU timing: CUDA events via triton.testing.do_bench, median with p20/p80.
+
+do_bench clears the L2 cache (it writes a 256 MB buffer) before every timed
+repetition, so repeated runs do not measure the cache. Kernels shorter than
+``SHORT_KERNEL_MS`` are dominated by launch overhead: the result carries a
+warning. Under Triton's interpreter there is nothing worth timing; callers
+should check :func:`attention_proto.runtime.device.interpreter_mode` first.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+SHORT_KERNEL_MS = 0.02
+
+
+class ShortKernelWarning(UserWarning):
+    """A timed region was too short to rise above launch overhead."""
+
+
+@dataclass
+class Timing:
+    ms_median: float
+    ms_p20: float
+    ms_p80: float
+    warnings: List[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"ms_median": self.ms_median, "ms_p20": self.ms_p20, "ms_p80": self.ms_p80}
+
+
+def bench(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0) -> Timing:
+    """Median/p20/p80 milliseconds of ``fn`` on the current CUDA device."""
+    import triton.testing
+
+    q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    med, p20, p80 = (float(x) for x in q)
+    t = Timing(med, p20, p80)
+    if med < SHORT_KERNEL_MS:
+        msg = f"timed region of {med * 1000:.1f} us is close to launch overhead; the number is mostly overhead"
+        t.warnings.append(msg)
+        warnings.warn(msg, ShortKernelWarning, stacklevel=2)
+    return t
+
+
+def wall_time_per_call(fn: Callable[[], object], calls: int = 2000, sync: Optional[Callable[[], None]] = None) -> float:
+    """Host wall time per call in microseconds (no CUDA graph): the host-overhead measure."""
+    for _ in range(min(50, calls)):
+        fn()
+    if sync:
+        sync()
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls // 5):
+            fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
+    return statistics.median(samples)
+
+
+def attention_flops(B: int, H: int, Nq: int, Nk: int, D: int, causal: bool, Dv: Optional[int] = None, mode: str = "fwd") -> float:
+    """FLOPs counted as the anchors do: 4*B*H*Nq*Nk*D forward, half when causal, 3.5x for fwd+bwd.
+
+    For causal with Nq != Nk, only the allowed (bottom-right) pairs are counted.
+    """
+    Dv = D if Dv is None else Dv
+    if causal:
+        off = Nk - Nq
+        # number of (i, j) with j <= i + off, 0 <= j < Nk
+        pairs = sum(min(Nk, max(0, i + off + 1)) for i in range(Nq))
+    else:
+        pairs = Nq * Nk
+    f = 2.0 * B * H * pairs * (D + Dv)
+    if causal and Nq == Nk:
+        # match the anchors' convention exactly: half of the full count
+        f = 2.0 * B * H * Nq * Nk * (D + Dv) / 2
+    return f * (3.5 if mode == "fwd_bwd" else (2.5 if mode == "bwd" else 1.0))
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
