@@ -80,8 +80,15 @@ class _null:
 
 @functools.lru_cache(maxsize=1)
 def compiled_flex():
+    import torch._dynamo
+
     from torch.nn.attention.flex_attention import flex_attention
 
+    # every shape and mask in a sweep is a new specialization; past dynamo's default
+    # limit of 8, flex_attention silently falls back to an unfused eager path
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
     return torch.compile(flex_attention, dynamic=False)
 
 
