@@ -29,7 +29,8 @@ def make_plots(rows: List[Dict[str, Any]], run: Dict[str, Any], folder: Path) ->
                      ("modifier_overhead.png", _modifiers), ("tile_heatmap.png", _tile_heatmap)):
         try:
             fig = fn(plt, rows, run)
-        except Exception:  # noqa: BLE001 - a plot must never break the export
+        except Exception as e:  # noqa: BLE001 - a plot must never break the export
+            print(f"plot {name} failed: {type(e).__name__}: {e}")
             fig = None
         if fig is not None:
             fig.savefig(folder / name, dpi=110, bbox_inches="tight")
@@ -48,7 +49,7 @@ def _series(rows, key_fn, x="N", y="tflops"):
     return s
 
 
-def _line_grid(plt, rows, op, title):
+def _line_grid(plt, rows, run, op, title):
     rows = [r for r in rows if r["op"] == op and r["study"] in ("flash", "ceilings") and r["tflops"]
             and not r["extra"].get("sweep")]
     if not rows:
@@ -71,11 +72,11 @@ def _line_grid(plt, rows, op, title):
 
 
 def _tflops_vs_n(plt, rows, run):
-    return _line_grid(plt, rows, "attn_fwd", "Forward TFLOPS vs N")
+    return _line_grid(plt, rows, run, "attn_fwd", "Forward TFLOPS vs N")
 
 
 def _fwd_bwd_vs_n(plt, rows, run):
-    return _line_grid(plt, rows, "attn_fwd_bwd", "Forward+backward TFLOPS vs N")
+    return _line_grid(plt, rows, run, "attn_fwd_bwd", "Forward+backward TFLOPS vs N")
 
 
 def _paged_bw(plt, rows, run):
@@ -84,8 +85,6 @@ def _paged_bw(plt, rows, run):
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for impl, pts in sorted(_series(rows, lambda r: r["variant"] or r["impl"], x=None, y="gbps").items()) if False else []:
-        pass
     by = defaultdict(dict)
     for r in rows:
         by[r["variant"] or r["impl"]][r["extra"]["page_size"]] = r["gbps"]
