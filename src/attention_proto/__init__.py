@@ -15,3 +15,30 @@ if "TRITON_INTERPRET" not in _os.environ:
         _os.environ["TRITON_INTERPRET"] = "1"
 
 __version__ = "0.1.0"
+
+# Public names, imported on first use so that `import attention_proto` stays cheap and a CLI
+# command that needs no kernel compiles none.
+_EXPORTS = {
+    "attention": "attention_proto.ops.dense.interface",
+    "attention_varlen": "attention_proto.ops.dense.interface",
+    "paged_attention": "attention_proto.ops.paged.interface",
+    "PagedKVCache": "attention_proto.ops.paged.cache",
+    "linear_attention": "attention_proto.ops.linear.interface",
+    "linear_attention_step": "attention_proto.ops.linear.interface",
+    "RopeSpec": "attention_proto.ops.dense.rope",
+    "alibi_slopes": "attention_proto.ops.dense.reference",
+    "attention_reference": "attention_proto.ops.dense.reference",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attention_proto' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
