@@ -1,0 +1,201 @@
+"""Shared ``@triton.jit`` helpers of the dense attention kernels (forward and backward).
+
+Stable API (the backward kernels import these; change signatures only together):
+
+- :func:`tanh_f32` -- tanh written with exp2 (``tl`` has no tanh in every version).
+- :func:`apply_score_mods` -- softcap then ALiBi on a tile of *scaled* scores (natural units).
+- :func:`apply_mask` -- causal / sliding-window (bottom-right aligned) and key-bound mask:
+  masked entries become ``-inf``.
+- :func:`kv_block_range` -- which key blocks a query block visits, split into
+  masked edges and a mask-free middle (fully masked blocks are never visited).
+- :func:`q_block_range` -- the dual: which query rows can see a key block (for dK/dV).
+- :func:`load_tile` -- a [R, BLOCK_D] tile load with compile-time-optional row/column bounds.
+- :func:`load_rope_tile` -- the same load with RoPE (half-split or interleaved) fused in,
+  cos/sin from fp32 tables [max_pos, D/2]; ``INVERSE=True`` rotates by the opposite angle.
+
+Conventions (those of :mod:`attention_proto.ops.dense.reference`): query row ``i`` sits at key
+position ``i + off`` with ``off = Nk - Nq`` (bottom-right alignment); causal allows
+``j <= i + off``; window (left, right) allows ``i + off - left <= j <= i + off + right``.
+Unbounded window sides are passed as :data:`WINDOW_UNBOUNDED` (a large positive int) so
+that the kernels need no per-side flags. Index tiles are ``offs_m`` [BLOCK_M] and ``offs_n``
+[BLOCK_N], both relative to the start of the (per-sequence) query/key range.
+"""
+from __future__ import annotations
+
+import attention_proto  # noqa: F401  (sets TRITON_INTERPRET before triton decorates anything)
+import triton
+import triton.language as tl
+
+#: stand-in for "no bound" on a window side; large, yet i + off +/- it stays inside int32
+WINDOW_UNBOUNDED = 1 << 30
+
+#: RoPE modes as the kernels see them (constexpr ``ROPE``)
+ROPE_NONE, ROPE_HALF, ROPE_INTERLEAVED = 0, 1, 2
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh(x) for fp32 x: 1 - 2 / (exp(2x) + 1); saturates cleanly to +-1 (exp2 -> inf or 0)."""
+    e = tl.math.exp2(x * 2.8853900817779268)  # 2 * log2(e)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def apply_score_mods(s, offs_m, offs_n, off, softcap, slope,
+                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Softcap (``c * tanh(s / c)``) then ALiBi (``-slope * |i + off - j|``) on scaled scores ``s``.
+
+    ``s`` is [BLOCK_M, BLOCK_N] fp32 in natural units (already multiplied by the softmax scale);
+    ``slope`` is this head's ALiBi slope (fp32 scalar). Order matches the reference.
+    """
+    if HAS_SOFTCAP:
+        s = softcap * tanh_f32(s / softcap)
+    if HAS_ALIBI:
+        dist = offs_m[:, None] + off - offs_n[None, :]
+        dist = tl.where(dist < 0, -dist, dist)
+        s = s - slope * dist.to(tl.float32)
+    return s
+
+
+@triton.jit
+def apply_mask(s, offs_m, offs_n, seqlen_k, off, win_left, win_right,
+               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, CHECK_N: tl.constexpr):
+    """Set masked entries of the score tile ``s`` to -inf (causal, window, and ``j < seqlen_k``)."""
+    pos = offs_m[:, None] + off  # key position of each query row
+    j = offs_n[None, :]
+    if CHECK_N:
+        keep = j < seqlen_k
+        if IS_CAUSAL:
+            keep = keep & (j <= pos)
+    elif IS_CAUSAL:
+        keep = j <= pos
+    else:
+        keep = j >= 0
+    if HAS_WINDOW:
+        keep = keep & (j >= pos - win_left) & (j <= pos + win_right)
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key blocks visited by query rows [m0, min(m0 + BLOCK_M, seqlen_q)).
+
+    Returns ``(lo, full_lo, full_hi, hi)`` with ``lo <= full_lo <= full_hi`` and all three
+    multiples of BLOCK_N: blocks starting in [lo, full_lo) and [full_hi, hi) need the mask
+    (:func:`apply_mask` with CHECK_N), blocks in [full_lo, full_hi) need none (every row may see
+    every key, all inside seqlen_k). Blocks with no allowed (row, key) pair are outside [lo, hi).
+    """
+    off = seqlen_k - seqlen_q
+    m_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo = m0 * 0
+    hi = seqlen_k
+    full_lo = m0 * 0
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, m_last + off + 1)
+        # a mask-free block must end at or before the first row's last key (m0 + off)
+        full_hi = tl.minimum(full_hi, (tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N)
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, m_last + off + win_right + 1)
+        full_hi = tl.minimum(full_hi, (tl.maximum(m0 + off + win_right + 1, 0) // BLOCK_N) * BLOCK_N)
+        lo = tl.maximum(m0 + off - win_left, 0)
+        # a mask-free block must start at or after the last row's first key
+        full_lo = ((tl.maximum(m_last + off - win_left, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    hi_blk = ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_blk)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi_blk), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def q_block_range(n0, seqlen_q, seqlen_k, win_left, win_right,
+                  BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query rows [lo, hi) that may see at least one key of [n0, min(n0 + BLOCK_N, seqlen_k)).
+
+    ``lo`` is not rounded to a block: the caller rounds it down to its BLOCK_M. Rows outside
+    this range see no key of the block, so a dK/dV loop can skip them entirely.
+    """
+    off = seqlen_k - seqlen_q
+    n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+    lo = n0 * 0
+    hi = seqlen_q
+    if IS_CAUSAL:
+        lo = tl.maximum(lo, n0 - off)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, n0 - off - win_right)
+        hi = tl.minimum(hi, n_last - off + win_left + 1)
+    hi = tl.maximum(hi, lo)
+    return lo, hi
+
+
+@triton.jit
+def load_tile(base, rows, n_rows, stride_row, stride_col,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a [len(rows), BLOCK_D] tile ``base[rows, :HEAD_DIM]``, zero outside the bounds.
+
+    The row bound (``rows < n_rows``) is checked only when CHECK_ROWS; the column bound only
+    when HEAD_DIM is not a power of two (BLOCK_D > HEAD_DIM), so full tiles load unmasked.
+    """
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if CHECK_ROWS:
+        if BLOCK_D != HEAD_DIM:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if BLOCK_D != HEAD_DIM:
+            x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def load_rope_tile(base, rows, n_rows, stride_row, stride_col, pos0,
+                   COS, SIN, stride_cs, max_pos,
+                   ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   CHECK_ROWS: tl.constexpr, INVERSE: tl.constexpr = False):
+    """Load ``base[rows, :HEAD_DIM]`` rotated by RoPE at positions ``pos0 + rows``; fp32 result.
+
+    ROPE 1 = half-split pairs (d, d + D/2), 2 = interleaved pairs (2i, 2i + 1). Each element is
+    ``x[d] * cos[p, f(d)] + sign(d) * x[partner(d)] * sin[p, f(d)]``: the partner column is a
+    second (cached) load of the same rows, so any HEAD_DIM (even) works with padding.
+    COS/SIN are fp32 tables with row stride ``stride_cs`` and ``max_pos`` rows; rows past the
+    table read as 0 (the host checks the positions beforehand).
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    cols = tl.arange(0, BLOCK_D)
+    if ROPE == 1:
+        first = cols < HALF
+        partner = tl.where(first, cols + HALF, cols - HALF)
+        freq = tl.where(first, cols, cols - HALF)
+    else:
+        first = (cols % 2) == 0
+        partner = tl.where(first, cols + 1, cols - 1)
+        freq = cols // 2
+    sign = tl.where(first, -1.0, 1.0)
+    if INVERSE:
+        sign = -sign
+    row_ok = rows < n_rows
+    col_ok = cols < HEAD_DIM
+    if CHECK_ROWS:
+        m2 = row_ok[:, None] & col_ok[None, :]
+    else:
+        m2 = (rows[:, None] >= 0) & col_ok[None, :]
+    row_ptr = base + rows[:, None] * stride_row
+    x = tl.load(row_ptr + cols[None, :] * stride_col, mask=m2, other=0.0).to(tl.float32)
+    xp = tl.load(row_ptr + partner[None, :] * stride_col, mask=m2, other=0.0).to(tl.float32)
+    pos = pos0 + rows
+    cs_mask = m2 & (pos[:, None] < max_pos) & (pos[:, None] >= 0)
+    cs_off = pos[:, None].to(tl.int64) * stride_cs + freq[None, :]
+    c = tl.load(COS + cs_off, mask=cs_mask, other=0.0)
+    s = tl.load(SIN + cs_off, mask=cs_mask, other=0.0)
+    return x * c + sign[None, :] * xp * s

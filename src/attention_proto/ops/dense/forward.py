@@ -1,0 +1,419 @@
+"""Portable FlashAttention forward (Triton): runs on any CUDA GPU and under the interpreter.
+
+Design
+------
+- One program per (query block of BLOCK_M rows, batch * head); grid ``(cdiv(Nq, BLOCK_M), B * H)``.
+  Query head ``h`` reads KV head ``h // (H // Hkv)`` through strides (GQA/MQA without copies).
+- Q is loaded once (RoPE fused into the load); the program walks its key blocks with the
+  online softmax in fp32, in the log2 domain (``exp2``; scores are multiplied by log2(e)).
+- Key blocks come in three ranges (:func:`common.kv_block_range`): masked edges and a
+  mask-free middle, so causal/window tiles pay for masks only on the diagonal band and fully
+  masked blocks are never visited. With causal masks the query blocks run longest-first.
+- Every tensor goes through its strides: BHSD, BSHD (a transposed view), slices; the output
+  is allocated like q (``empty_like`` keeps q's stride order).
+- fp32 inputs use ``tl.dot(..., input_precision="ieee")``: true fp32 products rather than TF32,
+  so fp32 results stay within the error rule against the float64 reference.
+- Fully masked rows (no allowed key) give output 0 and LSE -inf, never NaN: the running max is
+  replaced by 0 in the exponent while it is still -inf.
+- Varlen: packed q [Tq, H, D], k/v [Tk, Hkv, D] with ``cu_seqlens``; the batch index selects a
+  sequence whose own lengths define the bottom-right alignment; lse is [H, Tq].
+
+Hooks: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` and ``mask_mod(b, h, q_idx, kv_idx) ->
+bool`` are ``@triton.jit`` functions applied to whole tiles: ``score`` is the [BLOCK_M, BLOCK_N]
+fp32 tile of scaled scores (natural units, after softcap and ALiBi), ``q_idx`` is [BLOCK_M, 1],
+``kv_idx`` is [1, BLOCK_N] (positions inside the sequence), ``b``/``h`` are scalars; results must
+broadcast to the tile. They run before the built-in causal/window masks. A mask_mod disables
+nothing else: block skipping still follows only the built-in masks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...runtime.cache import KERNEL_CACHE
+from ...runtime.device import interpreter_mode
+from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
+                     load_tile)
+from .configs import FwdConfig, block_d, pick_forward_config
+from .rope import RopeSpec
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
+              sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr,
+              MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One online-softmax update with key tile ``k`` [BLOCK_N, BLOCK_D] and value tile ``v``.
+
+    ``m_i`` is the running row max in log2 units, ``l_i`` the running row sum, ``acc`` the
+    unnormalised output. Shared by the portable and the TMA kernels.
+    """
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if USE_NATURAL:
+        s = qk * sm_scale
+        s = apply_score_mods(s, offs_m, offs_n, off, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+        if SCORE_MOD is not None:
+            s = SCORE_MOD(s, b, h, offs_m[:, None], offs_n[None, :])
+        s = s * 1.4426950408889634
+    else:
+        s = qk * qk_scale2
+    if MASKED:
+        s = apply_mask(s, offs_m, offs_n, seqlen_k, off, win_left, win_right, IS_CAUSAL, HAS_WINDOW, True)
+    if MASK_MOD is not None:
+        s = tl.where(MASK_MOD(b, h, offs_m[:, None], offs_n[None, :]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED or HAS_HOOKS:
+        # rows with no allowed key yet: exponentiate against 0, not -inf (-inf - -inf = NaN)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
+               skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+               COS, SIN, stride_cs, max_pos, rope_k_off,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr,
+               SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr,
+               HAS_HOOKS: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if ROPE != 0:
+        k = load_rope_tile(k_base, offs_n, seqlen_k, skn, skd, rope_k_off, COS, SIN, stride_cs, max_pos,
+                           ROPE, HEAD_DIM, BLOCK_D, MASKED).to(q.dtype)
+    else:
+        k = load_tile(k_base, offs_n, seqlen_k, skn, skd, HEAD_DIM, BLOCK_D, MASKED)
+    v = load_tile(v_base, offs_n, seqlen_k, svn, svd, HEAD_DIM, BLOCK_D, MASKED)
+    return attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
+                     sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+                     MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD,
+                     USE_NATURAL, HAS_HOOKS, DOT_PREC)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, ALIBI, COS, SIN, CU_Q, CU_K,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
+    seqlen_q_arg, seqlen_k_arg, H, GROUP, num_m_blocks,
+    sm_scale, qk_scale2, softcap, win_left, win_right,
+    stride_cs, max_pos, rope_q_off, rope_q_auto, rope_k_off,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    ROPE: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr,
+    HAS_HOOKS: tl.constexpr, IS_VARLEN: tl.constexpr, CHECK_M: tl.constexpr, REVERSE_M: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if REVERSE_M:
+        # causal: the last query blocks see the most keys; start them first
+        pid_m = num_m_blocks - 1 - pid_m
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    if IS_VARLEN:
+        cq0 = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - cq0
+        ck0 = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - ck0
+        q_start = cq0.to(tl.int64)
+        k_start = ck0.to(tl.int64)
+    else:
+        seqlen_q = seqlen_q_arg
+        seqlen_k = seqlen_k_arg
+        q_start = 0
+        k_start = 0
+    m0 = pid_m * BLOCK_M
+    if IS_VARLEN:
+        if m0 >= seqlen_q:
+            return
+    off = seqlen_k - seqlen_q
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    q_base = Q + b64 * sqb + h64 * sqh + q_start * sqm
+    k_base = K + b64 * skb + hk64 * skh + k_start * skn
+    v_base = V + b64 * svb + hk64 * svh + k_start * svn
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    if ROPE != 0:
+        q = load_rope_tile(q_base, offs_m, seqlen_q, sqm, sqd, rope_q_off + rope_q_auto * off,
+                           COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, CHECK_M)
+        q = q.to(Q.dtype.element_ty)
+    else:
+        q = load_tile(q_base, offs_m, seqlen_q, sqm, sqd, HEAD_DIM, BLOCK_D, CHECK_M)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + h)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
+                                              BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_WINDOW:
+        # leading band of a sliding window: masked
+        for start_n in range(lo, full_lo, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
+                skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+                COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
+                USE_NATURAL, HAS_HOOKS, DOT_PREC)
+    # mask-free middle
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
+            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+            COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, False,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
+            USE_NATURAL, HAS_HOOKS, DOT_PREC)
+    # diagonal band (causal / right window) and the ragged tail (Nk % BLOCK_N): masked
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
+            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+            COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
+            USE_NATURAL, HAS_HOOKS, DOT_PREC)
+    l_ok = l_i > 0.0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    offs_d = tl.arange(0, BLOCK_D)
+    o_ptrs = O + b64 * sob + h64 * soh + q_start * som + offs_m[:, None] * som + offs_d[None, :] * sod
+    l_ptrs = LSE + b64 * slb + h64 * slh + q_start * slm + offs_m * slm
+    out = out.to(O.dtype.element_ty)
+    if CHECK_M:
+        if BLOCK_D != HEAD_DIM:
+            tl.store(o_ptrs, out, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+        else:
+            tl.store(o_ptrs, out, mask=offs_m[:, None] < seqlen_q)
+        tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+    else:
+        if BLOCK_D != HEAD_DIM:
+            tl.store(o_ptrs, out, mask=offs_d[None, :] < HEAD_DIM)
+        else:
+            tl.store(o_ptrs, out)
+        tl.store(l_ptrs, lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+
+_ROPE_TABLES: dict = {}
+_ALIBI: dict = {}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def normalize_window_arg(window: Any) -> Tuple[int, int]:
+    """(left, right) with -1 = unbounded; accepts None, an int (left only) or a pair."""
+    if window is None:
+        return (-1, -1)
+    if isinstance(window, int) and not isinstance(window, bool):
+        return (window if window >= 0 else -1, -1)
+    left, right = window
+    return (-1 if left is None or left < 0 else int(left), -1 if right is None or right < 0 else int(right))
+
+
+def resolve_alibi(alibi_slopes: Any, H: int, device: torch.device) -> Optional[torch.Tensor]:
+    """None, True (standard slopes, cached per H and device) or a tensor [H] -> fp32 [H] on device."""
+    if alibi_slopes is None or alibi_slopes is False:
+        return None
+    if alibi_slopes is True:
+        key = (H, device)
+        t = _ALIBI.get(key)
+        if t is None:
+            from .reference import alibi_slopes as standard
+
+            t = standard(H).to(device)
+            _ALIBI[key] = t
+        return t
+    if alibi_slopes.dtype != torch.float32 or alibi_slopes.device != device or not alibi_slopes.is_contiguous():
+        alibi_slopes = alibi_slopes.to(device=device, dtype=torch.float32).contiguous()
+    return alibi_slopes
+
+
+def rope_tables(spec: RopeSpec, D: int, needed: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables [max_pos, D/2] on ``device`` covering positions < ``needed``.
+
+    User tables are checked and converted (no copy when already fp32, contiguous, on device);
+    theta tables are computed in float64 once per (theta, D, device) and grown by doubling.
+    """
+    if spec.cos is not None:
+        cos, sin = spec.cos, spec.sin
+        if cos.dim() != 2 or cos.shape[1] != D // 2:
+            raise ValueError(f"rope cos/sin tables must be [max_pos, D/2] = [*, {D // 2}]; got {tuple(cos.shape)}")
+        if needed > cos.shape[0]:
+            raise ValueError(f"rope cos/sin tables have {cos.shape[0]} positions; positions up to {needed - 1} are needed")
+        if cos.dtype != torch.float32 or cos.device != device or not cos.is_contiguous():
+            cos = cos.to(device=device, dtype=torch.float32).contiguous()
+        if sin.dtype != torch.float32 or sin.device != device or not sin.is_contiguous():
+            sin = sin.to(device=device, dtype=torch.float32).contiguous()
+        return cos, sin
+    key = (float(spec.theta), int(D), device)
+    tabs = _ROPE_TABLES.get(key)
+    if tabs is None or tabs[0].shape[0] < needed:
+        from .rope import rope_cos_sin
+
+        n = _next_pow2(max(needed, 1024))
+        c, s = rope_cos_sin(torch.arange(n), D, spec.theta, torch.float64)
+        tabs = (c.to(device=device, dtype=torch.float32).contiguous(), s.to(device=device, dtype=torch.float32).contiguous())
+        _ROPE_TABLES[key] = tabs
+    return tabs
+
+
+def _tma_path_usable(q, k, v, **kw) -> bool:
+    if interpreter_mode() or not q.is_cuda:
+        return False
+    from .forward_tma import supports
+
+    return not supports(q, k, v, **kw)
+
+
+def flash_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Any = (-1, -1),
+    softcap: Optional[float] = None,
+    alibi_slopes: Any = None,
+    rope: Optional[RopeSpec] = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    config: Optional[FwdConfig] = None,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Low-level dense attention forward. Returns ``(out, lse)``.
+
+    Shapes: q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (any strides; a BSHD tensor is passed as
+    ``x.transpose(1, 2)``); out [B, H, Nq, D] with q's stride order; lse [B, H, Nq] fp32.
+    Varlen (``cu_seqlens_q``/``cu_seqlens_k`` int32 [B + 1]): q [Tq, H, D], k/v [Tk, Hkv, D],
+    out [Tq, H, D], lse [H, Tq]; ``max_seqlen_*`` default to the largest length (one host sync).
+
+    Semantics are those of :mod:`.reference` (scale default 1/sqrt(D); softcap, then ALiBi, then
+    score_mod, then masks; bottom-right causal/window; LSE natural log, -inf and output 0 on
+    fully masked rows). ``window``: (left, right), -1 = unbounded. ``alibi_slopes``: True or a
+    float tensor [H]. ``rope``: a :class:`RopeSpec` (q positions default to Nk - Nq + i, per
+    sequence for varlen). ``config``: a :class:`FwdConfig`; None picks one, and on Hopper the TMA
+    path when it applies. ``out``/``lse``: optional preallocated outputs of the shapes above (tests
+    poison them with NaN). Inputs are checked only lightly here: :func:`.interface.attention` is
+    the validating entry point.
+    """
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        Tq, H, D = q.shape
+        Hkv = k.shape[1]
+        B = cu_seqlens_q.shape[0] - 1
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B > 0 else 0
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if B > 0 else 0
+        Nq, Nk = int(max_seqlen_q), int(max_seqlen_k)
+        out = torch.empty_like(q) if out is None else out
+        lse = torch.empty((H, Tq), device=q.device, dtype=torch.float32) if lse is None else lse
+        if Tq == 0 or B == 0:
+            return out, lse
+    else:
+        B, H, Nq, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        out = torch.empty_like(q) if out is None else out
+        lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32) if lse is None else lse
+        if B == 0 or Nq == 0 or H == 0:
+            return out, lse
+    if v.shape[-1] != D:
+        raise ValueError(f"v head dim {v.shape[-1]} != q head dim {D}: Dv != D is not supported")
+    sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
+    left, right = normalize_window_arg(window)
+    has_window = left >= 0 or right >= 0
+    has_softcap = softcap is not None and float(softcap) > 0.0
+    slopes = resolve_alibi(alibi_slopes, H, q.device)
+
+    if config is None:
+        path = "portable"
+        if not varlen and rope is None and _tma_path_usable(
+            q, k, v, score_mod=score_mod, mask_mod=mask_mod, rope=rope, varlen=varlen
+        ):
+            path = "auto"
+        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path)
+    if config.path != "portable":
+        from .forward_tma import flash_attention_forward_tma
+
+        return flash_attention_forward_tma(
+            q, k, v, out=out, lse=lse, causal=causal, sm_scale=sm_scale, window=(left, right),
+            softcap=softcap if has_softcap else None, alibi_slopes=slopes, score_mod=score_mod,
+            mask_mod=mask_mod, config=config,
+        )
+
+    if rope is not None:
+        if D % 2:
+            raise ValueError(f"rope needs an even head dim; got D={D}")
+        q_auto = rope.q_offset is None
+        q_off = 0 if q_auto else int(rope.q_offset)
+        if q_off < 0 or rope.k_offset < 0:
+            raise ValueError(f"rope offsets must be >= 0; got q_offset={rope.q_offset}, k_offset={rope.k_offset}")
+        needed = max(Nk if q_auto else q_off + Nq, int(rope.k_offset) + Nk)
+        cos, sin = rope_tables(rope, D, needed, q.device)
+        rope_mode = 1 if rope.layout == "half" else 2
+        rope_args = (cos.stride(0), cos.shape[0], q_off, int(q_auto), int(rope.k_offset))
+    else:
+        cos = sin = lse
+        rope_mode = 0
+        rope_args = (0, 0, 0, 0, 0)
+
+    BM, BN = config.BLOCK_M, config.BLOCK_N
+    num_m = triton.cdiv(Nq, BM)
+    if varlen:
+        qs = (0, q.stride(1), q.stride(0), q.stride(2))
+        ks = (0, k.stride(1), k.stride(0), k.stride(2))
+        vs = (0, v.stride(1), v.stride(0), v.stride(2))
+        os_ = (0, out.stride(1), out.stride(0), out.stride(2))
+        ls = (0, lse.stride(0), lse.stride(1))
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+    else:
+        qs, ks, vs, os_, ls = q.stride(), k.stride(), v.stride(), out.stride(), lse.stride()
+        cu_q = cu_k = lse
+    KERNEL_CACHE.launch(
+        _fwd_kernel, (num_m, B * H),
+        q, k, v, out, lse, slopes if slopes is not None else lse, cos, sin, cu_q, cu_k,
+        *qs, *ks, *vs, *os_, *ls,
+        Nq, Nk, H, H // Hkv, num_m,
+        sm_scale, sm_scale * _LOG2E, float(softcap) if has_softcap else 0.0,
+        left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED,
+        *rope_args,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=BM, BLOCK_N=BN,
+        IS_CAUSAL=bool(causal), HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_ALIBI=slopes is not None,
+        ROPE=rope_mode, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
+        USE_NATURAL=has_softcap or slopes is not None or score_mod is not None,
+        HAS_HOOKS=score_mod is not None or mask_mod is not None,
+        IS_VARLEN=varlen, CHECK_M=varlen or (Nq % BM != 0), REVERSE_M=bool(causal),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse

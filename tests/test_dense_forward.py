@@ -1,0 +1,540 @@
+"""Dense FlashAttention forward: shapes, layouts, masking edge cases, varlen, hooks, validation.
+
+CPU tests run the Triton interpreter in fp16/fp32 against the float64 reference with the error
+rule (ours <= 2 x PyTorch's own error in the same dtype + floor); outputs are poisoned with NaN.
+GPU tests (marked gpu) cover bf16 at larger sizes on the portable and the TMA paths.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attention_proto  # noqa: F401
+import triton
+import triton.language as tl
+from attention_proto.ops.dense import configs as cfgmod
+from attention_proto.ops.dense.common import WINDOW_UNBOUNDED, kv_block_range, q_block_range
+from attention_proto.ops.dense.configs import FwdConfig, forward_candidates, pick_forward_config
+from attention_proto.ops.dense.forward import flash_attention_forward
+from attention_proto.ops.dense.interface import attention, attention_varlen
+from attention_proto.ops.dense.reference import (attention_reference, attention_reference_varlen,
+                                                 dense_mask)
+from attention_proto.ops.dense.rope import RopeSpec
+from attention_proto.runtime.device import interpreter_mode, kernel_device
+from attention_proto.testing import assert_close_rule, poison_
+
+DEV = kernel_device()
+GEN = torch.Generator().manual_seed(1234)
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=GEN) * scale).to(dtype=dtype).to(DEV)
+
+
+def qkv(B, H, Hkv, Nq, Nk, D, dtype):
+    return rand(B, H, Nq, D, dtype=dtype), rand(B, Hkv, Nk, D, dtype=dtype), rand(B, Hkv, Nk, D, dtype=dtype)
+
+
+def check(q, k, v, dtype, config=None, **mods):
+    """Run our forward into NaN-poisoned outputs and apply the error rule to out and lse."""
+    B, H, Nq, D = q.shape
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(B, H, Nq, device=q.device, dtype=torch.float32))
+    o, l = flash_attention_forward(q, k, v, out=out, lse=lse, config=config, **mods)
+    assert o.data_ptr() == out.data_ptr() and l.data_ptr() == lse.data_ptr()
+    ref_mods = {kk: vv for kk, vv in mods.items() if kk not in ("score_mod", "mask_mod")}
+    if ref_mods.get("alibi_slopes") is True:
+        from attention_proto.ops.dense.reference import alibi_slopes
+
+        ref_mods["alibi_slopes"] = alibi_slopes(H)
+    ro, rl = attention_reference(q.cpu(), k.cpu(), v.cpu(), **ref_mods)
+    to, tl_ = attention_reference(q.cpu(), k.cpu(), v.cpu(), compute_dtype=dtype, **ref_mods)
+    assert not torch.isnan(o).any(), "NaN in output"
+    assert not torch.isnan(l).any(), "NaN in lse"
+    assert_close_rule(o, to, ro, dtype, what="out")
+    # fully masked rows: exactly 0 and -inf
+    dead = torch.isinf(rl)
+    assert torch.equal(torch.isinf(l.cpu()), dead), "LSE -inf pattern differs from the reference"
+    if dead.any():
+        assert (o.cpu()[dead] == 0).all(), "fully masked rows must give output 0"
+    live = ~dead
+    if live.any():
+        assert_close_rule(l.cpu()[live], tl_.float()[live], rl[live], dtype, what="lse")
+    return o, l
+
+
+DTYPES = [torch.float16, torch.float32]
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("N,D", [(1, 64), (17, 40), (97, 96), (130, 64)])
+def test_square(N, D, causal, dtype):
+    q, k, v = qkv(1, 2, 2, N, N, D, dtype)
+    check(q, k, v, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Nq,Nk,D", [(17, 97, 64), (97, 17, 40), (1, 130, 64), (130, 33, 96)])
+def test_nq_ne_nk(Nq, Nk, D, causal, dtype):
+    q, k, v = qkv(1, 2, 2, Nq, Nk, D, dtype)
+    check(q, k, v, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 1), (8, 2)], ids=["mqa", "gqa4"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa(H, Hkv, causal):
+    q, k, v = qkv(2, H, Hkv, 23, 31, 32, torch.float16)
+    check(q, k, v, torch.float16, causal=causal)
+
+
+def test_scale_and_large_values():
+    q, k, v = qkv(1, 2, 2, 33, 33, 64, torch.float32)
+    check(q * 4, k * 4, v, torch.float32, scale=0.3)
+
+
+def test_block_configs_portable():
+    """Other tile shapes through the same kernel (rectangular tiles, BLOCK_M != BLOCK_N)."""
+    q, k, v = qkv(1, 2, 1, 45, 70, 40, torch.float32)
+    for cfg in (FwdConfig(32, 16, 4, 1), FwdConfig(16, 32, 4, 1)):
+        check(q, k, v, torch.float32, config=cfg, causal=True)
+        check(q, k, v, torch.float32, config=cfg, window=(9, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# fully masked rows
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
+def test_causal_nq_gt_nk_rows_without_keys(dtype):
+    q, k, v = qkv(1, 2, 2, 40, 17, 64, dtype)
+    o, l = check(q, k, v, dtype, causal=True)
+    assert torch.isinf(l[:, :, :23]).all() and (o[:, :, :23] == 0).all()
+    assert torch.isfinite(l[:, :, 23:]).all()
+
+
+def test_window_masks_rows():
+    q, k, v = qkv(1, 2, 2, 20, 3, 32, torch.float32)
+    o, l = check(q, k, v, torch.float32, window=(1, 0))
+    assert torch.isinf(l[:, :, :17]).all()
+
+
+def test_window_masks_everything():
+    # every query sits left of all keys: Nq = 30, Nk = 4, right = 0 with causal -> rows < 26 empty;
+    # with left=0, right=0 and off=-26 none of the first 26 rows has a key
+    q, k, v = qkv(1, 1, 1, 30, 4, 16, torch.float32)
+    o, l = check(q, k, v, torch.float32, window=(0, 0))
+    assert torch.isinf(l[:, :, :26]).all() and (o[:, :, :26] == 0).all()
+
+
+def test_nk_zero():
+    q = rand(1, 2, 5, 32)
+    k = rand(1, 2, 0, 32)
+    out, lse = attention(q, k, k, return_lse=True)
+    assert out.shape == q.shape and (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_nq_zero_and_b_zero():
+    q = rand(1, 2, 0, 32)
+    k = rand(1, 2, 7, 32)
+    out, lse = attention(q, k, k, return_lse=True)
+    assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
+    q = rand(0, 2, 3, 32)
+    out = attention(q, rand(0, 2, 7, 32), rand(0, 2, 7, 32))
+    assert out.shape == (0, 2, 3, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# layouts and strides
+# ----------------------------------------------------------------------------------------------
+
+def test_bshd_layout_via_interface():
+    dtype = torch.float16
+    q = rand(2, 19, 4, 64, dtype=dtype)
+    k = rand(2, 25, 2, 64, dtype=dtype)
+    v = rand(2, 25, 2, 64, dtype=dtype)
+    out, lse = attention(q, k, v, causal=True, layout="bshd", return_lse=True)
+    assert out.shape == q.shape and out.stride() == q.stride(), "out must keep q's BSHD layout"
+    ro, rl = attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    to, _ = attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                compute_dtype=dtype)
+    assert_close_rule(out.transpose(1, 2), to, ro, dtype)
+    assert lse.shape == (2, 4, 19)
+
+
+def test_bshd_strided_low_level():
+    q, k, v = (rand(1, 21, 2, 32).transpose(1, 2), rand(1, 18, 2, 32).transpose(1, 2),
+               rand(1, 18, 2, 32).transpose(1, 2))
+    o, _ = check(q, k, v, torch.float32, causal=True)
+
+
+def test_non_contiguous_inputs():
+    big = rand(2, 3, 40, 80)
+    q = big[:, :2, 3:30, 8:72]          # slice of heads, rows and head dim
+    k = rand(2, 40, 2, 64)[:, ::2].transpose(1, 2)  # every other key, BSHD view
+    v = rand(2, 2, 20, 128)[..., ::2]   # strided head dim
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    check(q, k, v, torch.float32, causal=True)
+
+
+def test_output_layout_follows_q():
+    q = rand(1, 9, 2, 32).transpose(1, 2)
+    k = rand(1, 2, 9, 32)
+    o, _ = flash_attention_forward(q, k, k)
+    assert o.stride() == q.stride()
+
+
+# ----------------------------------------------------------------------------------------------
+# hooks
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def alibi_score_mod(score, b, h, q_idx, kv_idx):
+    # slopes 0.5 for head 0 and 0.25 for head 1; Nq == Nk so no offset
+    slope = tl.where(h == 0, 0.5, 0.25)
+    d = q_idx - kv_idx
+    d = tl.where(d < 0, -d, d)
+    return score - slope * d.to(tl.float32)
+
+
+@triton.jit
+def causal_mask_mod(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def test_score_mod_reproduces_alibi():
+    q, k, v = qkv(1, 2, 2, 29, 29, 32, torch.float32)
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(1, 2, 29))
+    flash_attention_forward(q, k, v, score_mod=alibi_score_mod, out=out, lse=lse)
+    ro, rl = attention_reference(q, k, v, alibi_slopes=torch.tensor([0.5, 0.25]))
+    to, _ = attention_reference(q, k, v, alibi_slopes=torch.tensor([0.5, 0.25]), compute_dtype=torch.float32)
+    assert_close_rule(out, to, ro, torch.float32)
+    assert_close_rule(lse, rl.float(), rl, torch.float32, what="lse")
+
+
+def test_mask_mod_reproduces_causal():
+    q, k, v = qkv(1, 2, 2, 37, 37, 32, torch.float16)
+    out = attention(q, k, v, mask_mod=causal_mask_mod)
+    ro, _ = attention_reference(q, k, v, causal=True)
+    to, _ = attention_reference(q, k, v, causal=True, compute_dtype=torch.float16)
+    assert_close_rule(out, to, ro, torch.float16)
+
+
+def test_mask_mod_all_false_gives_zero_rows():
+    @triton.jit
+    def none_mask(b, h, q_idx, kv_idx):
+        return (kv_idx < 0) & (q_idx >= 0)
+
+    q, k, v = qkv(1, 1, 1, 5, 9, 16, torch.float32)
+    out, lse = attention(q, k, v, mask_mod=none_mask, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# varlen
+# ----------------------------------------------------------------------------------------------
+
+def _varlen_inputs(lq, lk, H, Hkv, D, dtype):
+    cq = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32, device=DEV)
+    ck = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32, device=DEV)
+    q = rand(int(cq[-1]), H, D, dtype=dtype)
+    k = rand(int(ck[-1]), Hkv, D, dtype=dtype)
+    v = rand(int(ck[-1]), Hkv, D, dtype=dtype)
+    return q, k, v, cq, ck
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
+@pytest.mark.parametrize("mods", [dict(causal=False), dict(causal=True), dict(causal=True, window=(5, 0)),
+                                  dict(rope=RopeSpec("half"), causal=True)], ids=["full", "causal", "window", "rope"])
+def test_varlen(mods, dtype):
+    lq, lk = [5, 1, 0, 19, 3], [7, 1, 4, 19, 0]
+    q, k, v, cq, ck = _varlen_inputs(lq, lk, 4, 2, 32, dtype)
+    out, lse = attention_varlen(q, k, v, cq, ck, max(lq), max(lk), return_lse=True, **mods)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    ro, rl = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), **mods)
+    to, _ = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), compute_dtype=dtype, **mods)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close_rule(out, to, ro, dtype)
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(rl))
+    live = torch.isfinite(rl)
+    assert_close_rule(lse.cpu()[live], rl.float()[live], rl[live], dtype, what="lse")
+
+
+def test_varlen_poisoned_low_level():
+    q, k, v, cq, ck = _varlen_inputs([3, 17], [17, 3], 2, 1, 16, torch.float32)
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(2, q.shape[0]))
+    flash_attention_forward(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, out=out, lse=lse)
+    ro, rl = attention_reference_varlen(q, k, v, cq, ck, causal=True)
+    assert_close_rule(out, ro.float(), ro, torch.float32)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+
+
+# ----------------------------------------------------------------------------------------------
+# block ranges (common.py): visited blocks cover every allowed pair, skip fully masked blocks
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _ranges_kernel(OUT, QOUT, Nq, Nk, wl, wr, BM: tl.constexpr, BN: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    pid = tl.program_id(0)
+    lo, flo, fhi, hi = kv_block_range(pid * BM, Nq, Nk, wl, wr, BM, BN, IS_CAUSAL, HAS_WINDOW)
+    tl.store(OUT + pid * 4 + 0, lo)
+    tl.store(OUT + pid * 4 + 1, flo)
+    tl.store(OUT + pid * 4 + 2, fhi)
+    tl.store(OUT + pid * 4 + 3, hi)
+    qlo, qhi = q_block_range(pid * BN, Nq, Nk, wl, wr, BN, IS_CAUSAL, HAS_WINDOW)
+    tl.store(QOUT + pid * 2 + 0, qlo)
+    tl.store(QOUT + pid * 2 + 1, qhi)
+
+
+def test_block_ranges_exhaustive_random():
+    g = torch.Generator().manual_seed(7)
+    for _ in range(60):
+        Nq, Nk = (int(x) for x in torch.randint(1, 70, (2,), generator=g))
+        BM, BN = (16, 32)[int(torch.randint(0, 2, (1,), generator=g))], (16, 32)[int(torch.randint(0, 2, (1,), generator=g))]
+        causal = bool(torch.randint(0, 2, (1,), generator=g))
+        wl, wr = (int(x) - 1 for x in torch.randint(0, 20, (2,), generator=g))
+        has_w = wl >= 0 or wr >= 0
+        window = (wl, wr)
+        allowed = dense_mask(Nq, Nk, causal=causal, window=window if has_w else None)
+        nm, nn = triton.cdiv(Nq, BM), triton.cdiv(Nk, BN)
+        grid = max(nm, nn)
+        out = torch.zeros(grid * 4, dtype=torch.int32, device=DEV)
+        qout = torch.zeros(grid * 2, dtype=torch.int32, device=DEV)
+        _ranges_kernel[(grid,)](out, qout, Nq, Nk, wl if wl >= 0 else WINDOW_UNBOUNDED,
+                                wr if wr >= 0 else WINDOW_UNBOUNDED, BM=BM, BN=BN, IS_CAUSAL=causal, HAS_WINDOW=has_w)
+        out, qout = out.view(-1, 4).cpu().tolist(), qout.view(-1, 2).cpu().tolist()
+        ctx = f"Nq={Nq} Nk={Nk} BM={BM} BN={BN} causal={causal} window={window}"
+        for mb in range(nm):
+            lo, flo, fhi, hi = out[mb]
+            rows = allowed[mb * BM:(mb + 1) * BM]
+            assert lo % BN == 0 and flo % BN == 0 and fhi % BN == 0 and lo <= flo <= fhi, ctx
+            for nb in range(nn):
+                s = nb * BN
+                blk = rows[:, s:s + BN]
+                visited = (lo <= s < flo) or (flo <= s < fhi) or (fhi <= s < hi)
+                if blk.any():
+                    assert visited, f"block {nb} of q block {mb} holds allowed pairs but is skipped: {ctx}"
+                else:
+                    assert not visited, f"fully masked block {nb} of q block {mb} is visited: {ctx} {out[mb]}"
+                if flo <= s < fhi:
+                    assert blk.shape[1] == BN and blk.all(), f"block {nb} of q block {mb} is not mask-free: {ctx}"
+        for nb in range(nn):
+            qlo, qhi = qout[nb]
+            cols = allowed[:, nb * BN:(nb + 1) * BN].any(1)
+            idx = cols.nonzero().flatten().tolist()
+            if idx:
+                assert qlo <= idx[0] and idx[-1] < qhi, ctx
+            else:
+                assert qhi <= qlo or not cols[qlo:qhi].any(), ctx
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------
+
+def test_pick_config_interpreter_and_candidates():
+    if interpreter_mode():
+        assert pick_forward_config(64, torch.float16, True, 128) == FwdConfig(16, 16, 4, 1, "portable")
+    cands = forward_candidates(128, torch.bfloat16)
+    assert cands and {c.path for c in cands} == {"portable", "tma", "tma+ws"}
+    assert all(c.BLOCK_M in (64, 128) and c.BLOCK_N in (32, 64, 128) for c in cands)
+    assert len(forward_candidates(256, torch.bfloat16)) < len(cands)  # shared memory prunes D=256
+
+
+def test_config_table_lookup(tmp_path, monkeypatch):
+    import json
+
+    table = {"version": 1, "entries": [
+        {"D": 64, "dtype": "bfloat16", "causal": True, "N": 1024, "path": "tma", "BLOCK_M": 128, "BLOCK_N": 64,
+         "num_warps": 4, "num_stages": 3, "tflops": 300.0},
+        {"D": 64, "dtype": "bfloat16", "causal": True, "N": 1024, "path": "portable", "BLOCK_M": 64, "BLOCK_N": 64,
+         "num_warps": 4, "num_stages": 2, "tflops": 200.0},
+        {"D": 64, "dtype": "bfloat16", "causal": True, "N": 8192, "path": "tma", "BLOCK_M": 128, "BLOCK_N": 128,
+         "num_warps": 8, "num_stages": 2, "tflops": 400.0},
+    ]}
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(table))
+    monkeypatch.setattr(cfgmod, "TABLE_PATH", p)
+    cfgmod.reload_table()
+    try:
+        c = cfgmod._from_table(64, torch.bfloat16, True, 2048, cfgmod.PATHS)
+        assert c == FwdConfig(128, 64, 4, 3, "tma")
+        c = cfgmod._from_table(48, torch.bfloat16, True, 6000, ("portable", "tma"))
+        assert c == FwdConfig(128, 128, 8, 2, "tma")
+        c = cfgmod._from_table(64, torch.bfloat16, True, 1024, ("portable",))
+        assert c == FwdConfig(64, 64, 4, 2, "portable")
+        assert cfgmod._from_table(128, torch.bfloat16, True, 1024, cfgmod.PATHS) is None
+        assert cfgmod._from_table(64, torch.float16, True, 1024, cfgmod.PATHS) is None
+    finally:
+        monkeypatch.undo()
+        cfgmod.reload_table()
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+def _good():
+    return rand(1, 4, 8, 32), rand(1, 2, 8, 32), rand(1, 2, 8, 32)
+
+
+@pytest.mark.parametrize("make,exc,pattern", [
+    (lambda q, k, v: attention(q[0], k, v), ValueError, r"q must have 4 dimensions.*shape=\(4, 8, 32\)"),
+    (lambda q, k, v: attention(q, k.half(), v), TypeError, r"share one dtype.*k=torch.float16"),
+    (lambda q, k, v: attention(q.double(), k.double(), v.double()), TypeError, r"q has dtype torch.float64; supported"),
+    (lambda q, k, v: attention(q, k, v, layout="bnhd"), ValueError, r"layout must be one of 'bhsd', 'bshd'; got 'bnhd'"),
+    (lambda q, k, v: attention(q[:, :3], k, v), ValueError, r"multiple of k/v heads \(2\)"),
+    (lambda q, k, v: attention(q, k[..., :16], v), ValueError, r"k head dim \(16\) must equal q head dim \(32\)"),
+    (lambda q, k, v: attention(q, k, v[..., :16]), ValueError, r"Dv != D is not supported"),
+    (lambda q, k, v: attention(q, k[:, :1], v), ValueError, r"k and v must have the same number of heads"),
+    (lambda q, k, v: attention(q, k[:, :, :5], v), ValueError, r"same sequence length"),
+    (lambda q, k, v: attention(rand(1, 2, 3, 300), rand(1, 2, 3, 300), rand(1, 2, 3, 300)), ValueError, r"D must be in \[1, 256\]; got D=300"),
+    (lambda q, k, v: attention(q, k, v, softcap=0.0), ValueError, r"softcap must be None or a finite real number > 0; got float\(0.0\)"),
+    (lambda q, k, v: attention(q, k, v, window=(1, 2, 3)), ValueError, r"window must be None, an int"),
+    (lambda q, k, v: attention(q, k, v, window="left"), ValueError, r"window must be None"),
+    (lambda q, k, v: attention(q, k, v, alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must be a float tensor of shape \[H\] = \[4\]"),
+    (lambda q, k, v: attention(q, k, v, alibi_slopes=[0.5] * 4), TypeError, r"alibi_slopes must be None, True"),
+    (lambda q, k, v: attention(q, k, v, rope="half"), TypeError, r"rope must be None or a RopeSpec; got str"),
+    (lambda q, k, v: attention(q[..., :31], k[..., :31], v[..., :31], rope=RopeSpec()), ValueError, r"rope needs an even head dim"),
+    (lambda q, k, v: attention(q, k, v, rope=RopeSpec(cos=torch.ones(4, 16), sin=torch.ones(4, 16))), ValueError, r"tables have 4 positions"),
+    (lambda q, k, v: attention(q, k, v, score_mod=lambda s, b, h, i, j: s), TypeError, r"score_mod must be None or a @triton.jit function"),
+    (lambda q, k, v: attention(q, k, v, scale="x"), TypeError, r"scale must be None or a finite real number"),
+    (lambda q, k, v: attention(q, k, v, causal=1), TypeError, r"causal must be a bool"),
+    (lambda q, k, v: attention("q", k, v), TypeError, r"q must be a torch.Tensor; got str"),
+])
+def test_validation_errors(make, exc, pattern):
+    q, k, v = _good()
+    with pytest.raises(exc, match=pattern):
+        make(q, k, v)
+
+
+def test_validation_device_and_bf16():
+    q, k, v = _good()
+    if interpreter_mode():
+        with pytest.raises(TypeError, match="bfloat16.*interpreter"):
+            attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    else:
+        with pytest.raises(ValueError, match="kernels run on cuda"):
+            attention(q.cpu(), k.cpu(), v.cpu())
+
+
+def test_validation_varlen():
+    q, k, v, cq, ck = _varlen_inputs([3, 4], [2, 5], 2, 2, 16, torch.float32)
+    with pytest.raises(TypeError, match=r"cu_seqlens_q must have dtype int32"):
+        attention_varlen(q, k, v, cq.long(), ck)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must start at 0"):
+        attention_varlen(q, k, v, cq, ck + 1)
+    with pytest.raises(ValueError, match=r"non-decreasing"):
+        attention_varlen(q, k, v, torch.tensor([0, 5, 3, 7], dtype=torch.int32, device=DEV), ck)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] must equal the number of tokens of q \(7\); got 6"):
+        attention_varlen(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32, device=DEV), ck)
+    with pytest.raises(ValueError, match=r"same length B \+ 1"):
+        attention_varlen(q, k, v, torch.tensor([0, 7], dtype=torch.int32, device=DEV), ck)
+    with pytest.raises(ValueError, match=r"max_seqlen_q must be None or an int >= the longest sequence \(4\)"):
+        attention_varlen(q, k, v, cq, ck, 3, 5)
+    with pytest.raises(ValueError, match=r"q must have 3 dimensions"):
+        attention_varlen(q[None], k, v, cq, ck)
+
+
+def test_grad_path_reports_missing_backward_or_runs():
+    q, k, v = _good()
+    q.requires_grad_(True)
+    try:
+        from attention_proto.ops.dense.autograd import DenseAttentionFn  # noqa: F401
+    except ImportError:
+        with pytest.raises(NotImplementedError, match="dense backward"):
+            attention(q, k, v)
+        return
+    out = attention(q, k, v, causal=True)
+    assert out.requires_grad
+    with pytest.raises(NotImplementedError, match="score_mod/mask_mod have no backward"):
+        attention(q, k, v, mask_mod=causal_mask_mod)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (bf16, larger sizes, both paths)
+# ----------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gpu_check(B, H, Hkv, N, D, causal, path, Nk=None, layout="bhsd", **mods):
+    from attention_proto.ops.dense.forward_tma import supports
+
+    Nk = N if Nk is None else Nk
+    dtype = torch.bfloat16
+    q, k, v = qkv(B, H, Hkv, N, Nk, D, dtype)
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    if path != "portable":
+        reasons = supports(q, k, v, **{kk: vv for kk, vv in mods.items() if kk in ("rope", "score_mod", "mask_mod")})
+        assert not reasons, reasons
+    cfg = pick_forward_config(D, dtype, causal, N, path)
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(B, H, N, device=q.device, dtype=torch.float32))
+    flash_attention_forward(q, k, v, causal=causal, config=cfg, out=out, lse=lse, **mods)
+    ro, rl = attention_reference(q, k, v, causal=causal, device="cuda", **mods)
+    to, _ = attention_reference(q, k, v, causal=causal, compute_dtype=dtype, device="cuda", **mods)
+    assert_close_rule(out, to, ro, dtype)
+    live = torch.isfinite(rl)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+    assert_close_rule(lse[live], rl.float()[live], rl[live], dtype, what="lse")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path", ["portable", "tma"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("N", [1024, 4096])
+def test_gpu_bf16(N, causal, D, path):
+    _gpu_check(1, 4, 2, N, D, causal, path)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path", ["portable", "tma", "tma+ws"])
+@pytest.mark.parametrize("case", [
+    dict(N=1000, Nk=1000, D=64), dict(N=333, Nk=1777, D=128), dict(N=1777, Nk=333, D=128),
+    dict(N=2048, D=128, layout="bshd"), dict(N=1031, D=64, window=(256, 0)), dict(N=1024, D=128, softcap=30.0),
+    dict(N=1024, D=64, alibi_slopes=True),
+], ids=["ragged", "nq<nk", "nq>nk", "bshd", "window", "softcap", "alibi"])
+def test_gpu_bf16_cases(case, path):
+    case = dict(case)
+    if case.get("alibi_slopes") is True:
+        from attention_proto.ops.dense.reference import alibi_slopes
+
+        case["alibi_slopes"] = alibi_slopes(8).cuda()
+    N = case.pop("N")
+    D = case.pop("D")
+    _gpu_check(2, 8, 2, N, D, True, path, **case)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_varlen_and_rope_bf16():
+    lq, lk = [1000, 1, 0, 777], [1000, 5, 9, 2049]
+    dtype = torch.bfloat16
+    q, k, v, cq, ck = _varlen_inputs(lq, lk, 8, 2, 128, dtype)
+    for mods in (dict(causal=True), dict(causal=True, rope=RopeSpec("interleaved"))):
+        out, lse = attention_varlen(q, k, v, cq, ck, return_lse=True, **mods)
+        assert not torch.isnan(out).any()
+        for b in range(len(lq)):
+            qs, ks, vs = (x[c[b]:c[b + 1]].transpose(0, 1)[None].cpu()
+                          for x, c in ((q, cq), (k, ck), (v, ck)))
+            if qs.shape[2] == 0:
+                continue
+            ro, rl = attention_reference(qs, ks, vs, **mods)
+            to, _ = attention_reference(qs, ks, vs, compute_dtype=dtype, **mods)
+            ours = out[cq[b]:cq[b + 1]].transpose(0, 1)[None].cpu()
+            assert_close_rule(ours, to, ro, dtype, what=f"out of sequence {b}")
