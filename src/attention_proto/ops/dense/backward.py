@@ -41,6 +41,7 @@ that fp32 results are fp32-accurate.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -62,12 +63,16 @@ from attention_proto.runtime.validation import (
     require_tensor,
 )
 
+from .common import LOG2E as _LOG2E_F
+from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_f32
 from .reference import normalize_window
 from .rope import RopeSpec, rope_cos_sin, rotate
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E_F)  # a constexpr so that jitted code may read it
+#: tests set this to fill every output and scratch buffer with NaN before the kernels run
+POISON_OUTPUTS = False
 
 
 # --------------------------------------------------------------------------- configs
@@ -153,159 +158,197 @@ def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: 
 
 
 @triton.jit
-def _tanh(x):
-    # tanh without libdevice (works in the interpreter too); saturates cleanly at +-1
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _load_tile(base, rows, cols, stride_r, stride_c, row_ok, ncols, pos, COS, SIN, stride_cs, pos0, half,
-               ROPE: tl.constexpr):
-    """Load a [R, C] tile; with ROPE (1 half, 2 interleaved) rotate row r by its position pos[r]."""
-    mask = row_ok[:, None] & (cols[None, :] < ncols)
-    x = tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+def _load_qk(base, rows, n_rows, stride_r, stride_c, pos0, COS, SIN, stride_cs, max_pos,
+             ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """A q or k tile in the input dtype, rotated (fp32 math) when ROPE; position = pos0 + row."""
     if ROPE != 0:
-        if ROPE == 1:
-            lo = cols < half
-            pcols = tl.where(lo, cols + half, cols - half)
-            fi = tl.where(lo, cols, cols - half)
-        else:
-            lo = (cols % 2) == 0
-            pcols = tl.where(lo, cols + 1, cols - 1)
-            fi = cols // 2
-        # the pair partner of each column, loaded a second time (cheap: same cache lines)
-        xp = tl.load(base + rows[:, None] * stride_r + pcols[None, :] * stride_c, mask=mask, other=0.0)
-        cidx = (pos - pos0)[:, None] * stride_cs + fi[None, :]
-        c = tl.load(COS + cidx, mask=mask, other=0.0)
-        s = tl.load(SIN + cidx, mask=mask, other=0.0)
-        sign = tl.where(lo, -1.0, 1.0)
-        x = (x.to(tl.float32) * c + sign[None, :] * xp.to(tl.float32) * s).to(x.dtype)
+        x = load_rope_tile(base, rows, n_rows, stride_r, stride_c, pos0, COS, SIN, stride_cs, max_pos,
+                           ROPE, HEAD_DIM, BLOCK_D, CHECK_ROWS).to(base.dtype.element_ty)
+    else:
+        x = load_tile(base, rows, n_rows, stride_r, stride_c, HEAD_DIM, BLOCK_D, CHECK_ROWS)
     return x
 
 
 @triton.jit
-def _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = tl.zeros([], dtype=tl.int64)
-        k_start = tl.zeros([], dtype=tl.int64)
-        seqlen_q = nq
-        seqlen_k = nk
-    return q_start, seqlen_q, k_start, seqlen_k
-
-
-@triton.jit
-def _scores(qk, offs_q, offs_k, off, seqlen_q, seqlen_k, scale, inv_softcap, softcap, slope, win_left, win_right,
-            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+def _scores(qk, rel, ok, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr):
     """Final scores of a tile (-inf where masked) and tanh(s/c) for the softcap gradient.
 
-    offs_q / offs_k come already broadcast to the tile's shape (either orientation).
+    ``rel`` = query position - key position and ``ok`` (allowed pairs) come broadcast to the
+    tile's orientation ([M, N] in the dQ kernel, [N, M] in the dK/dV kernel).
     """
     s = qk * scale
     th = s
     if SOFTCAP:
-        th = _tanh(s * inv_softcap)
+        th = tanh_f32(s / softcap)
         s = softcap * th
-    rel = offs_q + off - offs_k  # query position minus key position
     if ALIBI:
         s = s - slope * tl.abs(rel).to(tl.float32)
-    ok = (offs_q < seqlen_q) & (offs_k < seqlen_k)
-    if HAS_RIGHT:
-        ok = ok & (rel >= -win_right)
-    if HAS_LEFT:
-        ok = ok & (rel <= win_left)
-    s = tl.where(ok, s, float("-inf"))
+    if MASK:
+        s = tl.where(ok, s, float("-inf"))
     return s, th
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, l_base, rows, ok):
+    lse = tl.load(LSE + l_base + rows, mask=ok, other=float("inf"))
+    # fully masked rows carry LSE = -inf: +inf makes their p exactly 0 instead of NaN
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    delta = tl.load(DELTA + l_base + rows, mask=ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, DQ_base, start_m, offs_n,
+               q_start, seqlen_q, seqlen_k, off, q_pos0, scale, softcap, slope, win_left, win_right,
+               stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
+               COS, SIN, stride_cs, max_pos,
+               MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE: tl.constexpr,
+               FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One query block against the program's key block, transposed (S^T = K Q^T, [BLOCK_N, BLOCK_M])."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = q_start + offs_m
+    m_ok = offs_m < seqlen_q
+    q = _load_qk(q_base, rows, q_start + seqlen_q, stride_qm, stride_qd, q_pos0, COS, SIN, stride_cs, max_pos,
+                 ROPE, HEAD_DIM, BLOCK_D, MASK)
+    do = load_tile(do_base, rows, q_start + seqlen_q, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, MASK)
+    lse2, delta = _row_stats(LSE, DELTA, l_base, rows * stride_lm, m_ok)
+
+    rel = offs_m[None, :] + off - offs_n[:, None]
+    ok = m_ok[None, :] & (offs_n < seqlen_k)[:, None] & (rel >= -win_right) & (rel <= win_left)
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+    sT, thT = _scores(qkT, rel, ok, scale, softcap, slope, SOFTCAP, ALIBI, MASK)
+    pT = tl.exp2(sT * LOG2E - lse2[None, :])
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - thT * thT)
+    dsT = dsT.to(q.dtype)
+    dk += tl.dot(dsT, q, input_precision=DOT_PREC)
+    if FUSE_DQ:
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * scale
+        cols = tl.arange(0, BLOCK_D)
+        tl.atomic_add(DQ_base + rows[:, None] * stride_dqm + cols[None, :] * stride_dqd, dq,
+                      mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
+    return dk, dv
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok,
+             k_start, seqlen_k, off, k_pos0, scale, softcap, slope, win_left, win_right,
+             stride_kn, stride_kd, stride_vn, stride_vd, COS, SIN, stride_cs, max_pos,
+             MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE: tl.constexpr,
+             DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One key block against the program's query block ([BLOCK_M, BLOCK_N] orientation)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rows = k_start + offs_n
+    k = _load_qk(k_base, rows, k_start + seqlen_k, stride_kn, stride_kd, k_pos0, COS, SIN, stride_cs, max_pos,
+                 ROPE, HEAD_DIM, BLOCK_D, MASK)
+    v = load_tile(v_base, rows, k_start + seqlen_k, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, MASK)
+    rel = offs_m[:, None] + off - offs_n[None, :]
+    ok = m_ok[:, None] & (offs_n < seqlen_k)[None, :] & (rel >= -win_right) & (rel <= win_left)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s, th = _scores(qk, rel, ok, scale, softcap, slope, SOFTCAP, ALIBI, MASK)
+    p = tl.exp2(s * LOG2E - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - th * th)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
 
 
 # --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _bwd_preprocess(
-    O, DO, DELTA, CU_Q,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_lb, stride_lh, stride_lm,
-    H, nq, DV,
-    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
+def _bwd_preprocess(O, DO, DELTA, CU_Q,
+                    stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
+                    stride_lb, stride_lh, stride_lm, H, nq,
+                    IS_VARLEN: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, one program per (query block, head)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
     q_start, seqlen_q, _ks, _sk = _seq_bounds(CU_Q, CU_Q, b, nq, nq, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
-    if start_m >= seqlen_q:
+    if pid_m * BLOCK_M >= seqlen_q:
         return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_DV)
-    rows = q_start + offs_m
-    mask = (offs_m < seqlen_q)[:, None] & (offs_d < DV)[None, :]
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, axis=1)
-    tl.store(DELTA + b.to(tl.int64) * stride_lb + h * stride_lh + rows * stride_lm, delta, mask=offs_m < seqlen_q)
+    b64 = b.to(tl.int64)
+    rows = q_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = load_tile(O + b64 * stride_ob + h * stride_oh, rows, q_start + seqlen_q, stride_om, stride_od,
+                  HEAD_DV, BLOCK_DV, True)
+    do = load_tile(DO + b64 * stride_dob + h * stride_doh, rows, q_start + seqlen_q, stride_dom, stride_dod,
+                   HEAD_DV, BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + rows * stride_lm, delta, mask=rows < q_start + seqlen_q)
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        # int64 starts: packed row offsets times the row stride can pass 2**31
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = b * 0
+        k_start = b * 0
+        seqlen_q = nq + b * 0
+        seqlen_k = nk + b * 0
+    return q_start, seqlen_q, k_start, seqlen_k
 
 
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DVP, DQ, SLOPES, COS, SIN, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_lb, stride_lh, stride_lm,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_sb,
-    nq, nk, HKV, GROUP, D, DV,
-    scale, softcap, inv_softcap, win_left, win_right,
-    stride_cs, rope_pos0, rope_q_off, rope_k_off, half,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE: tl.constexpr, ROPE_Q_DEFAULT: tl.constexpr,
-    FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_sb, nq, nk, HKV, GROUP,
+    scale, softcap, win_left, win_right, stride_cs, max_pos, rope_q_off, rope_k_off,
+    IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    ROPE: tl.constexpr, ROPE_Q_DEFAULT: tl.constexpr, FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """dK, dV of one key block of one kv head, summed over the query heads of its GQA group."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
+    b = tl.program_id(1) // HKV
+    hkv = tl.program_id(1) % HKV
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN)
-    start_n = pid_n * BLOCK_N
-    if start_n >= seqlen_k:
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
         return
     off = seqlen_k - seqlen_q  # bottom-right alignment: query i sits at key position i + off
     b64 = b.to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    n_ok = offs_n < seqlen_k
-    q_pos_off = off if ROPE_Q_DEFAULT else rope_q_off
-
-    k = _load_tile(K + b64 * stride_kb + hkv * stride_kh, k_start + offs_n, offs_d, stride_kn, stride_kd, n_ok, D,
-                   offs_n + rope_k_off, COS, SIN, stride_cs, rope_pos0, half, ROPE)
-    v = _load_tile(V + b64 * stride_vb + hkv * stride_vh, k_start + offs_n, offs_dv, stride_vn, stride_vd, n_ok, DV,
-                   offs_n, COS, SIN, stride_cs, rope_pos0, half, 0)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    rows_n = k_start + offs_n
+    # rope positions are pos0 + memory row: fold the sequence start into pos0
+    q_pos0 = (off + rope_q_off if ROPE_Q_DEFAULT else rope_q_off) - q_start
+    k = _load_qk(K + b64 * stride_kb + hkv * stride_kh, rows_n, k_start + seqlen_k, stride_kn, stride_kd,
+                 rope_k_off - k_start, COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, True)
+    v = load_tile(V + b64 * stride_vb + hkv * stride_vh, rows_n, k_start + seqlen_k, stride_vn, stride_vd,
+                  HEAD_DV, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # query rows that can see any key of this block: j - off - right <= i <= j - off + left
-    n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
-    lo = 0
-    hi = seqlen_q
-    if HAS_RIGHT:
-        lo = tl.maximum(start_n - off - win_right, 0)
-    if HAS_LEFT:
-        hi = tl.minimum(n_last - off + win_left + 1, seqlen_q)
+    # query blocks: [lo, full_lo) and [full_hi, hi) need the mask, [full_lo, full_hi) none
+    lo, hi = q_block_range(n0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_N, False, HAS_WINDOW)
     lo = (lo // BLOCK_M) * BLOCK_M
+    full_lo = lo
+    full_hi = lo
+    if n0 + BLOCK_N <= seqlen_k:
+        # every pair allowed: m0 + off + right >= n0 + BLOCK_N - 1 and m0 + BLOCK_M - 1 + off - left <= n0
+        first = tl.maximum(n0 + BLOCK_N - 1 - off - win_right, lo)
+        full_lo = tl.minimum(((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, hi)
+        last = tl.minimum(tl.minimum(n0 - off + win_left + 1, seqlen_q), hi)
+        full_hi = tl.maximum((last // BLOCK_M) * BLOCK_M, full_lo)
+        full_lo = tl.minimum(full_lo, full_hi)
+        full_lo = tl.maximum(full_lo, lo)
 
     for g in range(0, GROUP):
         h = hkv * GROUP + g
@@ -314,121 +357,96 @@ def _bwd_dkdv(
             slope = tl.load(SLOPES + b64 * stride_sb + h).to(tl.float32)
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
+        dq_base = DQ + b64 * stride_dqb + h * stride_dqh
         l_base = b64 * stride_lb + h * stride_lh
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < seqlen_q
-            q = _load_tile(q_base, q_start + offs_m, offs_d, stride_qm, stride_qd, m_ok, D,
-                           offs_m + q_pos_off, COS, SIN, stride_cs, rope_pos0, half, ROPE)
-            do = tl.load(do_base + (q_start + offs_m)[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=m_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-            lse = tl.load(LSE + l_base + (q_start + offs_m) * stride_lm, mask=m_ok, other=float("inf"))
-            # fully masked rows carry LSE = -inf: +inf makes their p exactly 0 instead of NaN
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(DELTA + l_base + (q_start + offs_m) * stride_lm, mask=m_ok, other=0.0)
+        for start_m in range(lo, full_lo, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, dq_base, start_m, offs_n,
+                                q_start, seqlen_q, seqlen_k, off, q_pos0, scale, softcap, slope, win_left, win_right,
+                                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
+                                COS, SIN, stride_cs, max_pos, True, SOFTCAP, ALIBI, ROPE, FUSE_DQ, DOT_PREC,
+                                HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, dq_base, start_m, offs_n,
+                                q_start, seqlen_q, seqlen_k, off, q_pos0, scale, softcap, slope, win_left, win_right,
+                                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
+                                COS, SIN, stride_cs, max_pos, False, SOFTCAP, ALIBI, ROPE, FUSE_DQ, DOT_PREC,
+                                HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+        for start_m in range(full_hi, hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, dq_base, start_m, offs_n,
+                                q_start, seqlen_q, seqlen_k, off, q_pos0, scale, softcap, slope, win_left, win_right,
+                                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
+                                COS, SIN, stride_cs, max_pos, True, SOFTCAP, ALIBI, ROPE, FUSE_DQ, DOT_PREC,
+                                HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
 
-            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
-            sT, thT = _scores(qkT, offs_m[None, :], offs_n[:, None], off, seqlen_q, seqlen_k, scale, inv_softcap,
-                              softcap, slope, win_left, win_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
-            pT = tl.exp2(sT * 1.4426950408889634 - lse[None, :] * 1.4426950408889634)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            if SOFTCAP:
-                dsT = dsT * (1.0 - thT * thT)
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
-            if FUSE_DQ:
-                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * scale
-                tl.atomic_add(DQ + b64 * stride_dqb + h * stride_dqh + (q_start + offs_m)[:, None] * stride_dqm
-                              + offs_d[None, :] * stride_dqd, dq, mask=m_ok[:, None] & (offs_d < D)[None, :])
-
-    dk = dk * scale
-    rows = k_start + offs_n
-    tl.store(DK + b64 * stride_dkb + hkv * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d < D)[None, :])
-    tl.store(DVP + b64 * stride_dvb + hkv * stride_dvh + rows[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-             dv.to(DVP.dtype.element_ty), mask=n_ok[:, None] & (offs_dv < DV)[None, :])
+    n_ok = offs_n < seqlen_k
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(DK + b64 * stride_dkb + hkv * stride_dkh + rows_n[:, None] * stride_dkn + cols[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None] & (cols < HEAD_DIM)[None, :])
+    cols_v = tl.arange(0, BLOCK_DV)
+    tl.store(DVP + b64 * stride_dvb + hkv * stride_dvh + rows_n[:, None] * stride_dvn + cols_v[None, :] * stride_dvd,
+             dv.to(DVP.dtype.element_ty), mask=n_ok[:, None] & (cols_v < HEAD_DV)[None, :])
 
 
 @triton.jit
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, SLOPES, COS, SIN, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_lb, stride_lh, stride_lm,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_sb,
-    nq, nk, H, GROUP, D, DV,
-    scale, softcap, inv_softcap, win_left, win_right,
-    stride_cs, rope_pos0, rope_q_off, rope_k_off, half,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE: tl.constexpr, ROPE_Q_DEFAULT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_sb, nq, nk, H, GROUP,
+    scale, softcap, win_left, win_right, stride_cs, max_pos, rope_q_off, rope_k_off,
+    IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    ROPE: tl.constexpr, ROPE_Q_DEFAULT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """dQ of one query block of one head (deterministic mode)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hkv = h // GROUP
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
     q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
-    if start_m >= seqlen_q:
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
         return
     off = seqlen_k - seqlen_q
     b64 = b.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows = q_start + offs_m
     m_ok = offs_m < seqlen_q
-    q_pos_off = off if ROPE_Q_DEFAULT else rope_q_off
-
-    q = _load_tile(Q + b64 * stride_qb + h * stride_qh, q_start + offs_m, offs_d, stride_qm, stride_qd, m_ok, D,
-                   offs_m + q_pos_off, COS, SIN, stride_cs, rope_pos0, half, ROPE)
-    do = tl.load(DO + b64 * stride_dob + h * stride_doh + (q_start + offs_m)[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, mask=m_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-    l_off = b64 * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
-    lse = tl.load(LSE + l_off, mask=m_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
+    q_pos0 = (off + rope_q_off if ROPE_Q_DEFAULT else rope_q_off) - q_start
+    q = _load_qk(Q + b64 * stride_qb + h * stride_qh, rows, q_start + seqlen_q, stride_qm, stride_qd, q_pos0,
+                 COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, True)
+    do = load_tile(DO + b64 * stride_dob + h * stride_doh, rows, q_start + seqlen_q, stride_dom, stride_dod,
+                   HEAD_DV, BLOCK_DV, True)
+    lse2, delta = _row_stats(LSE, DELTA, b64 * stride_lb + h * stride_lh, rows * stride_lm, m_ok)
     slope = 0.0
     if ALIBI:
         slope = tl.load(SLOPES + b64 * stride_sb + h).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # keys visible to any query of this block: i + off - left <= j <= i + off + right
-    m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-    lo = 0
-    hi = seqlen_k
-    if HAS_LEFT:
-        lo = tl.maximum(start_m + off - win_left, 0)
-    if HAS_RIGHT:
-        hi = tl.minimum(m_last + off + win_right + 1, seqlen_k)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    k_base = K + b64 * stride_kb + hkv * stride_kh
-    v_base = V + b64 * stride_vb + hkv * stride_vh
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seqlen_k
-        k = _load_tile(k_base, k_start + offs_n, offs_d, stride_kn, stride_kd, n_ok, D,
-                       offs_n + rope_k_off, COS, SIN, stride_cs, rope_pos0, half, ROPE)
-        v = tl.load(v_base + (k_start + offs_n)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
-        s, th = _scores(qk, offs_m[:, None], offs_n[None, :], off, seqlen_q, seqlen_k, scale, inv_softcap,
-                        softcap, slope, win_left, win_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
-        p = tl.exp2(s * 1.4426950408889634 - lse[:, None] * 1.4426950408889634)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - th * th)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-
-    dq = dq * scale
-    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + (q_start + offs_m)[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
+    k_base = K + b64 * stride_kb + (h // GROUP) * stride_kh
+    v_base = V + b64 * stride_vb + (h // GROUP) * stride_vh
+    k_pos0 = rope_k_off - k_start
+    # key blocks: [lo, full_lo) and [full_hi, hi) masked, [full_lo, full_hi) mask-free
+    lo, full_lo, full_hi, hi = kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N,
+                                              False, HAS_WINDOW)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off, k_pos0,
+                      scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
+                      COS, SIN, stride_cs, max_pos, True, SOFTCAP, ALIBI, ROPE, DOT_PREC, HEAD_DIM, HEAD_DV,
+                      BLOCK_N, BLOCK_D, BLOCK_DV)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off, k_pos0,
+                      scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
+                      COS, SIN, stride_cs, max_pos, False, SOFTCAP, ALIBI, ROPE, DOT_PREC, HEAD_DIM, HEAD_DV,
+                      BLOCK_N, BLOCK_D, BLOCK_DV)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off, k_pos0,
+                      scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
+                      COS, SIN, stride_cs, max_pos, True, SOFTCAP, ALIBI, ROPE, DOT_PREC, HEAD_DIM, HEAD_DV,
+                      BLOCK_N, BLOCK_D, BLOCK_DV)
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + cols[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
 
 
 # --------------------------------------------------------------------------- host side
@@ -502,25 +520,27 @@ def _validate(do, q, k, v, o, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, var
 @dataclass
 class _Rope:
     kind: int  # 0 none, 1 half, 2 interleaved
-    cos: torch.Tensor
+    cos: torch.Tensor  # fp32 [P, D/2]; row r holds position r + pos0
     sin: torch.Tensor
     pos0: int
-    q_default: bool
-    q_off: int
-    k_off: int
+    q_default: bool  # q offset = Nk - Nq of each sequence
 
 
-def _rope_tables(rope: Optional[RopeSpec], D: int, q_ranges, k_ranges, device) -> _Rope:
-    """fp32 cos/sin tables [P, D/2] covering every position the kernels will rotate.
+@functools.lru_cache(maxsize=16)
+def _theta_tables(theta: float, D: int, first: int, end: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [end - first, D/2] for positions first..end-1, cached: training repeats the same shapes."""
+    cos, sin = rope_cos_sin(torch.arange(first, end), D, theta, torch.float32)
+    return cos.to(device).contiguous(), sin.to(device).contiguous()
 
-    q_ranges / k_ranges: (first, last + 1) position intervals of the rotated rows.
-    """
+
+def _rope_tables(rope: Optional[RopeSpec], D: int, spans, device) -> _Rope:
+    """fp32 cos/sin tables covering every position in ``spans`` ((first, last + 1) intervals)."""
     if rope is None:
-        dummy = torch.zeros(1, dtype=torch.float32, device=device)
-        return _Rope(0, dummy, dummy, 0, True, 0, 0)
+        dummy = torch.zeros(1, 1, dtype=torch.float32, device=device)
+        return _Rope(0, dummy, dummy, 0, True)
     if D % 2:
         raise ValueError(f"rope needs an even head dim; got {D}")
-    spans = [r for r in list(q_ranges) + list(k_ranges) if r[1] > r[0]]
+    spans = [r for r in spans if r[1] > r[0]]
     pmin = min((a for a, _ in spans), default=0)
     pmax = max((b for _, b in spans), default=1)
     if rope.cos is not None:
@@ -533,18 +553,15 @@ def _rope_tables(rope: Optional[RopeSpec], D: int, q_ranges, k_ranges, device) -
         cos = rope.cos.to(device=device, dtype=torch.float32).contiguous()
         sin = rope.sin.to(device=device, dtype=torch.float32).contiguous()
         pos0 = 0
-    else:
-        pos = torch.arange(pmin, max(pmax, pmin + 1))
-        cos, sin = rope_cos_sin(pos, D, rope.theta, torch.float32)
-        cos, sin, pos0 = cos.to(device).contiguous(), sin.to(device).contiguous(), pmin
-    return _Rope(1 if rope.layout == "half" else 2, cos, sin, pos0, rope.q_offset is None,
-                 int(rope.q_offset or 0), int(rope.k_offset))
+    else:  # only the span in use; it may start below 0 (Nq > Nk puts queries before key 0)
+        cos, sin = _theta_tables(float(rope.theta), D, pmin, max(pmax, pmin + 1), str(device))
+        pos0 = pmin
+    return _Rope(1 if rope.layout == "half" else 2, cos, sin, pos0, rope.q_offset is None)
 
 
 def _unrotate(x: torch.Tensor, tab: _Rope, positions: torch.Tensor, layout: str, varlen: bool) -> torch.Tensor:
     """Apply R^T (rotation by -angle) to gradients w.r.t. rotated q/k; positions index rows (N or T)."""
-    idx = (positions - tab.pos0).to(tab.cos.device)
-    c, s = tab.cos[idx], tab.sin[idx]
+    c, s = tab.cos[positions - tab.pos0], tab.sin[positions - tab.pos0]
     if varlen:  # x [T, H, D]: broadcast over heads
         c, s = c[:, None, :], s[:, None, :]
     return rotate(x, c, -s, layout)
@@ -594,46 +611,52 @@ def flash_attention_backward(
     left, right = normalize_window(window)
     if causal:  # causal is a right window of 0 (both bottom-right aligned)
         right = 0 if right < 0 else min(right, 0)
-    sc = (1.0 / math.sqrt(q.shape[-1])) if scale is None else float(scale)
+    has_window = left >= 0 or right >= 0
+    win_left = left if left >= 0 else WINDOW_UNBOUNDED
+    win_right = right if right >= 0 else WINDOW_UNBOUNDED
+    D, Dv = q.shape[-1], v.shape[-1]
+    sc = (1.0 / math.sqrt(D)) if scale is None else float(scale)
     use_softcap = softcap is not None and float(softcap) > 0
-    cap = float(softcap) if use_softcap else 1.0
 
+    lq = lk = None  # per-sequence lengths, read on the host only when needed (one sync)
     if varlen:
-        Tq, H, D = q.shape
-        Tk, Hkv, Dv = v.shape
-        B = cu_seqlens_q.numel() - 1
-        lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-        lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-        if cu_seqlens_q[-1].item() != Tq or cu_seqlens_k[-1].item() != Tk or min(lq + lk) < 0:
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing and end at Tq={Tq} / Tk={Tk}; got "
-                f"{cu_seqlens_q.tolist()} and {cu_seqlens_k.tolist()}"
-            )
-        nq = max_seqlen_q if max_seqlen_q is not None else max(lq)
-        nk = max_seqlen_k if max_seqlen_k is not None else max(lk)
+        H, Hkv, B = q.shape[1], k.shape[1], cu_seqlens_q.numel() - 1
+        if max_seqlen_q is None or max_seqlen_k is None or rope is not None:
+            lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+            lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+            if cu_seqlens_q[-1].item() != q.shape[0] or cu_seqlens_k[-1].item() != k.shape[0] or min(lq + lk) < 0:
+                raise ValueError(
+                    f"cu_seqlens must be non-decreasing and end at Tq={q.shape[0]} / Tk={k.shape[0]}; got "
+                    f"{cu_seqlens_q.tolist()} and {cu_seqlens_k.tolist()}"
+                )
+        # grid sizes; given maxima are trusted (attention_varlen checks them) so no sync is needed
+        nq = max(max_seqlen_q or 0, max(lq) if lq else 0)
+        nk = max(max_seqlen_k or 0, max(lk) if lk else 0)
     else:
-        B, H, nq, D = q.shape
-        Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        B, H, nq, _ = q.shape
+        Hkv, nk = k.shape[1], k.shape[2]
         lq, lk = [nq], [nk]
-    group = H // Hkv
     dev = q.device
 
-    dq_dtype = torch.float32 if rope is not None else q.dtype
-    dkv_dtype = torch.float32 if rope is not None else k.dtype
-    dq = torch.empty(q.shape, dtype=dq_dtype, device=dev)
-    dk = torch.empty(k.shape, dtype=dkv_dtype, device=dev)
+    # with rope the kernels produce gradients w.r.t. rotated q/k: keep them fp32 until rotated back
+    dq = torch.empty(q.shape, dtype=torch.float32 if rope is not None else q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=torch.float32 if rope is not None else k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-    if q.numel() == 0 or k.numel() == 0 or nq == 0 or nk == 0:
+    if q.numel() == 0 or k.numel() == 0:
         return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_()
 
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
+    if POISON_OUTPUTS:
+        for t in (dq, dk, dv, delta):
+            t.fill_(float("nan"))
+    qo, spans = [], []
     if rope is not None:
         qo = [rope.resolved_q_offset(a, b) for a, b in zip(lq, lk)]
-        tab = _rope_tables(rope, D, [(s, s + n) for s, n in zip(qo, lq)], [(rope.k_offset, rope.k_offset + n) for n in lk],
-                           dev)
-    else:
-        tab = _rope_tables(None, D, [], [], dev)
+        spans = [(s, s + n) for s, n in zip(qo, lq)] + [(rope.k_offset, rope.k_offset + n) for n in lk]
+    tab = _rope_tables(rope, D, spans, dev)
+    rope_q_off = (-tab.pos0 if tab.q_default else int(rope.q_offset) - tab.pos0) if rope is not None else 0
+    rope_k_off = (int(rope.k_offset) - tab.pos0) if rope is not None else 0
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else tab.cos
     stride_sb = slopes.stride(0) if (alibi_slopes is not None and slopes.dim() == 2) else 0
     cu_q = cu_seqlens_q.to(torch.int32).contiguous() if varlen else delta
@@ -642,53 +665,46 @@ def flash_attention_backward(
     cfg = config or pick_bwd_config(D, q.dtype, nq, nk)
     BD = max(16, triton.next_power_of_2(D))
     BDV = max(16, triton.next_power_of_2(Dv))
-    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
     pre_m = 16 if interpreter_mode() else 64
     KERNEL_CACHE.launch(
         _bwd_preprocess, (triton.cdiv(nq, pre_m), B * H),
-        o, do, delta, cu_q, *_strides4(o, varlen), *_strides4(do, varlen), *_lse_strides(delta, varlen), H, nq, Dv,
-        IS_VARLEN=varlen, BLOCK_M=pre_m, BLOCK_DV=BDV, num_warps=4 if not interpreter_mode() else 1,
+        o, do, delta, cu_q, *_strides4(o, varlen), *_strides4(do, varlen), *_lse_strides(delta, varlen), H, nq,
+        IS_VARLEN=varlen, HEAD_DV=Dv, BLOCK_M=pre_m, BLOCK_DV=BDV, num_warps=1 if interpreter_mode() else 4,
     )
 
     fuse = not deterministic
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if fuse else dq
-    common_flags = dict(
-        IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SOFTCAP=use_softcap,
-        ALIBI=alibi_slopes is not None, ROPE=tab.kind, ROPE_Q_DEFAULT=tab.q_default, DOT_PREC=dot_prec,
-        BLOCK_D=BD, BLOCK_DV=BDV,
+    flags = dict(
+        IS_VARLEN=varlen, HAS_WINDOW=has_window, SOFTCAP=use_softcap, ALIBI=alibi_slopes is not None,
+        ROPE=tab.kind, ROPE_Q_DEFAULT=tab.q_default, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=D, HEAD_DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV,
     )
-    modifier_args = (sc, cap, 1.0 / cap, max(left, 0), max(right, 0),
-                     tab.cos.stride(0) if tab.cos.dim() == 2 else 0, tab.pos0, tab.q_off, tab.k_off, D // 2)
+    mods = (sc, float(softcap) if use_softcap else 1.0, win_left, win_right,
+            tab.cos.stride(0), tab.cos.shape[0], rope_q_off, rope_k_off)
+    heads = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
+             *_lse_strides(lse, varlen))
     KERNEL_CACHE.launch(
         _bwd_dkdv, (triton.cdiv(nk, cfg.BLOCK_N), B * Hkv),
         q, k, v, do, lse, delta, dk, dv, dq_acc, slopes, tab.cos, tab.sin, cu_q, cu_k,
-        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
-        *_lse_strides(lse, varlen), *_strides4(dk, varlen), *_strides4(dv, varlen), *_strides4(dq_acc, varlen),
-        stride_sb, nq, nk, Hkv, group, D, Dv, *modifier_args,
-        FUSE_DQ=fuse, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **common_flags, **launch,
+        *heads, *_strides4(dk, varlen), *_strides4(dv, varlen), *_strides4(dq_acc, varlen),
+        stride_sb, nq, nk, Hkv, H // Hkv, *mods,
+        FUSE_DQ=fuse, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **flags, **launch,
     )
     if fuse:
-        dq = dq_acc if dq_dtype == torch.float32 else dq_acc.to(dq_dtype)
+        dq = dq_acc if rope is not None else dq_acc.to(q.dtype)
     else:
         KERNEL_CACHE.launch(
             _bwd_dq, (triton.cdiv(nq, cfg.dq_m), B * H),
             q, k, v, do, lse, delta, dq, slopes, tab.cos, tab.sin, cu_q, cu_k,
-            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
-            *_lse_strides(lse, varlen), *_strides4(dq, varlen),
-            stride_sb, nq, nk, H, group, D, Dv, *modifier_args,
-            BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **common_flags, **launch,
+            *heads, *_strides4(dq, varlen), stride_sb, nq, nk, H, H // Hkv, *mods,
+            BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **flags, **launch,
         )
 
     if rope is not None:
-        layout = rope.layout
-        if varlen:
-            qpos = torch.cat([torch.arange(n) + s for n, s in zip(lq, qo)])
-            kpos = torch.cat([torch.arange(n) + rope.k_offset for n in lk])
-        else:
-            qpos = torch.arange(nq) + qo[0]
-            kpos = torch.arange(nk) + rope.k_offset
-        dq = _unrotate(dq, tab, qpos, layout, varlen).to(q.dtype)
-        dk = _unrotate(dk, tab, kpos, layout, varlen).to(k.dtype)
+        def positions(lens, starts):
+            return torch.cat([torch.arange(st, st + n, device=dev) for n, st in zip(lens, starts)])
+
+        dq = _unrotate(dq, tab, positions(lq, qo), rope.layout, varlen).to(q.dtype)
+        dk = _unrotate(dk, tab, positions(lk, [rope.k_offset] * len(lk)), rope.layout, varlen).to(k.dtype)
     return dq, dk, dv
