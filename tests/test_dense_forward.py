@@ -339,6 +339,69 @@ def test_block_ranges_exhaustive_random():
 
 
 # ----------------------------------------------------------------------------------------------
+# TMA path: its indexing runs under the interpreter too (descriptors are emulated)
+# ----------------------------------------------------------------------------------------------
+
+TMA_CFG = FwdConfig(16, 16, 4, 2, "tma")
+
+
+@pytest.mark.parametrize("path", ["tma", "tma+ws"])
+@pytest.mark.parametrize("case", [
+    dict(Nq=37, Nk=37, causal=False), dict(Nq=37, Nk=37, causal=True), dict(Nq=13, Nk=45, causal=True),
+    dict(Nq=45, Nk=13, causal=True), dict(Nq=30, Nk=41, window=(6, 3)), dict(Nq=33, Nk=33, softcap=3.0),
+    dict(Nq=20, Nk=29, alibi_slopes=True, causal=True), dict(Nq=25, Nk=25, layout="bshd", causal=True),
+    dict(Nq=21, Nk=21, mask_mod=causal_mask_mod), dict(Nq=29, Nk=29, score_mod=alibi_score_mod),
+], ids=["full", "causal", "nq<nk", "nq>nk", "window", "softcap", "alibi", "bshd", "mask_mod", "score_mod"])
+def test_tma_kernel_logic(case, path):
+    case = dict(case)
+    Nq, Nk, layout = case.pop("Nq"), case.pop("Nk"), case.pop("layout", "bhsd")
+    H, Hkv = (2, 2) if "score_mod" in case else (4, 2)
+    q, k, v = qkv(1, H, Hkv, Nq, Nk, 32, torch.float16)
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    if interpreter_mode():
+        from attention_proto.ops.dense.forward_tma import supports
+
+        assert supports(q, k, v, check_device=False) == []
+    if "score_mod" in case:
+        out = poison_(torch.empty_like(q))
+        lse = poison_(torch.empty(1, H, Nq, device=q.device))
+        flash_attention_forward(q, k, v, config=FwdConfig(16, 16, 4, 2, path), out=out, lse=lse, **case)
+        ro, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), alibi_slopes=torch.tensor([0.5, 0.25]))
+        to, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), alibi_slopes=torch.tensor([0.5, 0.25]),
+                                    compute_dtype=torch.float16)
+        assert_close_rule(out, to, ro, torch.float16)
+        return
+    if "mask_mod" in case:
+        out = flash_attention_forward(q, k, v, config=FwdConfig(16, 16, 4, 2, path), **case)[0]
+        ro, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), causal=True)
+        to, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), causal=True, compute_dtype=torch.float16)
+        assert_close_rule(out, to, ro, torch.float16)
+        return
+    check(q, k, v, torch.float16, config=FwdConfig(16, 16, 4, 2, path), **case)
+
+
+def test_tma_supports_reasons():
+    from attention_proto.ops.dense.forward_tma import supports
+
+    q, k, v = qkv(1, 2, 2, 8, 8, 40, torch.float32)
+    r = " | ".join(supports(q, k, v, rope=RopeSpec(), varlen=True))
+    for needle in ("float32", "head dim 40", "RoPE", "varlen"):
+        assert needle in r, (needle, r)
+    if interpreter_mode():
+        assert "interpreter" in r
+    q, k, v = qkv(1, 2, 2, 8, 8, 64, torch.float16)
+    r = " ".join(supports(q, k, v.transpose(2, 3).contiguous().transpose(2, 3), check_device=False))
+    assert "last-dim stride" in r
+    r = " ".join(supports(q, k, torch.empty(1, 2, 8, 65, dtype=torch.float16, device=DEV)[..., :64], check_device=False))
+    assert "16-byte aligned" in r
+    r = " ".join(supports(q, k[:, :, :0], v[:, :, :0], check_device=False))
+    assert "empty sequence" in r
+    with pytest.raises(ValueError, match="TMA path supports neither varlen nor fused RoPE"):
+        flash_attention_forward(q, k, v, rope=RopeSpec(), config=TMA_CFG)
+
+
+# ----------------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------------
 

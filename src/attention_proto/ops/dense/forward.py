@@ -281,12 +281,12 @@ def rope_tables(spec: RopeSpec, D: int, needed: int, device: torch.device) -> Tu
     return tabs
 
 
-def _tma_path_usable(q, k, v, **kw) -> bool:
+def _tma_path_usable(q, k, v, out) -> bool:
     if interpreter_mode() or not q.is_cuda:
         return False
     from .forward_tma import supports
 
-    return not supports(q, k, v, **kw)
+    return not supports(q, k, v, out=out)
 
 
 def flash_attention_forward(
@@ -355,20 +355,22 @@ def flash_attention_forward(
     has_softcap = softcap is not None and float(softcap) > 0.0
     slopes = resolve_alibi(alibi_slopes, H, q.device)
 
+    checked = False
     if config is None:
         path = "portable"
-        if not varlen and rope is None and _tma_path_usable(
-            q, k, v, score_mod=score_mod, mask_mod=mask_mod, rope=rope, varlen=varlen
-        ):
-            path = "auto"
+        if not varlen and rope is None and _tma_path_usable(q, k, v, out):
+            path, checked = "auto", True
         config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path)
     if config.path != "portable":
+        if varlen or rope is not None:
+            raise ValueError(f"config.path={config.path!r}: the TMA path supports neither varlen nor fused RoPE; "
+                             f"use a portable config")
         from .forward_tma import flash_attention_forward_tma
 
         return flash_attention_forward_tma(
             q, k, v, out=out, lse=lse, causal=causal, sm_scale=sm_scale, window=(left, right),
-            softcap=softcap if has_softcap else None, alibi_slopes=slopes, score_mod=score_mod,
-            mask_mod=mask_mod, config=config,
+            softcap=float(softcap) if has_softcap else None, alibi_slopes=slopes, score_mod=score_mod,
+            mask_mod=mask_mod, config=config, checked=checked,
         )
 
     if rope is not None:

@@ -1,0 +1,228 @@
+"""Hopper fast path of the dense forward: tensor descriptors (TMA), software pipelining, optional
+warp specialization.
+
+Design
+------
+- Host-side ``TensorDescriptor``s over the 4-D tensors ``[B, H, N, D]`` with their real strides
+  (block ``[1, 1, BLOCK, D]``), so one descriptor serves BHSD and BSHD (a transposed view) alike,
+  and the TMA unit does the bounds work: rows past N load as zeros (then masked like any ragged
+  tail) and stores past Nq are clipped -- any Nq, Nk, no per-head overflow. Loaded tiles are
+  reshaped to 2-D (the leading unit dims are free).
+- The KV loop is ``tl.range(..., num_stages=NUM_STAGES)``: Triton pipelines the K/V descriptor
+  loads (TMA + mbarriers) ahead of the wgmma consumer. With ``WARP_SPEC`` (path "tma+ws") the
+  mask-free main loop also asks for warp specialization (producer/consumer warp groups); triton
+  3.6 documents this as Blackwell-first, so the path stays opt-in (the tuned table decides).
+- The online-softmax step, the modifiers and the block ranges are the portable kernel's
+  (:func:`.forward.attn_step`, :mod:`.common`), so both paths compute the same thing.
+
+Subset (see :func:`supports`): CUDA with compute capability >= 9, fp16/bf16, D a power of two in
+[16, 256], last dim contiguous, 16-byte aligned pointers and strides, Nq, Nk > 0, no RoPE (fused
+RoPE needs partner-column loads), no varlen. Causal, window, softcap, ALiBi, GQA/MQA and the
+score_mod/mask_mod hooks are supported. Triton's interpreter also runs this kernel (descriptors are
+emulated), which is how the CPU tests check its indexing; on a GPU it needs Hopper.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...runtime.cache import KERNEL_CACHE
+from ...runtime.device import interpreter_mode
+from .common import WINDOW_UNBOUNDED, kv_block_range
+from .configs import FwdConfig
+from .forward import attn_step
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - triton < 3.3
+    TensorDescriptor = None
+
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+TMA_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@triton.jit
+def _fwd_tma_kernel(
+    desc_q, desc_k, desc_v, desc_o, LSE, ALIBI,
+    slb, slh, slm, seqlen_q, seqlen_k, H, GROUP, num_m_blocks,
+    sm_scale, qk_scale2, softcap, win_left, win_right,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
+    REVERSE_M: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if REVERSE_M:
+        pid_m = num_m_blocks - 1 - pid_m
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    off = seqlen_k - seqlen_q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = desc_q.load([b, h, m0, 0]).reshape([BLOCK_M, HEAD_DIM])
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + h)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
+                                              BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_WINDOW:
+        for start_n in tl.range(lo, full_lo, BLOCK_N, num_stages=NUM_STAGES):
+            k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
+            v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
+            acc, l_i, m_i = attn_step(
+                acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
+                sm_scale, qk_scale2, softcap, slope, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
+                HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+    for start_n in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
+        v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
+        acc, l_i, m_i = attn_step(
+            acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
+            sm_scale, qk_scale2, softcap, slope, win_left, win_right, False, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+    for start_n in tl.range(full_hi, hi, BLOCK_N, num_stages=NUM_STAGES):
+        k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
+        v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
+        acc, l_i, m_i = attn_step(
+            acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
+            sm_scale, qk_scale2, softcap, slope, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+    l_ok = l_i > 0.0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    desc_o.store([b, h, m0, 0], out.to(q.dtype).reshape([1, 1, BLOCK_M, HEAD_DIM]))
+    l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m * slm
+    tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+_CAPABILITY: dict = {}
+
+
+def _capability(device: torch.device) -> Tuple[int, int]:
+    cc = _CAPABILITY.get(device)
+    if cc is None:
+        cc = _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    return cc
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    e = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:-1])
+
+
+def supports(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rope: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    varlen: bool = False,
+    out: Optional[torch.Tensor] = None,
+    check_device: bool = True,
+) -> List[str]:
+    """Reasons the TMA path does not apply to these inputs (empty list: it applies).
+
+    q [B, H, Nq, D], k/v [B, Hkv, Nk, D] as for :func:`.forward.flash_attention_forward`.
+    ``check_device=False`` skips the GPU checks (the interpreter emulates descriptors).
+    """
+    reasons: List[str] = []
+    if TensorDescriptor is None:
+        reasons.append("triton has no triton.tools.tensor_descriptor (needs triton >= 3.3)")
+    if check_device:
+        if interpreter_mode():
+            reasons.append("Triton interpreter (no GPU): the portable kernel runs instead")
+        elif not q.is_cuda:
+            reasons.append(f"q is on {q.device}; TMA needs a CUDA tensor")
+        else:
+            major, minor = _capability(q.device)
+            if major < 9:
+                reasons.append(f"compute capability {major}.{minor}; TMA needs >= 9.0 (Hopper)")
+    if varlen:
+        reasons.append("varlen (cu_seqlens) is not supported by the TMA path")
+    if rope is not None:
+        reasons.append("fused RoPE is not supported by the TMA path (it needs partner-column loads)")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        reasons.append(f"q/k/v must be 4-D BHSD views; got {q.dim()}-D/{k.dim()}-D/{v.dim()}-D")
+        return reasons
+    if q.dtype not in TMA_DTYPES:
+        reasons.append(f"dtype {q.dtype}; the TMA path supports float16 and bfloat16")
+    D = q.shape[-1]
+    if D not in TMA_HEAD_DIMS or v.shape[-1] != D:
+        reasons.append(f"head dim {D} (v: {v.shape[-1]}); the TMA path supports D in {TMA_HEAD_DIMS} with Dv == D")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        reasons.append("empty sequence (Nq or Nk = 0)")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t is None:
+            continue
+        if t.stride(-1) != 1:
+            reasons.append(f"{name} has last-dim stride {t.stride(-1)}; TMA needs it contiguous (1)")
+        elif not _aligned(t):
+            reasons.append(f"{name} pointer or strides {tuple(t.stride())} are not 16-byte aligned")
+    return reasons
+
+
+def flash_attention_forward_tma(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    window: Tuple[int, int],
+    softcap: Optional[float],
+    alibi_slopes: Optional[torch.Tensor],
+    score_mod: Any,
+    mask_mod: Any,
+    config: FwdConfig,
+    checked: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the TMA kernel into ``out`` [B, H, Nq, D] and ``lse`` [B, H, Nq] (already allocated).
+
+    Called by :func:`.forward.flash_attention_forward` when ``config.path`` is "tma" or "tma+ws";
+    arguments are already normalized there (window as (left, right) with -1 unbounded, slopes as
+    an fp32 tensor or None). Raises ValueError listing the reasons when the path does not apply
+    (``checked=True``: the caller has just asked :func:`supports`).
+    """
+    if not checked:
+        reasons = supports(q, k, v, out=out, check_device=not interpreter_mode())
+        if reasons:
+            raise ValueError("the TMA forward path does not apply: " + "; ".join(reasons))
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    BM, BN = config.BLOCK_M, config.BLOCK_N
+    dq = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BM, D])
+    dk = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BN, D])
+    dv = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BN, D])
+    do = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, BM, D])
+    left, right = window
+    has_softcap = softcap is not None
+    num_m = triton.cdiv(Nq, BM)
+    KERNEL_CACHE.launch(
+        _fwd_tma_kernel, (num_m, B * H),
+        dq, dk, dv, do, lse, alibi_slopes if alibi_slopes is not None else lse,
+        lse.stride(0), lse.stride(1), lse.stride(2), Nq, Nk, H, H // Hkv, num_m,
+        sm_scale, sm_scale * 1.4426950408889634, float(softcap) if has_softcap else 0.0,
+        left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED,
+        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
+        IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap,
+        HAS_ALIBI=alibi_slopes is not None, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
+        USE_NATURAL=has_softcap or alibi_slopes is not None or score_mod is not None,
+        HAS_HOOKS=score_mod is not None or mask_mod is not None, REVERSE_M=bool(causal),
+        NUM_STAGES=config.num_stages, WARP_SPEC=config.path == "tma+ws",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
