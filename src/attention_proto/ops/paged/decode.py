@@ -1,0 +1,256 @@
+"""Paged decode kernels: V1 (one pass per sequence and KV head), V2 (split-KV) and its reduce.
+
+One program handles one (sequence b, KV head, row block[, partition]). Its query
+tile packs the rows of the whole GQA group: row ``r`` is query head
+``kvh * G + r // Nq`` and query token ``r % Nq`` (G = Hq / Hkv), so each page of
+K/V is read once per KV head, not once per query head. The tile is padded to
+BLOCK_M >= 16 rows for ``tl.dot``.
+
+The KV loop walks tiles of BLOCK_N tokens aligned to BLOCK_N. Each token's page
+comes from the block table: when a tile lies inside one page (page_size >=
+BLOCK_N) one scalar lookup serves the tile, otherwise every row is gathered
+from its own page. Either way the tile, hence the shared memory of the
+pipeline, does not depend on the page size.
+
+Safety: tokens at or past ``min(seq_len, max_pages * page_size)`` are masked,
+so no block-table entry past the sequence is read, and every page id read is
+clamped into ``[0, num_pages)``: even a corrupt block table (with
+``check_inputs=False``) cannot make the kernel read outside the pool.
+
+Score math per tile (fp32), as the dense reference: s = scale * q.k; softcap
+``c * tanh(s / c)``; ALiBi ``- slope * |pos - j|``; causal (``j <= pos``) and
+window (``j >= pos - left``) masks, with ``pos = seq_len - Nq + i``; then an
+online softmax in base 2. P is cast to the K/V dtype for the second MMA
+(FlashAttention's choice). fp32 inputs use ``input_precision="ieee"`` (true
+fp32 products, no TF32) so that fp32 results are fp32-accurate.
+
+V2 programs write ``o_p = acc / l`` and ``lse_p`` (natural log) per partition;
+the reduce kernel computes ``out = sum_p exp(lse_p - M) o_p / sum_p exp(lse_p - M)``
+and ``lse = M + log(sum_p exp(lse_p - M))``. Empty partitions carry lse -inf and
+weigh nothing; a row that sees no key ends with out 0 and lse -inf.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+import attention_proto  # noqa: F401  (sets TRITON_INTERPRET before kernels are defined)
+from attention_proto.runtime.cache import KERNEL_CACHE
+
+from ..dense.common import tanh_f32
+from .dispatch import PagedPlan
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+#: partitions the reduce kernel merges per loop step
+REDUCE_BLOCK_P = 16
+
+
+@triton.jit(do_not_specialize=["tokens_per_part", "num_pages", "max_pages", "win_left"])
+def _paged_decode_kernel(
+    Q, K, V, BT, SL, Alibi, Out, Lse,
+    sm_scale, softcap, win_left, tokens_per_part, num_pages, max_pages,
+    Hkv, Nq, G, rows_per_kvh, num_row_blocks,
+    s_qb, s_qh, s_qn,
+    s_kp, s_kt, s_kh,
+    s_vp, s_vt, s_vh,
+    s_btb,
+    s_ob, s_oh, s_on, s_op,
+    s_lb, s_lh, s_ln, s_lp,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    rb = pid % num_row_blocks
+    bh = pid // num_row_blocks
+    kvh = bh % Hkv
+    b = (bh // Hkv).to(tl.int64)
+
+    seq_len = tl.load(SL + b).to(tl.int32)
+    # never look past the block table's row: tokens beyond its pages are masked
+    kv_end = tl.minimum(seq_len, max_pages * PAGE_SIZE)
+
+    offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < rows_per_kvh
+    head = kvh * G + offs_m // Nq
+    qi = offs_m % Nq
+    q_pos = seq_len - Nq + qi  # position of each query row inside its sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q = tl.load(Q + b * s_qb + head[:, None] * s_qh + qi[:, None] * s_qn + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + head, mask=row_ok, other=0.0).to(tl.float32)
+
+    lo = seq_len * 0
+    if HAS_WINDOW:
+        # the first key any row of this sequence may see (rows are the last Nq tokens)
+        lo = tl.maximum(seq_len - Nq - win_left, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    if SPLIT:
+        start = lo + part * tokens_per_part
+        end = tl.minimum(start + tokens_per_part, kv_end)
+    else:
+        start = lo
+        end = kv_end
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = BT + b * s_btb
+    k_head = K + kvh * s_kh
+    v_head = V + kvh * s_vh
+    qk_scale = sm_scale * LOG2E
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        if PAGE_SIZE >= BLOCK_N:
+            # the tile lies inside one page (n0 is a multiple of BLOCK_N, which divides PAGE_SIZE)
+            page = tl.load(bt_row + n0 // PAGE_SIZE)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            slot = (n0 % PAGE_SIZE) + tl.arange(0, BLOCK_N)
+            k_off = page * s_kp + slot[:, None] * s_kt
+            v_off = page * s_vp + slot[:, None] * s_vt
+        else:
+            pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0)
+            pages = tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
+            slot = offs_n % PAGE_SIZE
+            k_off = pages[:, None] * s_kp + slot[:, None] * s_kt
+            v_off = pages[:, None] * s_vp + slot[:, None] * s_vt
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_head + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s = s * sm_scale
+            if HAS_SOFTCAP:
+                s = softcap * tanh_f32(s / softcap)
+            if HAS_ALIBI:
+                dist = q_pos[:, None] - offs_n[None, :]
+                dist = tl.where(dist < 0, -dist, dist)
+                s = s - slope[:, None] * dist.to(tl.float32)
+            s = s * LOG2E
+        else:
+            s = s * qk_scale
+        keep = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            keep = keep & (offs_n[None, :] >= q_pos[:, None] - win_left)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet: no NaN
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + v_off + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = Out + b * s_ob + head[:, None] * s_oh + qi[:, None] * s_on + part * s_op + offs_d[None, :]
+    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b * s_lb + head * s_lh + qi * s_ln + part * s_lp, lse, mask=row_ok)
+
+
+@triton.jit
+def _paged_reduce_kernel(
+    PO, PL, Out, Lse, P,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program per (b, h, i) row; PO [R, P, HEAD_DIM] fp32, PL [R, P] fp32, Out [R, HEAD_DIM], Lse [R]
+    row = tl.program_id(0).to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_vec = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        lp = tl.load(PL + row * P + p0 + offs_p, mask=p0 + offs_p < P, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lp)
+    m = tl.max(m_vec, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_P], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p_ok = p0 + offs_p < P
+        lp = tl.load(PL + row * P + p0 + offs_p, mask=p_ok, other=float("-inf"))
+        w = tl.math.exp2((lp - m_use) * LOG2E)
+        o = tl.load(PO + (row * P + p0 + offs_p[:, None]) * HEAD_DIM + offs_d[None, :],
+                    mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
+        den += w
+    total = tl.sum(den, 0)
+    empty = total == 0.0
+    t_safe = tl.where(empty, 1.0, total)
+    tl.store(Out + row * HEAD_DIM + offs_d, (acc / t_safe).to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Lse + row, tl.where(empty, float("-inf"), m_use + tl.log(t_safe)))
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    plan: PagedPlan,
+    *,
+    scale: float,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    window_left: int = -1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the decode kernel(s) of ``plan`` on validated inputs. Returns (out, lse fp32).
+
+    q ``[B, Hq, Nq, D]`` (unit stride in D), caches ``[num_pages, page_size, Hkv, D]`` (unit
+    stride in D, any other strides), block_table ``[B, max_pages]``, seq_lens ``[B]``.
+    """
+    B, Hq, Nq, D = q.shape
+    num_pages, page_size, Hkv, _ = k_cache.shape
+    cfg = plan.config
+    G = Hq // Hkv
+    out = torch.empty(B, Hq, Nq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
+    split = plan.version == "v2"
+    P = plan.num_partitions if split else 1
+    if split:
+        o_buf = torch.empty(B, Hq, Nq, P, D, device=q.device, dtype=torch.float32)
+        l_buf = torch.empty(B, Hq, Nq, P, device=q.device, dtype=torch.float32)
+        o_strides = (o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), o_buf.stride(3))
+        l_strides = (l_buf.stride(0), l_buf.stride(1), l_buf.stride(2), l_buf.stride(3))
+    else:
+        o_buf, l_buf = out, lse
+        o_strides = (out.stride(0), out.stride(1), out.stride(2), 0)
+        l_strides = (lse.stride(0), lse.stride(1), lse.stride(2), 0)
+    has_alibi = alibi_slopes is not None
+    alibi = alibi_slopes if has_alibi else seq_lens  # any pointer: never read without HAS_ALIBI
+    grid = (B * Hkv * plan.row_blocks, P)
+    KERNEL_CACHE.launch(
+        _paged_decode_kernel, grid,
+        q, k_cache, v_cache, block_table, seq_lens, alibi, o_buf, l_buf,
+        float(scale), float(softcap or 1.0), int(window_left), int(plan.tokens_per_partition),
+        int(num_pages), int(block_table.shape[1]),
+        Hkv, Nq, G, G * Nq, plan.row_blocks,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+        *o_strides, *l_strides,
+        PAGE_SIZE=page_size, HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
+        SPLIT=split, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=has_alibi, HAS_WINDOW=window_left >= 0,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        KERNEL_CACHE.launch(
+            _paged_reduce_kernel, (B * Hq * Nq,),
+            o_buf, l_buf, out, lse, P,
+            HEAD_DIM=D, BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=cfg.BLOCK_D, num_warps=4,
+        )
+    return out, lse
