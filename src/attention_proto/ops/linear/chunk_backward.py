@@ -1,0 +1,275 @@
+"""Chunked linear attention, backward: state gradients (chunk_dh), then dq/dk/dg and dv per chunk.
+
+Notation of :mod:`.chunk` (h_c: state entering chunk c, G: chunk-local cumulative
+log-decay, G_L at the chunk's last token). ``dh_c`` is the gradient of the state
+*leaving* chunk c (h_{c+1}); it follows the reverse recurrence
+
+    dh_{c-1} = exp(G_L(c)) dh_c + scale * sum_{t in c} exp(G_t) q_t^T do_t
+
+started from the final-state gradient (or 0); what is left after chunk 0 is the
+initial-state gradient. Per chunk, with ds'[t, s] = scale exp(G_t - G_s) (do_t . v_s)
+for s <= t:
+
+    dq_t = scale exp(G_t) do_t h_c^T + sum_s ds'[t, s] k_s
+    dk_s = exp(G_L - G_s) v_s dh_c^T + sum_t ds'[t, s] q_t
+    dv_s = exp(G_L - G_s) k_s dh_c   + sum_{t >= s} scale exp(G_t - G_s) (q_t . k_s) do_t
+
+The gate: treating the chunk-local G_t as the variables, dG_t = q_t . dq_t - k_t . dk_t,
+plus, at the chunk's last token, d h_{c+1} / d G_L = h_{c+1}, i.e.
+exp(G_L) <h_c, dh_c> + sum_s k_s . dk_inter_s. g enters G_t for every t >= its token
+inside its chunk, so dg is the reverse cumulative sum of dG within the chunk -- no
+dependency between chunks, and no long cancelling sum.
+
+Triton on Hopper (3.4 to 3.7.0) miscompiles ``tl.dot(tl.trans(x), ...)`` when x is
+itself a dot result (fla issue #640: dk and dg wrong at 64-wide K tiles). These
+kernels never transpose a dot result: dk is accumulated transposed ([K, BT]) as
+dot(q^T, ds') + dot(dh, v^T), where every transposed operand is a loaded tile, and
+stored through transposed pointers; dv uses (k q^T), computed directly.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...runtime.cache import KERNEL_CACHE
+from .common import SeqInfo, chunk_coords, chunk_gate, dot_precision, kernel_config, row_offset, seq_coords
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dh_kernel(
+    q, do, g, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    SK: tl.constexpr, SV: tl.constexpr, SG: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HEAD_FIRST: tl.constexpr, PREC: tl.constexpr,
+):
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0).to(tl.int64)
+    i_nh = pid // (NK * NV)
+    i_k = (pid % (NK * NV)) // NV
+    i_v = pid % NV
+    i_n = i_nh // H
+    i_h = i_nh % H
+    i_b, bos, L = seq_coords(i_n, cu_seqlens, T, IS_VARLEN)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        boh = i_n * tl.cdiv(T, BT)
+    NT = tl.cdiv(L, BT)
+    q += row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
+    do += row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
+    if USE_G:
+        g += row_offset(i_b, i_h, bos, T, H, 1, HEAD_FIRST)
+
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_kv = m_k[:, None] & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+
+    for i in range(0, NT):
+        i_t = NT - 1 - i
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        b_qt = tl.load(q + o_t[None, :] * SK + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_do = tl.load(do + o_t[:, None] * SV + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
+        if USE_G:
+            last = tl.minimum(i_t * BT + BT, L) - 1
+            b_g, b_gl = chunk_gate(g, o_t, m_t, last, SG)
+            b_dh *= tl.exp2(b_gl)
+            b_qt = (b_qt * (tl.exp2(b_g) * scale)[None, :]).to(b_qt.dtype)
+        else:
+            b_qt = (b_qt * scale).to(b_qt.dtype)
+        b_dh = tl.dot(b_qt, b_do, b_dh, input_precision=PREC)
+
+    if STORE_DH0:
+        tl.store(dh0 + i_nh * K * V + o_kv, b_dh, mask=m_kv)
+
+
+@triton.jit(do_not_specialize=["T", "dg_stride"])
+def chunk_bwd_dqk_kernel(
+    q, k, v, g, h, do, dh, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, dg_stride,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    SK: tl.constexpr, SV: tl.constexpr, SG: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, STORE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_FIRST: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    NK: tl.constexpr = (K + BK - 1) // BK
+    pid = tl.program_id(0).to(tl.int64)
+    i_tg = pid // NK
+    i_k = pid % NK
+    i_h = tl.program_id(1).to(tl.int64)
+    i_n, i_t = chunk_coords(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    i_b, bos, L = seq_coords(i_n, cu_seqlens, T, IS_VARLEN)
+    off_k = row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
+    off_v = row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
+    h += (i_tg * H + i_h) * K * V
+    dh += (i_tg * H + i_h) * K * V
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < L
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkt = tl.zeros([BK, BT], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, (V + BV - 1) // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_do = tl.load(do + off_v + o_t[:, None] * SV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_vt = tl.load(v + off_v + o_t[None, :] * SV + o_v[:, None], mask=m_v[:, None] & m_t[None, :], other=0.0)
+        b_h = tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_dh = tl.load(dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_ds = tl.dot(b_do, b_vt, b_ds, input_precision=PREC)                  # do . v     [BT, BT]
+        b_dq = tl.dot(b_do, tl.trans(b_h), b_dq, input_precision=PREC)         # do h^T     [BT, BK]
+        b_dkt = tl.dot(b_dh, b_vt, b_dkt, input_precision=PREC)                # (v dh^T)^T [BK, BT]
+        if STORE_DG:
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+
+    b_q = tl.load(q + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_kk = tl.load(k + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_qt = tl.load(q + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+    causal = o_t[:, None] >= o_t[None, :]
+    if USE_G:
+        last = tl.minimum(i_t * BT + BT, L) - 1
+        b_g, b_gl = chunk_gate(g + row_offset(i_b, i_h, bos, T, H, 1, HEAD_FIRST), o_t, m_t, last, SG)
+        b_dq = b_dq * (tl.exp2(b_g) * scale)[:, None]
+        b_dkt = b_dkt * tl.exp2(b_gl - b_g)[None, :]
+        b_ds = b_ds * tl.exp2(tl.where(causal, b_g[:, None] - b_g[None, :], float("-inf"))) * scale
+    else:
+        b_dq = b_dq * scale
+        b_ds = tl.where(causal, b_ds, 0.0) * scale
+    if STORE_DG:
+        b_kt = tl.load(k + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        # d h_{c+1} / d G_L = h_{c+1}: exp(G_L) <h_c, dh_c> + sum_s k_s . dk_inter_s
+        b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kt.to(tl.float32) * b_dkt, 0), 0)
+    b_ds_lp = b_ds.to(b_kk.dtype)
+    b_dq = tl.dot(b_ds_lp, b_kk, b_dq, input_precision=PREC)
+    b_dkt = tl.dot(b_qt, b_ds_lp, b_dkt, input_precision=PREC)
+    tl.store(dq + off_k + o_t[:, None] * SK + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+             mask=m_t[:, None] & m_k[None, :])
+    tl.store(dk + off_k + o_t[None, :] * SK + o_k[:, None], b_dkt.to(dk.dtype.element_ty),
+             mask=m_k[:, None] & m_t[None, :])
+    if STORE_DG:
+        b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1) - tl.sum(b_kt.to(tl.float32) * b_dkt, 0)
+        b_dg = tl.where(o_t == last, b_dg + b_dgl, b_dg)
+        b_dg = tl.where(m_t, b_dg, 0.0)
+        b_dg = tl.cumsum(b_dg, 0, reverse=True)
+        p_dg = dg + i_k * dg_stride + row_offset(i_b, i_h, bos, T, H, 1, HEAD_FIRST) + o_t * SG
+        tl.store(p_dg, b_dg, mask=m_t)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dv_kernel(
+    q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    SK: tl.constexpr, SV: tl.constexpr, SG: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_FIRST: tl.constexpr, PREC: tl.constexpr,
+):
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0).to(tl.int64)
+    i_tg = pid // NV
+    i_v = pid % NV
+    i_h = tl.program_id(1).to(tl.int64)
+    i_n, i_t = chunk_coords(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    i_b, bos, L = seq_coords(i_n, cu_seqlens, T, IS_VARLEN)
+    off_k = row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
+    off_v = row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
+    dh += (i_tg * H + i_h) * K * V
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < L
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_at = tl.zeros([BT, BT], dtype=tl.float32)   # [s, t] = k_s . q_t
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, (K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = tl.load(k + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_qt = tl.load(q + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_dh = tl.load(dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_at = tl.dot(b_k, b_qt, b_at, input_precision=PREC)
+        b_dv = tl.dot(b_k, b_dh, b_dv, input_precision=PREC)
+    causal_t = o_t[:, None] <= o_t[None, :]        # s <= t
+    if USE_G:
+        last = tl.minimum(i_t * BT + BT, L) - 1
+        b_g, b_gl = chunk_gate(g + row_offset(i_b, i_h, bos, T, H, 1, HEAD_FIRST), o_t, m_t, last, SG)
+        b_dv = b_dv * tl.exp2(b_gl - b_g)[:, None]
+        b_at = b_at * tl.exp2(tl.where(causal_t, b_g[None, :] - b_g[:, None], float("-inf"))) * scale
+    else:
+        b_at = tl.where(causal_t, b_at, 0.0) * scale
+    b_do = tl.load(do + off_v + o_t[:, None] * SV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_dv = tl.dot(b_at.to(b_do.dtype), b_do, b_dv, input_precision=PREC)
+    tl.store(dv + off_v + o_t[:, None] * SV + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+# ---- host entry point -----------------------------------------------------------------------------
+
+def chunk_bwd_dh(q: torch.Tensor, do: torch.Tensor, g: Optional[torch.Tensor], dht: Optional[torch.Tensor],
+                 scale: float, need_dh0: bool, info: SeqInfo, BT: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of the states leaving every chunk [num_chunks, H, K, V] and of the initial state (fp32)."""
+    H, K, V = info.H, info.K, info.V
+    plan = info.plan(BT)
+    dh = torch.empty(plan.num_chunks, H, K, V, dtype=q.dtype, device=q.device)
+    dh0 = torch.empty(info.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
+    cfg = kernel_config("chunk_dh", BT, K, V)
+    NK, NV = triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"])
+    SK, SV, SG = info.strides()
+    grid = (NK * NV * info.num_seqs * H,)
+    if grid[0]:
+        KERNEL_CACHE.launch(
+            chunk_bwd_dh_kernel, grid, q, do, g, dh, dht, dh0, info.cu_seqlens, plan.chunk_offsets, float(scale),
+            info.T, H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, USE_DHT=dht is not None,
+            STORE_DH0=need_dh0, IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=dot_precision(q.dtype),
+            **cfg)
+    return dh, dh0
+
+
+def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], h: torch.Tensor,
+                   do: torch.Tensor, dht: Optional[torch.Tensor], scale: float, info: SeqInfo, BT: int,
+                   need_dg: bool = True, need_dh0: bool = True):
+    """(dq, dk, dv, dg fp32 or None, dh0 fp32 or None) from the forward's chunk states ``h``.
+
+    All of q, k, v, do share one layout (``info``); g is the float32 log-decay or None.
+    """
+    H, K, V = info.H, info.K, info.V
+    plan = info.plan(BT)
+    dh, dh0 = chunk_bwd_dh(q, do, g, dht, scale, need_dh0, info, BT)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    SK, SV, SG = info.strides()
+    store_dg = g is not None and need_dg
+    cfg = kernel_config("chunk_dqk", BT, K, V)
+    NK = triton.cdiv(K, cfg["BK"])
+    dg = torch.empty((NK,) + tuple(g.shape), dtype=torch.float32, device=q.device) if store_dg else None
+    prec = dot_precision(q.dtype)
+    if plan.num_chunks:
+        KERNEL_CACHE.launch(
+            chunk_bwd_dqk_kernel, (plan.num_chunks * NK, H), q, k, v, g, h, do, dh, dq, dk, dg, info.cu_seqlens,
+            plan.chunk_indices, float(scale), info.T, g.numel() if store_dg else 0,
+            H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, STORE_DG=store_dg,
+            IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=prec, **cfg)
+        cfg = kernel_config("chunk_dv", BT, K, V)
+        NV = triton.cdiv(V, cfg["BV"])
+        KERNEL_CACHE.launch(
+            chunk_bwd_dv_kernel, (plan.num_chunks * NV, H), q, k, g, do, dh, dv, info.cu_seqlens, plan.chunk_indices,
+            float(scale), info.T, H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None,
+            IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=prec, **cfg)
+    elif store_dg:
+        dg.zero_()
+    if store_dg:
+        dg = dg[0] if NK == 1 else dg.sum(0)
+    return dq, dk, dv, dg, dh0

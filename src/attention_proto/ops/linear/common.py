@@ -1,0 +1,201 @@
+"""Shared pieces of the linear-attention kernels: sequence/chunk bookkeeping, address helpers, configs.
+
+Every kernel sees its input as ``B`` rows of ``T`` tokens (``layout`` bshd: token stride
+H*D, head stride D; bhsd: token stride D, head stride T*D). A *sequence* is a whole row
+(dense batch) or a ``[bos, eos)`` slice of the single row (``cu_seqlens``). Chunk states
+are stored per global chunk index: chunk ``i_t`` of sequence ``n`` is global chunk
+``chunk_offsets[n] + i_t`` (dense batch: ``n * cdiv(T, BT) + i_t``).
+
+Configs: the block sizes and warps of each kernel come from :func:`kernel_config`; they
+can be overridden without code changes through the environment variable
+``ATTENTION_PROTO_LINEAR_CONFIG``, a JSON object keyed by kernel name or
+``name@BT`` (e.g. ``{"chunk_o@64": {"BK": 64, "BV": 64, "num_warps": 4}}``).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...runtime.device import interpreter_mode
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper instruction
+
+
+# ---- device-side helpers ------------------------------------------------------------------------
+
+@triton.jit
+def seq_coords(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
+    """(batch row, first token of the sequence in its row, sequence length) of sequence ``i_n`` (int64)."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_b = i_n * 0
+        seqlen = eos - bos
+    else:
+        i_b = i_n
+        bos = i_n * 0
+        seqlen = i_n * 0 + T
+    return i_b, bos, seqlen
+
+
+@triton.jit
+def chunk_coords(i_tg, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(sequence, chunk within the sequence) of global chunk ``i_tg`` (int64)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_tg).to(tl.int64)
+        i_t = tl.load(chunk_indices + 2 * i_tg + 1).to(tl.int64)
+    else:
+        nt = tl.cdiv(T, BT)
+        i_n = i_tg // nt
+        i_t = i_tg % nt
+    return i_n, i_t
+
+
+@triton.jit
+def row_offset(i_b, i_h, bos, T, H: tl.constexpr, D: tl.constexpr, HEAD_FIRST: tl.constexpr):
+    """Element offset of token ``bos`` of head ``i_h`` in batch row ``i_b`` (D = 1 for the gate)."""
+    if HEAD_FIRST:
+        off = ((i_b * H + i_h) * T + bos) * D
+    else:
+        off = ((i_b * T + bos) * H + i_h) * D
+    return off
+
+
+@triton.jit
+def chunk_gate(g, o_t, m_t, last, SG: tl.constexpr):
+    """Chunk-local inclusive cumulative log2-decay of the chunk's tokens and its value at ``last``.
+
+    Tokens past the end load 0, so the cumulative sum stays flat there.
+    """
+    b_g = tl.cumsum(tl.load(g + o_t * SG, mask=m_t, other=0.0).to(tl.float32) * 1.4426950408889634, 0)
+    b_gl = tl.sum(tl.where(o_t == last, b_g, 0.0), 0)
+    return b_g, b_gl
+
+
+# ---- host-side bookkeeping ----------------------------------------------------------------------
+
+def next_pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+@dataclass
+class SeqInfo:
+    """Where the sequences are: B rows of T tokens, NS sequences (lengths on the host)."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    head_first: bool
+    cu_seqlens: Optional[torch.Tensor] = None  # int32 [NS + 1] on the kernel device
+    lengths: List[int] = field(default_factory=list)
+    _plans: Dict[int, "ChunkPlan"] = field(default_factory=dict, repr=False)
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.lengths) if self.varlen else self.B
+
+    def plan(self, BT: int) -> "ChunkPlan":
+        if BT not in self._plans:
+            self._plans[BT] = ChunkPlan.build(self, BT)
+        return self._plans[BT]
+
+    def strides(self) -> Tuple[int, int, int]:
+        """Token strides of q/k, v/o and g."""
+        if self.head_first:
+            return self.K, self.V, 1
+        return self.H * self.K, self.H * self.V, self.H
+
+
+@dataclass
+class ChunkPlan:
+    BT: int
+    num_chunks: int                                 # over all sequences
+    chunk_offsets: Optional[torch.Tensor] = None    # int32 [NS + 1] (varlen)
+    chunk_indices: Optional[torch.Tensor] = None    # int32 [num_chunks, 2]: (sequence, chunk) (varlen)
+    last_chunk: List[int] = field(default_factory=list)
+
+    @staticmethod
+    def build(info: SeqInfo, BT: int) -> "ChunkPlan":
+        if not info.varlen:
+            return ChunkPlan(BT, info.B * triton.cdiv(info.T, BT))
+        per = [triton.cdiv(n, BT) for n in info.lengths]
+        offs = [0]
+        for p in per:
+            offs.append(offs[-1] + p)
+        idx = [(n, t) for n, p in enumerate(per) for t in range(p)]
+        dev = info.cu_seqlens.device
+        co = torch.tensor(offs, dtype=torch.int32, device=dev)
+        ci = (torch.tensor(idx, dtype=torch.int32, device=dev).reshape(-1, 2) if idx
+              else torch.zeros(0, 2, dtype=torch.int32, device=dev))
+        return ChunkPlan(BT, offs[-1], co, ci)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs use exact IEEE products (TF32 would break the float32 error rule); others ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- configs -------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _overrides() -> Dict[str, Dict[str, int]]:
+    raw = os.environ.get("ATTENTION_PROTO_LINEAR_CONFIG", "")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"ATTENTION_PROTO_LINEAR_CONFIG is not valid JSON ({e}); got {raw!r}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"ATTENTION_PROTO_LINEAR_CONFIG must be a JSON object; got {raw!r}")
+    return data
+
+
+def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
+    """BK, BV, num_warps, num_stages of one kernel for chunk size BT and head dims K, V.
+
+    Under the interpreter one block covers the padded head dims (fewest programs). On a GPU
+    the choices keep fp32 accumulators near 64 registers a thread (8 warps past 8k elements).
+    The state kernels (chunk_h, chunk_dh, recurrent) are sequential over chunks, so they
+    split K and V into 64-wide tiles for parallelism.
+    """
+    Kp, Vp = next_pow2(K), next_pow2(V)
+    if interpreter_mode():
+        cfg = dict(BK=Kp, BV=Vp, num_warps=4, num_stages=1)
+        if name == "recurrent":
+            cfg["BV"] = min(Vp, 32)
+    elif name in ("chunk_h", "chunk_dh"):
+        cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=4, num_stages=2)
+    elif name == "chunk_o":
+        bv = min(128 if BT <= 64 else 64, Vp)
+        cfg = dict(BK=min(128, Kp), BV=bv, num_warps=8 if BT * (bv + BT) > 8192 else 4, num_stages=2)
+    elif name == "chunk_dqk":
+        bk = min(128 if BT <= 64 else 64, Kp)
+        cfg = dict(BK=bk, BV=min(64, Vp), num_warps=8 if BT * (2 * bk + BT) > 8192 else 4, num_stages=2)
+    elif name == "chunk_dv":
+        bv = min(128 if BT <= 64 else 64, Vp)
+        cfg = dict(BK=min(64, Kp), BV=bv, num_warps=8 if BT * (bv + BT) > 8192 else 4, num_stages=2)
+    elif name == "recurrent":
+        cfg = dict(BK=Kp, BV=min(32, Vp), num_warps=4, num_stages=1)
+    else:  # pragma: no cover - a typo in a kernel name
+        raise KeyError(name)
+    ov = _overrides()
+    for key in (name, f"{name}@{BT}"):
+        if key in ov:
+            cfg.update({k: int(v) for k, v in ov[key].items()})
+    if name == "recurrent":
+        cfg["BK"] = Kp  # the recurrent kernel keeps all of K in one tile
+    return cfg
