@@ -390,7 +390,7 @@ def flash_attention_forward(
         rope_args = (0, 0, 0, 0, 0)
 
     BM, BN = config.BLOCK_M, config.BLOCK_N
-    num_m = triton.cdiv(Nq, BM)
+    num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
     if varlen:
         qs = (0, q.stride(1), q.stride(0), q.stride(2))
         ks = (0, k.stride(1), k.stride(0), k.stride(2))

@@ -210,7 +210,7 @@ def flash_attention_forward_tma(
     do = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, BM, D])
     left, right = window
     has_softcap = softcap is not None
-    num_m = triton.cdiv(Nq, BM)
+    num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
     KERNEL_CACHE.launch(
         _fwd_tma_kernel, (num_m, B * H),
         dq, dk, dv, do, lse, alibi_slopes if alibi_slopes is not None else lse,
