@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Tuple
 
 from .device import interpreter_mode
 
@@ -36,22 +36,12 @@ class CacheStats:
         return {"hits": self.hits, "misses": self.misses, "compile_seconds": self.compile_seconds}
 
 
-def _arg_signature(args: Tuple[Any, ...]) -> Tuple[Hashable, ...]:
-    sig = []
+def _dtype_of_first_tensor(args: Tuple[Any, ...]) -> Hashable:
     for a in args:
         dtype = getattr(a, "dtype", None)
-        if dtype is not None and hasattr(a, "data_ptr"):
-            # pointer alignment is part of Triton's specialization
-            sig.append((str(dtype), a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool):
-            sig.append(("bool", a))
-        elif isinstance(a, int):
-            sig.append(("i", a == 1, a % 16 == 0))
-        elif a is None:
-            sig.append(None)
-        else:
-            sig.append(type(a).__name__)
-    return tuple(sig)
+        if dtype is not None:
+            return dtype
+    return None
 
 
 class KernelCache:
@@ -62,8 +52,13 @@ class KernelCache:
         self.stats = CacheStats()
 
     def key(self, kernel: Any, args: Tuple[Any, ...], constexprs: Dict[str, Any]) -> Hashable:
-        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
-        return (name, tuple(sorted((k, _freeze(v)) for k, v in constexprs.items())), _arg_signature(args))
+        """Kernel + constexpr values + input dtype: one entry per variant we compile on purpose.
+
+        Triton may further specialize one entry on argument alignment (ints divisible by 16,
+        pointers aligned to 16); those recompiles happen inside Triton's own cache and are not
+        counted separately. The key is kept cheap because it is computed on every launch.
+        """
+        return (kernel, tuple((k, _freeze(v)) for k, v in constexprs.items()), _dtype_of_first_tensor(args))
 
     def launch(self, kernel: Any, grid: Tuple[int, ...] | Callable, *args: Any, **constexprs: Any) -> None:
         """Launch ``kernel[grid](*args, **constexprs)``, compiling (and timing it) on first use of the key."""
@@ -80,7 +75,7 @@ class KernelCache:
                     if not interpreter_mode():
                         compiled = kernel.warmup(*args, grid=grid, **constexprs)
                     dt = time.perf_counter() - t0
-                    entry = CacheEntry(key[0], key[1], dt, compiled)
+                    entry = CacheEntry(_kernel_name(kernel), key[1], dt, compiled)
                     with self._lock:
                         self._entries[key] = entry
                         self.stats.misses += 1
@@ -106,12 +101,14 @@ class KernelCache:
             self.stats = CacheStats()
 
 
+def _kernel_name(kernel: Any) -> str:
+    return getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", None) or repr(kernel)
+
+
 def _freeze(v: Any) -> Hashable:
     if isinstance(v, (list, tuple)):
         return tuple(_freeze(x) for x in v)
-    if callable(v):
-        return getattr(v, "__name__", None) or repr(v)
-    return v
+    return v  # jit functions (score_mod hooks) hash by identity: two hooks never share an entry
 
 
 #: the process-wide cache every op launches through

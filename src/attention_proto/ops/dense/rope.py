@@ -49,7 +49,7 @@ def rope_cos_sin(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [len(positions), dim/2] of the rotation angles."""
     half = dim // 2
-    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2.0 / dim)
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64, device=positions.device) * 2.0 / dim)
     ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
