@@ -1,0 +1,439 @@
+"""Hugging Face transformers: attention-proto as an attention implementation.
+
+>>> from attention_proto.integrations import transformers as ap_hf
+>>> ap_hf.register()                                           # once per process
+>>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="attention_proto")
+>>> model.set_attn_implementation("attention_proto")           # or switch an existing model
+
+:func:`register` adds :func:`attention_forward` to transformers' ``AttentionInterface``. No mask
+function is registered on purpose: transformers then hands the attention function the raw 2-D
+padding mask (or None) instead of a materialised [B, 1, Nq, Nk] mask, and the function rebuilds
+the pattern from what the model passes (``is_causal``, ``sliding_window``, ``softcap``, GQA from
+the shapes). The paths, in order:
+
+1. packed sequences (``cu_seq_lens_q/k`` keyword arguments, as flash-attention collators give)
+   -> ``attention_proto::varlen_fwd``;
+2. no padding (mask None or all ones) -> ``attention_proto::flash_fwd`` (causal bottom-right, so
+   decode and chunked prefill over a cache need no mask); with :class:`PagedCache` and at most
+   16 new tokens -> ``attention_proto::paged_decode`` over the cache's pages;
+3. a 2-D padding mask (left or right padding, cached or not) -> ``attention_proto::padded_fwd``:
+   the real tokens are packed and the varlen kernel runs, so no padding token is computed;
+4. anything else (a 4-D mask from the caller, dropout in training, attention sinks, inputs our
+   kernels do not take such as bfloat16 under the CPU interpreter) -> an eager PyTorch
+   computation, reported once per reason (:class:`TransformersFallbackWarning`; ``strict=True``
+   in :func:`register` raises instead).
+
+Semantics follow transformers' sdpa/eager masks: a causal sliding window ``w`` keeps keys
+``j > i - w`` (our window (w - 1, -1)); a bidirectional one keeps ``|i - j| <= w``. Padded query
+rows come back as 0 (their values are never used). Known gaps: packed sequences signalled only by
+``position_ids`` (without ``cu_seq_lens``) are treated as one sequence; a StaticCache without an
+attention mask cannot tell filled slots from empty ones (generate always passes a mask).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+NAME = "attention_proto"
+log = logging.getLogger("attention_proto.transformers")
+
+#: calls per path since import (or :func:`reset_stats`); not updated inside torch.compile
+STATS: Dict[str, int] = {"dense": 0, "padded": 0, "varlen": 0, "paged": 0, "fallback": 0}
+_STRICT = [False]
+_WARNED: set = set()
+_LOCK = threading.Lock()
+
+
+class TransformersFallbackWarning(UserWarning):
+    """The attention_proto attention implementation computed a call with eager PyTorch."""
+
+
+class AttentionProtoFallbackError(RuntimeError):
+    """Strict mode: a call our kernels cannot take."""
+
+
+def register(name: str = NAME, *, strict: bool = False) -> str:
+    """Register :func:`attention_forward` with transformers' ``AttentionInterface`` under ``name``.
+
+    Afterwards ``from_pretrained(..., attn_implementation=name)`` and
+    ``model.set_attn_implementation(name)`` use our kernels. ``strict=True`` makes unsupported
+    calls raise :class:`AttentionProtoFallbackError` instead of running eagerly. Returns ``name``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    _STRICT[0] = bool(strict)
+    AttentionInterface.register(name, attention_forward)
+    # without a mask function transformers would hand the attention no mask at all
+    AttentionMaskInterface.register(name, mask_function)
+    return name
+
+
+def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                  mask_function: Any = None, attention_mask: Optional[Tensor] = None, use_vmap: bool = False,
+                  **kwargs: Any) -> Optional[Tensor]:
+    """transformers mask interface: the 2-D padding mask [B, L] (None when there is no padding).
+
+    The causal/window pattern is rebuilt by :func:`attention_forward` from what the model passes.
+    Masks with extra pattern functions (``or``/``and`` overlays such as bidirectional image tokens,
+    ``use_vmap``) and bidirectional masks on causal models (``config.is_causal=False``) are
+    materialised as transformers' 4-D boolean mask, which the attention computes eagerly.
+    """
+    from transformers import masking_utils as mu
+
+    config = kwargs.get("config")
+    forced_bidirectional = mask_function is mu.bidirectional_mask_function and config is not None and \
+        getattr(config, "is_causal", True) is False
+    if use_vmap or forced_bidirectional:
+        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                            allow_is_causal_skip=False, use_vmap=use_vmap, device=kwargs.get("device", "cpu"))
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[1] > kv_length:
+        attention_mask = attention_mask[:, -kv_length:]  # a sliding cache keeps the last kv_length positions
+    if not torch.compiler.is_compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None  # one sync per forward (not per layer)
+    return attention_mask
+
+
+def reset_stats() -> None:
+    with _LOCK:
+        for k in STATS:
+            STATS[k] = 0
+        _WARNED.clear()
+
+
+def _count(path: str) -> None:
+    if not torch.compiler.is_compiling():
+        STATS[path] += 1
+
+
+def _report(reason: str) -> None:
+    if _STRICT[0]:
+        raise AttentionProtoFallbackError(f"attention_proto cannot run this attention call: {reason} (strict mode)")
+    if torch.compiler.is_compiling():
+        return
+    with _LOCK:
+        if reason in _WARNED:
+            return
+        _WARNED.add(reason)
+    msg = f"attention_proto attention fell back to eager PyTorch: {reason}"
+    warnings.warn(msg, TransformersFallbackWarning, stacklevel=3)
+    log.info(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the paged cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PagedState:
+    """What a :class:`PagedCache` layer hands the attention function for a decode step."""
+
+    k_pool: Tensor
+    v_pool: Tensor
+    block_table: Tensor
+    seq_lens: Tensor
+    capacity: int
+
+
+def _cache_classes():
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    return Cache, CacheLayerMixin
+
+
+def _make_paged_layer_class():
+    Cache, CacheLayerMixin = _cache_classes()
+
+    class PagedLayer(CacheLayerMixin):
+        """One layer's K/V in pages of ``page_size`` tokens ([num_pages, page_size, Hkv, D] pools).
+
+        Sequence b owns pages ``b * P .. b * P + P - 1`` (P = pages per sequence), so the pool also
+        reads as a dense [B, Hkv, L, D] view without a copy (prefill and padded batches use it).
+        """
+
+        is_sliding = False
+        is_compileable = False
+        is_croppable = True
+
+        def __init__(self, max_cache_len: int, page_size: int = 16) -> None:
+            super().__init__()
+            self.max_cache_len, self.page_size = int(max_cache_len), int(page_size)
+            self.length = 0
+
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            B, Hkv, _, D = key_states.shape
+            P = -(-self.max_cache_len // self.page_size)
+            self.batch_size, self.pages_per_seq, self.device = B, P, key_states.device
+            shape = (B * P, self.page_size, Hkv, D)
+            self.k_pool = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+            self.v_pool = torch.zeros(shape, dtype=value_states.dtype, device=self.device)
+            self.block_table = torch.arange(B * P, dtype=torch.int32, device=self.device).view(B, P)
+            self.seq_lens = torch.zeros(B, dtype=torch.int32, device=self.device)
+            self.length = 0
+            self.is_initialized = True
+
+        def _dense(self, pool: Tensor, n: int) -> Tensor:
+            seq = pool.view(self.batch_size, self.pages_per_seq * self.page_size, pool.shape[2], pool.shape[3])
+            return seq[:, :n].transpose(1, 2)
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            T = key_states.shape[2]
+            if self.length + T > self.pages_per_seq * self.page_size:
+                raise ValueError(f"PagedCache is full: {self.length} + {T} tokens exceed max_cache_len="
+                                 f"{self.max_cache_len}; build the cache with a larger max_cache_len")
+            from ..ops.paged.cache import paged_kv_append
+
+            paged_kv_append(key_states.to(self.k_pool.dtype), value_states.to(self.v_pool.dtype), self.k_pool,
+                            self.v_pool, self.block_table, self.seq_lens)
+            self.seq_lens += T
+            past = self.length
+            self.length += T
+            fwd_kwargs = kwargs.get("kwargs")
+            if isinstance(fwd_kwargs, dict):
+                if past > 0 and T <= 16:
+                    fwd_kwargs["attention_proto_paged"] = PagedState(self.k_pool, self.v_pool, self.block_table,
+                                                                     self.seq_lens, self.pages_per_seq * self.page_size)
+                else:
+                    fwd_kwargs.pop("attention_proto_paged", None)
+            if past == 0:
+                return key_states, value_states  # prefill: the new tokens are the whole sequence
+            return self._dense(self.k_pool, self.length), self._dense(self.v_pool, self.length)
+
+        def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
+            return self.length + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_max_length(self) -> int:
+            return self.max_cache_len
+
+        def crop(self, max_length: int) -> None:
+            if max_length < 0:
+                max_length = self.length + max_length
+            if self.is_initialized and 0 <= max_length < self.length:
+                self.length = max_length
+                self.seq_lens.fill_(max_length)
+
+        def reset(self) -> None:
+            if self.is_initialized:
+                self.k_pool.zero_()
+                self.v_pool.zero_()
+                self.seq_lens.zero_()
+            self.length = 0
+
+        def reorder_cache(self, beam_idx: Tensor) -> None:
+            raise NotImplementedError("PagedCache does not support beam search (reorder_cache)")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("PagedCache does not support batch_repeat_interleave")
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            raise NotImplementedError("PagedCache does not support batch_select_indices")
+
+    return PagedLayer
+
+
+_PAGED_LAYER: List[Any] = []
+
+
+def PagedCache(config: Any = None, *, max_cache_len: int, page_size: int = 16, num_layers: Optional[int] = None):
+    """A transformers ``Cache`` whose layers keep K/V in pages, so that decode runs our paged kernel.
+
+    ``model.generate(..., past_key_values=PagedCache(model.config, max_cache_len=...))``: prompt
+    and generated tokens together must fit ``max_cache_len``. Decode steps (<= 16 new tokens,
+    no padding) then go through ``attention_proto::paged_decode``; prefill and padded batches
+    read the pages as a dense view (no copy). Works with the ``attention_proto`` implementation
+    only (other implementations see the dense view and stay correct). No beam search.
+    """
+    if not _PAGED_LAYER:
+        _PAGED_LAYER.append(_make_paged_layer_class())
+    Cache, _ = _cache_classes()
+    n = num_layers if num_layers is not None else getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"PagedCache needs the number of layers: a config with num_hidden_layers or num_layers=; "
+                         f"got config={type(config).__name__}, num_layers={num_layers!r}")
+    if not isinstance(max_cache_len, int) or max_cache_len < 1:
+        raise ValueError(f"max_cache_len must be a positive int; got {max_cache_len!r}")
+    if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two; got {page_size!r}")
+    return Cache(layers=[_PAGED_LAYER[0](max_cache_len, page_size) for _ in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention function
+# ---------------------------------------------------------------------------------------------
+
+_PACKED_MEMO: List[Any] = [None, None]  # (key, cu_seqlens or None) of the last position_ids checked
+
+
+def _packed_cu_seqlens(position_ids: Tensor) -> Optional[Tuple[Tensor, int]]:
+    """cu_seqlens and the longest length when a [1, N] position_ids holds several sequences (else None).
+
+    Sequences restart their positions (a position not one more than the previous one starts a new
+    sequence), as transformers' packed-sequence detection. One sync per distinct tensor.
+    """
+    ref = _PACKED_MEMO[0]
+    if ref is not None and ref[0]() is position_ids and ref[1] == position_ids._version:
+        return _PACKED_MEMO[1]
+    key = (weakref.ref(position_ids), position_ids._version)
+    pos = position_ids[0]
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    idx = torch.nonzero(starts).flatten().to(torch.int32)
+    res = None
+    if idx.numel() > 1:
+        cu = torch.cat([idx, torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)])
+        res = (cu, int((cu[1:] - cu[:-1]).max()))
+    _PACKED_MEMO[0], _PACKED_MEMO[1] = key, res
+    return res
+
+
+def _window(sliding_window: Optional[int], causal: bool) -> Tuple[int, int]:
+    if not sliding_window:
+        return (-1, -1)
+    w = int(sliding_window)
+    return (w - 1, -1) if causal else (w, w)
+
+
+def _kernel_reason(query: Tensor, key: Tensor, value: Tensor) -> Optional[str]:
+    """Why our kernels cannot take these tensors here (None: they can)."""
+    from ..dispatch import Request, explain_request
+
+    req = Request(kind="dense", device_type=query.device.type, dtype=query.dtype, head_dim=query.shape[-1],
+                  head_dim_v=value.shape[-1], num_heads=query.shape[1], num_kv_heads=key.shape[1],
+                  needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    d = explain_request(req, prefer=("triton",))
+    return None if d.ok else "; ".join(d.reasons_for("triton"))
+
+
+def _masks_2d(mask: Tensor, Nq: int, Nk: int) -> Tuple[Tensor, Tensor]:
+    """(q_mask [B, Nq], k_mask [B, Nk]) from transformers' 2-D mask over past + new tokens."""
+    m = mask.to(torch.bool)
+    L = m.shape[1]
+    q_mask = m[:, L - Nq:] if L >= Nq else torch.ones(m.shape[0], Nq, dtype=torch.bool, device=m.device)
+    if L >= Nk:
+        k_mask = m[:, L - Nk:]  # a sliding cache keeps the last Nk positions
+    else:  # a static cache: slots past the mask are not filled yet
+        k_mask = torch.cat([m, torch.zeros(m.shape[0], Nk - L, dtype=torch.bool, device=m.device)], 1)
+    return q_mask, k_mask
+
+
+def _eager(module, query, key, value, allowed: Optional[Tensor], float_mask: Optional[Tensor], scaling: float,
+           softcap: Optional[float], dropout: float, s_aux: Optional[Tensor]) -> Tensor:
+    """transformers' eager attention (fp32 softmax), for the calls our kernels do not take."""
+    H, Hkv = query.shape[1], key.shape[1]
+    k = key.repeat_interleave(H // Hkv, 1) if H != Hkv else key
+    v = value.repeat_interleave(H // Hkv, 1) if H != Hkv else value
+    w = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if softcap:
+        w = softcap * torch.tanh(w / softcap)
+    if float_mask is not None:
+        w = w + float_mask[..., : k.shape[2]]
+    if allowed is not None:
+        w = w.masked_fill(~allowed, torch.finfo(w.dtype).min)
+    if s_aux is not None:
+        sink = s_aux.reshape(1, -1, 1, 1).expand(w.shape[0], -1, w.shape[2], 1).to(w.dtype)
+        w = torch.cat([w, sink], -1)
+    p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    if s_aux is not None:
+        p = p[..., :-1]
+    p = torch.nn.functional.dropout(p, p=dropout, training=getattr(module, "training", False))
+    return torch.matmul(p, v).transpose(1, 2).contiguous()
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                      is_causal: Optional[bool] = None, **kwargs: Any) -> Tuple[Tensor, None]:
+    """transformers attention function: query [B, H, Nq, D], key/value [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
+    from . import torch_ops
+
+    B, H, Nq, D = query.shape
+    Nk = key.shape[2]
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
+    cap = float(softcap) if softcap else None
+    win = _window(sliding_window, causal)
+    paged: Optional[PagedState] = kwargs.get("attention_proto_paged")
+    s_aux = kwargs.get("s_aux")
+    if kwargs.get("output_attentions", False):
+        _report("output_attentions=True is not supported (the attention weights are returned as None)")
+
+    reason = None
+    if s_aux is not None:
+        reason = "attention sinks (s_aux)"
+    elif dropout and getattr(module, "training", False):
+        reason = f"attention dropout {dropout} in training"
+    elif attention_mask is not None and attention_mask.dim() != 2:
+        reason = f"a {attention_mask.dim()}-D attention mask (only 2-D padding masks map onto our kernels)"
+    else:
+        reason = _kernel_reason(query, key, value)
+    if reason is not None:
+        _report(reason)
+        _count("fallback")
+        allowed = float_mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # a prepared mask already holds the causal/window pattern (as transformers' sdpa assumes)
+            if attention_mask.dtype == torch.bool:
+                allowed = attention_mask[..., :Nk]
+            else:
+                float_mask = attention_mask
+        else:
+            if attention_mask is not None:
+                qm, km = _masks_2d(attention_mask, Nq, Nk)
+            else:
+                qm = torch.ones(B, Nq, dtype=torch.bool, device=query.device)
+                km = torch.ones(B, Nk, dtype=torch.bool, device=query.device)
+            allowed = torch_ops.padding_allowed(qm, km, causal, *win)
+        return _eager(module, query, key, value, allowed, float_mask, scale, cap,
+                      dropout if getattr(module, "training", False) else 0.0, s_aux), None
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    pos_ids = kwargs.get("position_ids")
+    if (cu_q is None and attention_mask is None and B == 1 and Nq == Nk and Nq > 1 and pos_ids is not None
+            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()):
+        packed = _packed_cu_seqlens(pos_ids)
+        if packed is not None:
+            cu_q = cu_k = packed[0]
+            kwargs["max_length_q"] = kwargs["max_length_k"] = packed[1]
+    if cu_q is not None and cu_k is not None and B == 1:
+        _count("varlen")
+        mq = kwargs.get("max_length_q")
+        mk = kwargs.get("max_length_k")
+        if mq is None or mk is None:
+            lens = torch.stack([(cu_q[1:] - cu_q[:-1]).max(), (cu_k[1:] - cu_k[:-1]).max()]).tolist()
+            mq, mk = (mq if mq is not None else lens[0]), (mk if mk is not None else lens[1])
+        out = torch_ops.varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                         cu_q.to(torch.int32), cu_k.to(torch.int32), int(mq), int(mk), causal=causal,
+                                         scale=scale, window=win, softcap=cap)
+        return out[None], None
+
+    if attention_mask is None:  # the mask function returns None when nothing is padded
+        if paged is not None and Nq <= 16 and causal and not (torch.is_grad_enabled() and query.requires_grad):
+            _count("paged")
+            out = torch_ops.paged_decode(query, paged.k_pool, paged.v_pool, paged.block_table, paged.seq_lens,
+                                         scale=scale, softcap=cap, window=win, max_seq_len=paged.capacity)
+            return out.transpose(1, 2), None
+        _count("dense")
+        out = torch_ops.flash_attention(query, key, value, causal=causal, scale=scale, window=win, softcap=cap)
+        return out.transpose(1, 2), None
+    _count("padded")
+    q_mask, k_mask = _masks_2d(attention_mask, Nq, Nk)
+    out = torch_ops.padded_attention(query, key, value, k_mask, q_mask, causal=causal, scale=scale, window=win,
+                                     softcap=cap)
+    return out.transpose(1, 2), None
