@@ -124,7 +124,10 @@ def _paged_decode_kernel(
             slot = offs_n % PAGE_SIZE
             k_off = pages[:, None] * s_kp + slot[:, None] * s_kt
             v_off = pages[:, None] * s_vp + slot[:, None] * s_vt
-        kv_mask = n_ok[:, None] & d_ok[None, :]
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = n_ok[:, None]  # row mask only: keeps the D axis provably unmasked (vector loads)
+        else:
+            kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_head + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if HAS_SOFTCAP or HAS_ALIBI:

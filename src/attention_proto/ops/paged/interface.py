@@ -206,9 +206,10 @@ def paged_attention(
 
 
 def explain(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, *, max_seq_len: int,
-            window=None, version: str = "auto", num_partitions: Optional[int] = None) -> PagedPlan:
+            window=None, version: str = "auto", num_partitions: Optional[int] = None,
+            config: Optional[PagedConfig] = None) -> PagedPlan:
     """The plan :func:`paged_attention` would use for these inputs (no launch, no sync)."""
     B, Hq, Nq, D = q.shape
     return plan(batch=B, num_q_heads=Hq, num_kv_heads=k_cache.shape[2], q_len=Nq, head_dim=D,
                 max_seq_len=max_seq_len, window=window, version=version, num_partitions=num_partitions,
-                elem_bytes=q.element_size())
+                elem_bytes=q.element_size(), config=config)

@@ -1,0 +1,125 @@
+"""The `paged` study: interpreter mode end to end, a CPU dry run of its GPU half, and its findings.
+
+The dry run walks ``measure_gpu`` with tiny shapes and a fake clock (the code path the
+GPU runs, peers refusing on the CPU), then ``analyze`` with the run marked "gpu".
+Synthetic rows at the bar shapes check the bar verdicts.
+"""
+import pytest
+import torch
+
+from attention_proto.kb.store import KB
+from attention_proto.runtime.timing import Timing
+from attention_proto.studies.base import RunData, StudyContext
+from attention_proto.studies.paged import OP, OURS, STUDY, Sweep
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
+
+COPY = 3000.0
+
+
+def _ctx(tmp_path, name="dry"):
+    kb = KB.in_dir(tmp_path)
+    run_id = kb.start_run({"gpu": "fake", "mode": "gpu"}, ["paged"], run_id=name)
+    kb.set_ceilings(run_id, {"copy_gbps": COPY})
+    ctx = StudyContext(kb, run_id, "paged", quick=False, ceilings={"copy_gbps": COPY}, progress=False,
+                       log=lambda m: None)
+    ctx.mode = "gpu"  # the timed branch, on the CPU
+    return kb, run_id, ctx
+
+
+def _data(kb, run_id):
+    data = RunData(kb, run_id)
+    data.mode = "gpu"
+    data.ceilings = {"copy_gbps": COPY}
+    return data
+
+
+def test_dry_run_of_the_gpu_sweep(tmp_path, monkeypatch):
+    kb, run_id, ctx = _ctx(tmp_path)
+    calls = []
+
+    def fake_bench(fn, warmup_ms=0, rep_ms=0):
+        fn()
+        calls.append(1)
+        ms = 0.01 * len(calls)
+        return Timing(ms, ms, ms)
+
+    monkeypatch.setattr(ctx, "bench", fake_bench)
+    sw = Sweep(grid=[(1, 512), (2, 64)], part_counts=(2,), part_sweep_max_b=2, page_shape=(2, 64), pages=(8, 16),
+               mixed=(3, 16, 100), mha=(2, 32), d64=(2, 48), flex=[], configs=[(32, 4, 1)], config_shape=(2, 64),
+               Hq=4, Hkv=2, D=32, page=16, dtype=torch.float16, check_lens=(1, 20, 37))
+    STUDY.measure_gpu(ctx, sw, device="cpu")
+    assert not ctx.errors, ctx.errors
+    rows = kb.measurements(run_id)
+    ours = [r for r in rows if r["impl"] == OURS and r["ms_median"]]
+    assert {r["extra"]["sweep"] for r in ours} >= {"grid", "page_size", "page_size_baseline", "mixed", "mha", "d64",
+                                                    "config"}
+    assert any(r["variant"] == "v2-p2" for r in ours)
+    assert all(r["extra"]["ok"] for r in rows if "ok" in r["extra"])
+    # peers refuse on the CPU and say why
+    assert all(r["extra"].get("unsupported") for r in rows if r["impl"].startswith("sdpa"))
+    findings = {f.id: f for f in STUDY.analyze(_data(kb, run_id))}
+    for fid in ("paged-paged_decode-correct", "paged-v2-overtakes-v1", "paged-dispatch-choice",
+                "paged-partition-scaling", "paged-page-size", "paged-shared-memory", "paged-mixed-lengths",
+                "paged-mha", "paged-d64", "paged-tile-config"):
+        assert fid in findings, sorted(findings)
+    assert not [f for f in findings if f.startswith("paged-analysis-")]
+
+
+def _row(ctx, variant, B, N, ms, version, parts=1, impl=OURS, sweep="grid", **extra):
+    nbytes = 2.0 * B * N * 8 * 128 * 2
+    ctx.record(op=OP, impl=impl, variant=variant, B=B, H=32, Hkv=8, N=1, Nk=N, D=128, dtype="bfloat16", causal=True,
+               timing=Timing(ms, ms, ms), nbytes=nbytes,
+               extra=dict(sweep=sweep, version=version, num_partitions=parts, page_size=16, programs=B * 8 * parts,
+                          tokens_per_partition=N // parts, sm_count=132, **extra))
+
+
+def _ms(B, N, gbps):
+    return 2.0 * B * N * 8 * 128 * 2 / (gbps * 1e9) * 1e3
+
+
+def test_bar_verdicts_from_rows(tmp_path):
+    kb, run_id, ctx = _ctx(tmp_path, "bars")
+    for B, N in ((8, 4096), (8, 32768)):
+        _row(ctx, "auto", B, N, _ms(B, N, 2700), "v2", 5)
+        _row(ctx, "contiguous", B, N, _ms(B, N, 2900), None, impl="sdpa_cudnn")
+    _row(ctx, "v1", 1, 65536, _ms(1, 65536, 300), "v1")
+    _row(ctx, "v2", 1, 65536, _ms(1, 65536, 2500), "v2", 33)
+    _row(ctx, "v2-p8", 1, 65536, _ms(1, 65536, 2000), "v2", 8)
+    _row(ctx, "v2-p32", 1, 65536, _ms(1, 65536, 2600), "v2", 32)
+    _row(ctx, "auto", 1, 65536, _ms(1, 65536, 2500), "v2", 33)
+    f = {x.id: x for x in STUDY.analyze(_data(kb, run_id))}
+    assert f["paged-bar-copy"].verdict == "supported"          # 2700 / 3000 = 90% >= 85%
+    assert f["paged-bar-cudnn"].verdict == "supported"         # 2700 / 2900 = 0.93 >= 0.9
+    assert f["paged-bar-v2-long"].verdict == "supported"       # 83% of copy, 8.3x V1
+    assert f["paged-bar-v2-long"].metrics["best_partitions"] == 32
+    assert "90%" in f["paged-bar-copy"].claim
+    assert f["paged-dispatch-choice"].verdict == "supported"   # auto (2500) >= 95% of best (2600)
+    scale = f["paged-partition-scaling"]
+    assert "P=32" in scale.claim
+
+
+def test_bar_refuted_when_slow(tmp_path):
+    kb, run_id, ctx = _ctx(tmp_path, "slow")
+    _row(ctx, "auto", 8, 4096, _ms(8, 4096, 2000), "v2", 5)
+    _row(ctx, "contiguous", 8, 4096, _ms(8, 4096, 2900), None, impl="sdpa_cudnn")
+    _row(ctx, "v1", 1, 65536, _ms(1, 65536, 800), "v1")
+    _row(ctx, "v2", 1, 65536, _ms(1, 65536, 2500), "v2", 33)
+    f = {x.id: x for x in STUDY.analyze(_data(kb, run_id))}
+    assert f["paged-bar-copy"].verdict == "refuted"
+    assert f["paged-bar-cudnn"].verdict == "refuted"
+    assert f["paged-bar-v2-long"].verdict == "refuted"         # only 3.1x V1
+
+
+def test_interpreter_mode_records_correctness(tmp_path):
+    kb = KB.in_dir(tmp_path)
+    run_id = kb.start_run({"gpu": "cpu-interpreter", "mode": "interpreter"}, ["paged"], run_id="interp")
+    ctx = StudyContext(kb, run_id, "paged", quick=True, ceilings={}, progress=False, log=lambda m: None)
+    STUDY.measure(ctx)
+    assert not ctx.errors
+    rows = kb.measurements(run_id)
+    assert len(rows) >= 7 and all(r["extra"]["ok"] for r in rows)
+    data = RunData(kb, run_id)
+    data.mode = "interpreter"
+    (f,) = STUDY.analyze(data)
+    assert f.verdict == "supported"
