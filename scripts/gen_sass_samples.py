@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @triton.jit
-def hgmma_dot(A, B, C, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _dot_loop(A, B, C, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -54,6 +54,17 @@ def hgmma_dot(A, B, C, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         b = tl.load(B + (k0 + rk)[:, None] * BN + rn[None, :])
         acc += tl.dot(a, b)
     tl.store(C + rm[:, None] * BN + rn[None, :], acc)
+
+
+@triton.jit
+def hgmma_dot(A, B, C, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    _dot_loop(A, B, C, K, BM, BN, BK)
+
+
+@triton.jit
+def hmma_dot(A, B, C, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # the same loop; with one warp there is no warpgroup, so no wgmma
+    _dot_loop(A, B, C, K, BM, BN, BK)
 
 
 @triton.jit
@@ -100,7 +111,7 @@ SAMPLES = {
                       {"BM": 64, "BN": 16, "BK": 16}, {"num_warps": 4, "num_stages": 2},
                       "bf16 tl.dot in a K loop, 4 warps: HGMMA (wgmma) in the loop",
                       {"main_loop/HGMMA": ">0", "total/HMMA": "==0", "local_bytes": "==0", "registers": ">0"}),
-    "gen_hmma_dot": (hgmma_dot, {"A": "*bf16", "B": "*bf16", "C": "*fp32", "K": "i32"},
+    "gen_hmma_dot": (hmma_dot, {"A": "*bf16", "B": "*bf16", "C": "*fp32", "K": "i32"},
                      {"BM": 16, "BN": 16, "BK": 16}, {"num_warps": 1, "num_stages": 1},
                      "bf16 tl.dot with 1 warp: mma.sync (HMMA) in the loop, no HGMMA",
                      {"main_loop/HMMA": ">0", "total/HGMMA": "==0", "local_bytes": "==0"}),
@@ -155,6 +166,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "sass")
     ap.add_argument("--arch", type=int, default=None, help="compute capability x10 (default: the GPU present, else 90)")
+    ap.add_argument("--cubin", action="store_true", help="also keep each sample's cubin (<name>.cubin)")
     args = ap.parse_args(argv)
     target, where = current_target(args.arch)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -166,13 +178,15 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / f"{name}.cubin"
             cubin.write_bytes(ck.asm["cubin"])
+            if args.cubin:
+                (args.out / f"{name}.cubin").write_bytes(ck.asm["cubin"])
             text = subprocess.run([tool, "-res-usage", "-sass", str(cubin)], check=True, capture_output=True,
                                   text=True).stdout
         sass = trim(text)
         (args.out / f"{name}.sass").write_text(sass)
         md = ck.metadata
         meta = {
-            "kernel": md.name, "what": what, "arch": f"sm_{target.arch}", "compiled": where,
+            "name": md.name, "what": what, "arch": f"sm_{target.arch}", "compiled": where,
             "triton": triton.__version__,
             "num_warps": md.num_warps, "shared": md.shared, "options": opts, "constexprs": consts,
             "expect": {"*": expect},

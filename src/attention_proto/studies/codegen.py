@@ -1,0 +1,506 @@
+"""Study 5 (`codegen`): do the Python paths to an H100 use its matrix units, and what does their code cost?
+
+For each implementation, at bf16 B4 H16 N4096 D128, causal and not, in one run:
+
+- the compiled code: every kernel's cubin, disassembled (``cuobjdump -sass``) and counted by
+  :mod:`attention_proto.codegen.sass` -- HGMMA (wgmma) / HMMA (mma.sync) / FFMA in the main loop
+  and in total, TMA / cp.async / plain loads in loops, local memory (spills), registers, shared
+  memory, occupancy;
+- its speed on the same shape (``ctx.bench``), as TFLOPS (GB/s for decode).
+
+Implementations: ours (dense forward per path: auto, portable, tma, tma+ws; backward; paged
+decode V1/V2; chunked linear attention), FlexAttention (compiled), ``torch.compile`` of the
+written-out softmax(QK^T)V (default, and with max-autotune restricted to Triton GEMM templates),
+Helion (if its wheel is installed), and SDPA cuDNN / FLASH for speed only (closed library
+kernels: no SASS read). Rows: ``study: codegen``, ``op: attn_fwd | attn_bwd | paged_decode |
+linear_fwd``, counts in ``extra`` (see :func:`attention_proto.codegen.collect.row_extra`).
+
+Under the interpreter: the SASS parser on the stored samples in ``tests/data/sass`` against their
+expected counts, and (when Triton's ptxas/cuobjdump are there) a fresh cross-compile of the
+generated samples for sm_90 through ``scripts/gen_sass_samples.py``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from ..runtime.timing import attention_flops
+from .base import Finding, RunData, Study, StudyContext, fmt, pct, ratio
+
+B, H, N, D = 4, 16, 4096, 128
+ROOT = Path(__file__).resolve().parents[3]
+SAMPLES_DIR = Path(os.environ.get("ATTENTION_PROTO_SASS_SAMPLES", ROOT / "tests" / "data" / "sass"))
+GEN_SCRIPT = ROOT / "scripts" / "gen_sass_samples.py"
+NO_SASS = "closed library kernel (cuDNN / FlashAttention-2 in libtorch): no cubin to read"
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v written out, the way a model without a fused kernel does it."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    return torch.matmul(torch.softmax(s.float(), dim=-1).to(q.dtype), v)
+
+
+def naive_attention_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    n, m = s.shape[-2], s.shape[-1]
+    keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.matmul(torch.softmax(s.float(), dim=-1).to(q.dtype), v)
+
+
+def linear_flops(B: int, N: int, H: int, K: int, V: int, chunk: int) -> float:
+    """Chunked linear attention forward, counted as its matmuls: per chunk of C tokens, q k^T (C*C*K),
+    (q k^T) v (C*C*V), q S (C*K*V) and the state update k^T v (K*C*V); 2 flops per multiply-add."""
+    return 2.0 * B * H * N * (chunk * (K + V) + 2 * K * V)
+
+
+class CodegenStudy(Study):
+    name = "codegen"
+    title = "Codegen quality: do the Python paths use the Hopper matrix units?"
+
+    # ------------------------------------------------------------------ measure (GPU)
+
+    def measure(self, ctx: StudyContext) -> None:
+        if not ctx.timing:
+            self._measure_interpreter(ctx)
+            return
+        from ..codegen import collect, sass
+
+        tool = collect.cuobjdump_path()
+        ver = ""
+        if tool:
+            try:
+                ver = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+                ver = ver.splitlines()[-1] if ver else ""
+            except (OSError, subprocess.SubprocessError):
+                pass
+        ctx.record(op="toolchain", impl="attention_proto", variant="cuobjdump",
+                   extra={"cuobjdump": tool, "version": ver, "ok": bool(tool)})
+        if not tool:
+            ctx.log("no cuobjdump: cannot read any SASS; codegen study skipped")
+            return
+        self.limits = sass.limits_from_device(ctx.facts)
+        self.tool = tool
+        causals = (False, True)
+        bar = ctx.progress(len(causals) * 7 + 2, "codegen")
+        for causal in causals:
+            q, k, v = _bhsd(B, H, N, D)
+            flops = attention_flops(B, H, N, N, D, causal)
+            for part, fn in (("ours fwd", self._ours_forward), ("ours bwd", self._ours_backward),
+                             ("sdpa", self._sdpa), ("flex", self._flex), ("inductor", self._inductor),
+                             ("helion", self._helion)):
+                with ctx.guard(f"{part} causal={causal}"):
+                    fn(ctx, q, k, v, causal, flops)
+                bar.update(1, f"{part} causal={causal}")
+            del q, k, v
+            torch.cuda.empty_cache()
+            bar.update(1)
+        with ctx.guard("paged decode"):
+            self._paged(ctx)
+        bar.update(1, "paged")
+        with ctx.guard("linear attention"):
+            self._linear(ctx)
+        bar.update(1, "linear")
+
+    def _record(self, ctx: StudyContext, *, op: str, impl: str, variant: str, causal: Optional[bool], kernels,
+                timing=None, flops=None, nbytes=None, shape=None, **more) -> int:
+        from ..codegen import collect
+
+        b, h, hkv, n, nk, d = shape or (B, H, H, N, N, D)
+        extra = collect.row_extra(kernels, self.limits, **more)
+        return ctx.record(op=op, impl=impl, variant=variant, B=b, H=h, Hkv=hkv, N=n, Nk=nk, D=d, dtype="bfloat16",
+                          causal=causal, timing=timing, flops=flops, nbytes=nbytes, extra=extra)
+
+    def _ours(self, ctx: StudyContext, fn: Callable[[], Any], **rec) -> None:
+        """Run one of our public calls once (recording the kernels it launched), time it, record the row."""
+        from ..codegen import collect
+
+        try:
+            with collect.record_launches() as launched:
+                fn()
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - a path that cannot run here is a recorded fact
+            self._record(ctx, impl="attention_proto", kernels=[],
+                         unavailable=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", **rec)
+            return
+        kernels = launched.kernel_codes(self.tool)
+        self._record(ctx, impl="attention_proto", kernels=kernels, timing=ctx.bench(fn), **rec)
+
+    def _ours_forward(self, ctx, q, k, v, causal, flops) -> None:
+        from ..ops.dense.configs import PATHS, pick_forward_config
+        from ..ops.dense.forward import flash_attention_forward
+        from ..ops.dense.interface import attention
+
+        self._ours(ctx, lambda: attention(q, k, v, causal=causal), op="attn_fwd", variant="auto", causal=causal,
+                   flops=flops)
+        for path in PATHS:
+            cfg = pick_forward_config(D, q.dtype, causal, N, path)
+            self._ours(ctx, lambda cfg=cfg: flash_attention_forward(q, k, v, causal=causal, config=cfg),
+                       op="attn_fwd", variant=path, causal=causal, flops=flops, config=_cfg(cfg))
+
+    def _ours_backward(self, ctx, q, k, v, causal, flops) -> None:
+        from ..ops.dense.backward import flash_attention_backward
+        from ..ops.dense.forward import flash_attention_forward
+
+        o, lse = flash_attention_forward(q, k, v, causal=causal)
+        do = torch.randn_like(o)
+        bflops = attention_flops(B, H, N, N, D, causal, mode="bwd")
+        modes = (("deterministic", True),) if ctx.quick else (("deterministic", True), ("atomic", False))
+        for name, det in modes:
+            self._ours(ctx, lambda det=det: flash_attention_backward(do, q, k, v, o, lse, causal=causal,
+                                                                     deterministic=det),
+                       op="attn_bwd", variant=name, causal=causal, flops=bflops)
+
+    def _sdpa(self, ctx, q, k, v, causal, flops) -> None:
+        from . import peers
+
+        for impl in ("sdpa_cudnn", "sdpa_flash"):
+            fn, why = peers.make_sdpa(impl, q, k, v, causal)
+            self._record(ctx, op="attn_fwd", impl=impl, variant="", causal=causal, kernels=[],
+                         timing=ctx.bench(fn) if fn else None, flops=flops, sass=NO_SASS,
+                         **({"unavailable": why} if why else {}))
+
+    def _flex(self, ctx, q, k, v, causal, flops) -> None:
+        from torch._inductor.utils import run_and_get_code
+
+        from ..codegen import collect
+        from . import peers
+
+        with collect.fresh_compile_caches() as cap:
+            (fn, why), codes = run_and_get_code(peers.make_flex, q, k, v, causal)
+            calls = collect.inductor_calls(codes)
+            kernels = collect.triton_cache_kernels(cap.folder, calls["triton_kernels"] or None, self.tool)
+            t = ctx.bench(fn) if fn else None
+        self._record(ctx, op="attn_fwd", impl="flex", variant="compiled", causal=causal, kernels=kernels, timing=t,
+                     flops=flops, inductor_calls=calls, capture_notes=cap.notes,
+                     **({"unavailable": why} if why else {}))
+
+    def _inductor(self, ctx, q, k, v, causal, flops) -> None:
+        from ..codegen import collect
+
+        variants = [("default", {})]
+        if not ctx.quick and causal:
+            # Triton GEMM templates instead of cuBLAS: what Inductor's own matmul code looks like
+            variants.append(("max-autotune triton-gemm", {"max_autotune": True, "max_autotune_gemm_backends": "TRITON",
+                                                          "triton.cudagraphs": False}))
+        for name, opts in variants:
+            with ctx.guard(f"inductor {name} causal={causal}"):
+                self._inductor_one(ctx, q, k, v, causal, flops, name, opts, collect)
+
+    def _inductor_one(self, ctx, q, k, v, causal, flops, name, opts, collect) -> None:
+        from torch._inductor.utils import run_and_get_code
+
+        f = naive_attention_causal if causal else naive_attention
+        with collect.fresh_compile_caches() as cap:
+            compiled = torch.compile(f, dynamic=False, options=opts or None)
+            with torch.no_grad():
+                _, codes = run_and_get_code(compiled, q, k, v)
+            calls = collect.inductor_calls(codes)
+            kernels = collect.triton_cache_kernels(cap.folder, calls["triton_kernels"], self.tool)
+
+            def run():
+                with torch.no_grad():
+                    return compiled(q, k, v)
+
+            t = ctx.bench(run)
+        self._record(ctx, op="attn_fwd", impl="inductor", variant=name, causal=causal, kernels=kernels, timing=t,
+                     flops=flops, inductor_calls=calls, sdpa_rewrite=collect.sdpa_rewrites(calls),
+                     capture_notes=cap.notes)
+
+    def _helion(self, ctx, q, k, v, causal, flops) -> None:
+        from ..codegen import collect
+
+        try:
+            from ..codegen import helion_attention as ha
+        except Exception as e:  # noqa: BLE001 - no wheel, or a wheel that does not fit this torch/triton
+            self._record(ctx, op="attn_fwd", impl="helion", variant="fixed config", causal=causal, kernels=[],
+                         flops=flops, unavailable=f"import helion failed: {type(e).__name__}: {str(e)[:200]}")
+            return
+        kern = ha.helion_attention_causal if causal else ha.helion_attention
+        with collect.fresh_compile_caches(reset_dynamo=False) as cap:
+            try:
+                kern(q, k, v)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001
+                self._record(ctx, op="attn_fwd", impl="helion", variant="fixed config", causal=causal, kernels=[],
+                             flops=flops, unavailable=f"helion kernel failed: {type(e).__name__}: {str(e)[:200]}")
+                return
+            kernels = collect.triton_cache_kernels(cap.folder, None, self.tool)
+            t = ctx.bench(lambda: kern(q, k, v))
+        self._record(ctx, op="attn_fwd", impl="helion", variant="fixed config", causal=causal, kernels=kernels,
+                     timing=t, flops=flops, config=str(ha.CONFIG),
+                     note="causal: masked with torch.where, every key tile visited" if causal else "")
+
+    def _paged(self, ctx: StudyContext) -> None:
+        from ..ops.paged.interface import paged_attention
+
+        Bp, Hq, Hkv, Nk, Dp, page = 8, 32, 8, 4096, 128, 16
+        per_seq = Nk // page
+        g = torch.Generator(device="cuda").manual_seed(5)
+        kc = torch.randn(Bp * per_seq, page, Hkv, Dp, device="cuda", dtype=torch.bfloat16, generator=g)
+        vc = torch.randn_like(kc)
+        table = torch.randperm(Bp * per_seq, device="cuda", generator=g).view(Bp, per_seq).to(torch.int32)
+        lens = torch.full((Bp,), Nk, device="cuda", dtype=torch.int32)
+        q = torch.randn(Bp, Hq, 1, Dp, device="cuda", dtype=torch.bfloat16, generator=g)
+        nbytes = 2.0 * Bp * Nk * Hkv * Dp * 2
+        for version in ("v1", "v2"):
+            self._ours(ctx, lambda version=version: paged_attention(q, kc, vc, table, lens, version=version,
+                                                                    check_inputs=False, max_seq_len=Nk),
+                       op="paged_decode", variant=version, causal=True, nbytes=nbytes,
+                       shape=(Bp, Hq, Hkv, 1, Nk, Dp), page_size=page)
+
+    def _linear(self, ctx: StudyContext) -> None:
+        from ..ops.linear.interface import linear_attention
+
+        Bl, Nl, Hl, Dl, C = 4, 4096, 16, 128, 64
+        g = torch.Generator(device="cuda").manual_seed(6)
+        q, k, v = (torch.randn(Bl, Nl, Hl, Dl, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+                   for _ in range(3))
+        gates = torch.nn.functional.logsigmoid(torch.randn(Bl, Nl, Hl, device="cuda", generator=g)).float()
+        flops = linear_flops(Bl, Nl, Hl, Dl, Dl, C)
+        for name, gate in (("chunk", None), ("chunk gated", gates))[: 1 if ctx.quick else 2]:
+            self._ours(ctx, lambda gate=gate: linear_attention(q, k, v, g=gate, chunk_size=C),
+                       op="linear_fwd", variant=name, causal=True, flops=flops, shape=(Bl, Hl, Hl, Nl, Nl, Dl),
+                       chunk_size=C, flops_formula="2*B*H*N*(C*(K+V) + 2*K*V)")
+
+    # ------------------------------------------------------------------ measure (interpreter)
+
+    def _measure_interpreter(self, ctx: StudyContext) -> None:
+        from ..codegen.sass import check_sample
+
+        samples = sorted(SAMPLES_DIR.glob("*.sass")) if SAMPLES_DIR.is_dir() else []
+        if not samples:
+            ctx.log(f"no stored SASS samples under {SAMPLES_DIR}")
+        for path in samples:
+            with ctx.guard(f"sample {path.name}"):
+                self._record_check(ctx, "sass_parse", path.stem, check_sample(path))
+        with ctx.guard("cross-compile samples"):
+            self._toolchain_check(ctx)
+
+    @staticmethod
+    def _record_check(ctx: StudyContext, op: str, name: str, result: Dict[str, Any]) -> None:
+        n, failed = result["checks"], result["failed"]
+        ctx.record(op=op, impl="attention_proto", variant=name,
+                   extra={"ok": n > 0 and not failed, "checks": n, "failed": failed, "max_err": len(failed),
+                          "bound": 0, "err_ratio": (len(failed) / n) if n else None,
+                          "summary": result.get("summary")})
+
+    def _toolchain_check(self, ctx: StudyContext) -> None:
+        """Cross-compile the generated samples for sm_90 with Triton's ptxas, disassemble, check them."""
+        from ..codegen import collect
+        from ..codegen.sass import check_sample
+
+        if not GEN_SCRIPT.exists() or not collect.cuobjdump_path():
+            ctx.log("no sample generator or cuobjdump here: toolchain check skipped")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            res = subprocess.run([sys.executable, str(GEN_SCRIPT), "--out", tmp, "--arch", "90"],
+                                 capture_output=True, text=True, timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError(f"gen_sass_samples.py failed: {res.stderr.strip()[-400:]}")
+            for path in sorted(Path(tmp).glob("*.sass")):
+                self._record_check(ctx, "sass_toolchain", path.stem, check_sample(path))
+
+    # ------------------------------------------------------------------ analyze
+
+    def analyze(self, data: RunData) -> List[Finding]:
+        out: List[Finding] = []
+        checks = [r for r in data.rows(study=self.name) if r["op"] in ("sass_parse", "sass_toolchain")]
+        if checks:
+            out.append(_parser_finding(checks))
+        if data.mode != "gpu":
+            return out
+        mm = (data.ceilings or {}).get("matmul_tflops")
+        rows = [r for r in data.rows(study=self.name) if r["op"] in ("attn_fwd", "attn_bwd", "paged_decode", "linear_fwd")]
+        f = _bar_finding(rows)
+        if f:
+            out.append(f)
+        groups: Dict[tuple, List[Dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault((r["impl"], r["op"], r["variant"]), []).append(r)
+        for (impl, op, variant), rs in groups.items():
+            out.append(_path_finding(impl, op, variant, rs, mm))
+        f = _inductor_finding([r for r in rows if r["impl"] == "inductor"])
+        if f:
+            out.append(f)
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _bhsd(b: int, h: int, n: int, d: int):
+    g = torch.Generator(device="cuda").manual_seed(1234 + n)
+    return tuple(torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+
+
+def _cfg(cfg) -> Dict[str, Any]:
+    return {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages, "path": cfg.path}
+
+
+def _cz(r: Dict[str, Any]) -> str:
+    return "causal" if r.get("causal") else "non-causal"
+
+
+def _uses(ex: Dict[str, Any]) -> str:
+    """What matrix instructions the main kernel's main loop uses, in words."""
+    if not ex.get("main_kernel"):
+        return "no readable kernel"
+    if ex.get("hgmma_main_loop"):
+        shapes = ", ".join(sorted(ex.get("hgmma_shapes") or {}))
+        return f"HGMMA (wgmma) x{ex['hgmma_main_loop']} in its main loop{' (' + shapes + ')' if shapes else ''}"
+    if ex.get("hmma_main_loop"):
+        return f"no HGMMA; mma.sync (HMMA) x{ex['hmma_main_loop']} in its main loop"
+    if ex.get("hgmma_total") or ex.get("hmma_total"):
+        return (f"MMAs only outside its main loop (HGMMA {ex.get('hgmma_total')}, HMMA {ex.get('hmma_total')} "
+                f"in total)")
+    return f"no matrix instructions (FFMA x{ex.get('ffma_main_loop', 0)} in its main loop)"
+
+
+def _cost(ex: Dict[str, Any]) -> str:
+    parts = []
+    sp = ex.get("max_spill_bytes")
+    if sp is not None:
+        parts.append("no spills" if sp == 0 else f"{sp} B/thread of local memory (spills)")
+    if ex.get("registers") is not None:
+        parts.append(f"{ex['registers']} registers/thread")
+    if ex.get("warps_per_sm") is not None:
+        parts.append(f"{ex['warps_per_sm']} warps/SM (occupancy limited by {ex.get('occupancy_limiter')})")
+    if ex.get("tma_in_loops"):
+        parts.append(f"TMA loads in loops ({ex['tma_in_loops']})")
+    elif ex.get("ldgsts_in_loops"):
+        parts.append(f"cp.async loads in loops ({ex['ldgsts_in_loops']})")
+    elif ex.get("ldg_in_loops"):
+        parts.append(f"plain global loads in loops ({ex['ldg_in_loops']})")
+    return ", ".join(parts)
+
+
+def _rate(r: Dict[str, Any]) -> str:
+    if r.get("tflops"):
+        return f"{fmt(r['tflops'], 0)} TFLOPS"
+    if r.get("gbps"):
+        return f"{fmt(r['gbps'], 0)} GB/s"
+    return "no timing"
+
+
+def _path_finding(impl: str, op: str, variant: str, rows: List[Dict[str, Any]], mm: Optional[float]) -> Finding:
+    parts, metrics = [], {}
+    hg_any = False
+    for r in sorted(rows, key=lambda r: bool(r.get("causal"))):
+        ex = r["extra"]
+        key = _cz(r)
+        if ex.get("unavailable"):
+            parts.append(f"{key}: not run ({ex['unavailable'][:160]})")
+            continue
+        if not ex.get("main_kernel"):
+            parts.append(f"{key}: {_rate(r)}, SASS not read ({ex.get('sass') or 'no Triton kernel compiled'})")
+            metrics[key] = {"tflops": r.get("tflops"), "gbps": r.get("gbps")}
+            continue
+        hg_any = hg_any or bool(ex.get("hgmma_main_loop"))
+        frac = ratio(r.get("tflops"), mm)
+        parts.append(f"{key}: main kernel {ex['main_kernel']} uses {_uses(ex)}; {_cost(ex)}; {_rate(r)}"
+                     + (f" ({pct(frac)} of the matmul ceiling)" if frac else ""))
+        metrics[key] = {k: ex.get(k) for k in ("main_kernel", "hgmma_main_loop", "hmma_main_loop", "ffma_main_loop",
+                                               "max_spill_bytes", "registers", "warps_per_sm", "tma_in_loops")}
+        metrics[key].update(tflops=r.get("tflops"), gbps=r.get("gbps"))
+    name = f"{impl} {op}" + (f" ({variant})" if variant else "")
+    slug = "-".join(x for x in (impl, op, variant.replace(" ", "-").replace("+", "-")) if x)
+    return Finding(id=f"codegen-{slug}", title=f"{name}: matrix units and code cost",
+                   claim=f"{name}: " + "; ".join(parts) + ".",
+                   verdict="observation" if metrics else "inconclusive", metrics=metrics | {"uses_hgmma": hg_any},
+                   evidence=[r["id"] for r in rows])
+
+
+def _bar_finding(rows: List[Dict[str, Any]]) -> Optional[Finding]:
+    """The issue's bar: our fastest dense forward uses HGMMA in its main loop and spills nothing."""
+    ours = [r for r in rows if r["impl"] == "attention_proto" and r["op"] == "attn_fwd" and r.get("tflops")
+            and r["extra"].get("main_kernel")]
+    if not ours:
+        return None
+    parts, ok_all, metrics = [], True, {}
+    for causal in (False, True):
+        rs = [r for r in ours if bool(r.get("causal")) == causal]
+        if not rs:
+            continue
+        best = max(rs, key=lambda r: r["tflops"])
+        ex = best["extra"]
+        hg, sp = ex.get("hgmma_main_loop", 0), ex.get("max_spill_bytes") or 0
+        ok = bool(hg) and sp == 0
+        ok_all = ok_all and ok
+        key = "causal" if causal else "non-causal"
+        s = (f"{key}: the fastest forward is '{best['variant']}' at {fmt(best['tflops'], 0)} TFLOPS, main kernel "
+             f"{ex['main_kernel']} with {_uses(ex)} and {'no spills' if sp == 0 else f'{sp} B/thread of spills'}")
+        if not ok:
+            why = []
+            if not hg:
+                nw = ex.get("num_warps")
+                why.append("no HGMMA in its main loop" + (f" (num_warps {nw} is not a multiple of 4: no warpgroup)"
+                                                          if nw and nw % 4 else ""))
+            if sp:
+                why.append(f"its {ex.get('registers')} registers/thread do not hold its tiles: {sp} B/thread spill "
+                           f"to local memory ({ex.get('local_ldst_total')} LDL/STL instructions)")
+            good = [r for r in rs if r["extra"].get("hgmma_main_loop") and not (r["extra"].get("max_spill_bytes") or 0)]
+            if good:
+                g = max(good, key=lambda r: r["tflops"])
+                why.append(f"the fastest variant that meets the bar, '{g['variant']}', reaches {fmt(g['tflops'], 0)} "
+                           f"TFLOPS (the fastest runs at {fmt(ratio(best['tflops'], g['tflops']))}x of it)")
+            else:
+                why.append("no variant of ours meets the bar in this run")
+            s += " -- why: " + "; ".join(why)
+        parts.append(s)
+        metrics[key] = {"variant": best["variant"], "tflops": best["tflops"], "hgmma_main_loop": hg,
+                        "spill_bytes": sp, "registers": ex.get("registers"), "meets_bar": ok}
+    return Finding(id="codegen-ours-fastest-fwd-hgmma", title="Our fastest dense forward uses HGMMA and spills nothing",
+                   claim="Bar (HGMMA in the main loop, no spills) for our fastest dense forward at B4 H16 N4096 D128 "
+                         "bf16: " + "; ".join(parts) + ".",
+                   verdict="supported" if ok_all else "refuted", metrics=metrics,
+                   evidence=[r["id"] for r in ours])
+
+
+def _inductor_finding(rows: List[Dict[str, Any]]) -> Optional[Finding]:
+    """What torch.compile does with the written-out softmax(QK^T)V: library calls, SDPA rewrite, Triton kernels."""
+    if not rows:
+        return None
+    parts = []
+    for r in sorted(rows, key=lambda r: (r["variant"], bool(r.get("causal")))):
+        ex = r["extra"]
+        calls = ex.get("inductor_calls") or {}
+        ext = calls.get("extern") or {}
+        tk = [k["name"] for k in ex.get("kernels", []) if k.get("used") is not False]
+        desc = []
+        if ex.get("sdpa_rewrite"):
+            desc.append(f"rewritten into {', '.join(ex['sdpa_rewrite'])} (a fused attention kernel from PyTorch's "
+                        "library, not generated code)")
+        if ext:
+            desc.append("matmuls sent to cuBLAS (" + ", ".join(f"extern_kernels.{k} x{v}" for k, v in sorted(ext.items()))
+                        + ")")
+        desc.append(f"{len(tk)} generated Triton kernel(s)" + (f": {', '.join(tk[:4])}" if tk else ""))
+        if ex.get("hgmma_main_loop"):
+            desc.append(f"HGMMA x{ex['hgmma_main_loop']} in {ex['main_kernel']}'s main loop")
+        parts.append(f"{r['variant']} {_cz(r)}: " + "; ".join(desc) + f"; {_rate(r)}")
+    return Finding(id="codegen-inductor-lowering", title="What torch.compile makes of softmax(QK^T)V",
+                   claim="torch.compile of the written-out softmax(QK^T)V at B4 H16 N4096 D128 bf16 -- " + " | ".join(parts)
+                         + ".",
+                   verdict="observation", metrics={"rows": len(rows)}, evidence=[r["id"] for r in rows])
+
+
+def _parser_finding(rows: List[Dict[str, Any]]) -> Finding:
+    bad = [r for r in rows if not r["extra"].get("ok")]
+    stored = [r for r in rows if r["op"] == "sass_parse"]
+    fresh = [r for r in rows if r["op"] == "sass_toolchain"]
+    claim = (f"{len(rows) - len(bad)} of {len(rows)} SASS samples parse to their expected instruction counts, loops "
+             f"and resources ({len(stored)} stored in tests/data/sass, {len(fresh)} compiled for sm_90 in this run)"
+             + (f"; failing: {', '.join(r['variant'] for r in bad[:5])}" if bad else "") + ".")
+    return Finding(id="codegen-parser-correct", title="The SASS parser reads the samples right", claim=claim,
+                   verdict="supported" if not bad else "refuted",
+                   metrics={"checks": len(rows), "failed": len(bad)}, evidence=[r["id"] for r in rows])
+
+
+STUDY = CodegenStudy()
