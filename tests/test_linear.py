@@ -293,3 +293,47 @@ def test_empty_sequence_axis():
     s0 = torch.randn(1, 2, 16, 16, device=DEV, generator=gen(14))
     o, ht = linear_attention(q, k, v, initial_state=s0, output_final_state=True)
     assert o.shape == v.shape and torch.equal(ht, s0)
+
+
+# ---- multi-tile configs (the interpreter's defaults use one tile per head dim) -----------------
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    from attention_proto.ops.linear import common
+
+    cfg = {name: {"BK": 16, "BV": 16} for name in ("chunk_h", "chunk_o", "chunk_dh", "chunk_dqk", "chunk_dv")}
+    cfg["recurrent"] = {"BV": 16}
+    monkeypatch.setenv("ATTENTION_PROTO_LINEAR_CONFIG", __import__("json").dumps(cfg))
+    common._overrides.cache_clear()
+    common._CHOSEN.clear()
+    yield common
+    monkeypatch.delenv("ATTENTION_PROTO_LINEAR_CONFIG")
+    common._overrides.cache_clear()
+    common._CHOSEN.clear()
+
+
+def test_multi_tile_configs(small_tiles):
+    """K = 24 and V = 40 in 16-wide tiles: several K and V tiles, dg summed over K-tile partials."""
+    assert small_tiles.kernel_config("chunk_dqk", 32, 24, 40)["BK"] == 16
+    inputs = random_inputs(2, 45, 2, 24, 40, torch.float32, gated=True, h0=True, device=DEV, generator=gen(15))
+    check_grads(lambda q, k, v, g, s0: linear_attention(q, k, v, g=g, initial_state=s0, output_final_state=True,
+                                                        chunk_size=32), inputs, torch.float32)
+    q, k, v, g, s0 = inputs
+    o, ht = linear_attention(q, k, v, g=g, initial_state=s0, output_final_state=True, mode="recurrent")
+    (ro, rf), (lo, lf) = ref_pair(q, k, v, g, s0, torch.float32)
+    assert_close_rule(o, lo, ro, torch.float32, what="recurrent o")
+    assert_close_rule(ht, lf, rf, torch.float32, what="recurrent final state")
+    assert set(small_tiles.config_report()) >= {"chunk_h@32", "chunk_o@32", "chunk_dqk@32", "chunk_dv@32"}
+
+
+def test_bad_config_override(monkeypatch):
+    from attention_proto.ops.linear import common
+
+    monkeypatch.setenv("ATTENTION_PROTO_LINEAR_CONFIG", "{not json")
+    common._overrides.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="ATTENTION_PROTO_LINEAR_CONFIG"):
+            common.kernel_config("chunk_o", 64, 128, 128)
+    finally:
+        monkeypatch.delenv("ATTENTION_PROTO_LINEAR_CONFIG")
+        common._overrides.cache_clear()

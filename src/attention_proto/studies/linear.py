@@ -234,7 +234,7 @@ class LinearStudy(Study):
                     ctx.record(op=op, impl="attention_proto", variant=f"{_gates(gated)} C{DEFAULT_CHUNK}", mods=mods,
                                B=B, H=H, N=N, D=D, dtype="bfloat16", causal=True, timing=t, flops=flops,
                                extra={"chunk_size": DEFAULT_CHUNK, "gated": gated, "K": D, "V": D,
-                                      **({"unsupported": why} if why else {})})
+                                      "configs": _configs(DEFAULT_CHUNK), **({"unsupported": why} if why else {})})
                 with ctx.guard(f"fla {op} {_gates(gated)} N{N}"):
                     t, why, first = None, fla_why, None
                     if fla is not None:
@@ -283,7 +283,7 @@ class LinearStudy(Study):
                                    mods=["gated"] if gated else [], B=B, H=H, N=N, D=D, dtype="bfloat16", causal=True,
                                    timing=t, flops=linear_flops(B, N, H, D, D, C, "fwd_bwd" if backward else "fwd"),
                                    extra={"chunk_size": C, "gated": gated, "K": D, "V": D, "sweep": True,
-                                          **({"unsupported": why} if why else {})})
+                                          "configs": _configs(C), **({"unsupported": why} if why else {})})
             del q, k, v, g
 
     def _decode(self, ctx: StudyContext) -> None:
@@ -530,6 +530,14 @@ def _linear_peer(call, q, k, v, g, backward: bool):
     """(fn, None) or (None, reason): ``call(q, k, v, g) -> o`` timed forward or forward+backward."""
     inputs = tuple(t for t in (q, k, v, g) if t is not None)
     return peers._maybe_backward(lambda: call(q, k, v, g), inputs, backward)
+
+
+def _configs(C: int) -> Dict:
+    """Kernel configs in use at chunk C (defaults, ATTENTION_PROTO_LINEAR_CONFIG, or tuned)."""
+    from ..ops.linear.common import config_report, tuning
+
+    rep = {k: v for k, v in config_report().items() if k.endswith(f"@{C}")}
+    return {"tuned": tuning(), **rep}
 
 
 def _fla():

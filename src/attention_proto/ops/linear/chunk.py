@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...runtime.cache import KERNEL_CACHE
-from .common import SeqInfo, chunk_coords, chunk_gate, dot_precision, kernel_config, row_offset, seq_coords
+from .common import SeqInfo, chunk_coords, chunk_gate, dot_precision, launch, row_offset, seq_coords
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -144,16 +143,13 @@ def chunk_fwd_h(k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], h0:
     plan = info.plan(BT)
     h = torch.empty(plan.num_chunks, H, K, V, dtype=state_dtype or k.dtype, device=k.device)
     ht = torch.empty(info.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
-    cfg = kernel_config("chunk_h", BT, K, V)
-    NK, NV = triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"])
     SK, SV, SG = info.strides()
-    grid = (NK * NV * info.num_seqs * H,)
-    if grid[0] == 0:
-        return h, ht
-    KERNEL_CACHE.launch(
-        chunk_fwd_h_kernel, grid, k, v, g, h, h0, ht, info.cu_seqlens, plan.chunk_offsets, info.T,
-        H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, USE_H0=h0 is not None,
-        STORE_HT=ht is not None, IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=dot_precision(k.dtype), **cfg)
+    ns = info.num_seqs
+    launch("chunk_h", chunk_fwd_h_kernel, lambda c: (triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) * ns * H,),
+           (k, v, g, h, h0, ht, info.cu_seqlens, plan.chunk_offsets, info.T),
+           dict(H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, USE_H0=h0 is not None,
+                STORE_HT=ht is not None, IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first,
+                PREC=dot_precision(k.dtype)), BT, K, V)
     return h, ht
 
 
@@ -163,15 +159,11 @@ def chunk_fwd_o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tens
     H, K, V = info.H, info.K, info.V
     plan = info.plan(BT)
     o = torch.empty_like(v) if out is None else out
-    cfg = kernel_config("chunk_o", BT, K, V)
-    NV = triton.cdiv(V, cfg["BV"])
     SK, SV, SG = info.strides()
-    if plan.num_chunks == 0:
-        return o
-    KERNEL_CACHE.launch(
-        chunk_fwd_o_kernel, (plan.num_chunks * NV, H), q, k, v, h, g, o, info.cu_seqlens, plan.chunk_indices,
-        float(scale), info.T, H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None,
-        IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=dot_precision(q.dtype), **cfg)
+    launch("chunk_o", chunk_fwd_o_kernel, lambda c: (plan.num_chunks * triton.cdiv(V, c["BV"]), H),
+           (q, k, v, h, g, o, info.cu_seqlens, plan.chunk_indices, float(scale), info.T),
+           dict(H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, IS_VARLEN=info.varlen,
+                HEAD_FIRST=info.head_first, PREC=dot_precision(q.dtype)), BT, K, V)
     return o
 
 

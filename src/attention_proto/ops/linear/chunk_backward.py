@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...runtime.cache import KERNEL_CACHE
-from .common import SeqInfo, chunk_coords, chunk_gate, dot_precision, kernel_config, row_offset, seq_coords
+from .common import (SeqInfo, chunk_coords, chunk_gate, dot_precision, kernel_config, launch, row_offset, seq_coords,
+                     tuning)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -226,16 +226,13 @@ def chunk_bwd_dh(q: torch.Tensor, do: torch.Tensor, g: Optional[torch.Tensor], d
     plan = info.plan(BT)
     dh = torch.empty(plan.num_chunks, H, K, V, dtype=q.dtype, device=q.device)
     dh0 = torch.empty(info.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
-    cfg = kernel_config("chunk_dh", BT, K, V)
-    NK, NV = triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"])
     SK, SV, SG = info.strides()
-    grid = (NK * NV * info.num_seqs * H,)
-    if grid[0]:
-        KERNEL_CACHE.launch(
-            chunk_bwd_dh_kernel, grid, q, do, g, dh, dht, dh0, info.cu_seqlens, plan.chunk_offsets, float(scale),
-            info.T, H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, USE_DHT=dht is not None,
-            STORE_DH0=need_dh0, IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=dot_precision(q.dtype),
-            **cfg)
+    ns = info.num_seqs
+    launch("chunk_dh", chunk_bwd_dh_kernel, lambda c: (triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) * ns * H,),
+           (q, do, g, dh, dht, dh0, info.cu_seqlens, plan.chunk_offsets, float(scale), info.T),
+           dict(H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, USE_DHT=dht is not None,
+                STORE_DH0=need_dh0, IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first,
+                PREC=dot_precision(q.dtype)), BT, K, V)
     return dh, dh0
 
 
@@ -252,24 +249,24 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optiona
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     SK, SV, SG = info.strides()
     store_dg = g is not None and need_dg
-    cfg = kernel_config("chunk_dqk", BT, K, V)
-    NK = triton.cdiv(K, cfg["BK"])
-    dg = torch.empty((NK,) + tuple(g.shape), dtype=torch.float32, device=q.device) if store_dg else None
+    # dg holds one partial per K tile (summed below): room for the default tiling, or for the
+    # narrowest tile a tuning run may try
     prec = dot_precision(q.dtype)
-    if plan.num_chunks:
-        KERNEL_CACHE.launch(
-            chunk_bwd_dqk_kernel, (plan.num_chunks * NK, H), q, k, v, g, h, do, dh, dq, dk, dg, info.cu_seqlens,
-            plan.chunk_indices, float(scale), info.T, g.numel() if store_dg else 0,
-            H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, STORE_DG=store_dg,
-            IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=prec, **cfg)
-        cfg = kernel_config("chunk_dv", BT, K, V)
-        NV = triton.cdiv(V, cfg["BV"])
-        KERNEL_CACHE.launch(
-            chunk_bwd_dv_kernel, (plan.num_chunks * NV, H), q, k, g, do, dh, dv, info.cu_seqlens, plan.chunk_indices,
-            float(scale), info.T, H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None,
-            IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=prec, **cfg)
-    elif store_dg:
-        dg.zero_()
+    consts = dict(H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, STORE_DG=store_dg,
+                  IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=prec)
+    max_nk = triton.cdiv(K, 16 if tuning() else kernel_config("chunk_dqk", BT, K, V)["BK"])
+    dg_all = torch.empty((max_nk,) + tuple(g.shape), dtype=torch.float32, device=q.device) if store_dg else None
+    cfg = launch("chunk_dqk", chunk_bwd_dqk_kernel, lambda c: (plan.num_chunks * triton.cdiv(K, c["BK"]), H),
+                 (q, k, v, g, h, do, dh, dq, dk, dg_all, info.cu_seqlens, plan.chunk_indices, float(scale), info.T,
+                  g.numel() if store_dg else 0), consts, BT, K, V)
+    launch("chunk_dv", chunk_bwd_dv_kernel, lambda c: (plan.num_chunks * triton.cdiv(V, c["BV"]), H),
+           (q, k, g, do, dh, dv, info.cu_seqlens, plan.chunk_indices, float(scale), info.T),
+           dict(H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, IS_VARLEN=info.varlen,
+                HEAD_FIRST=info.head_first, PREC=prec), BT, K, V)
+    dg = None
     if store_dg:
-        dg = dg[0] if NK == 1 else dg.sum(0)
+        nk = triton.cdiv(K, cfg["BK"])
+        if plan.num_chunks == 0:
+            dg_all[:nk].zero_()
+        dg = dg_all[0] if nk == 1 else dg_all[:nk].sum(0)
     return dq, dk, dv, dg, dh0

@@ -10,6 +10,9 @@ Configs: the block sizes and warps of each kernel come from :func:`kernel_config
 can be overridden without code changes through the environment variable
 ``ATTENTION_PROTO_LINEAR_CONFIG``, a JSON object keyed by kernel name or
 ``name@BT`` (e.g. ``{"chunk_o@64": {"BK": 64, "BV": 64, "num_warps": 4}}``).
+``ATTENTION_PROTO_LINEAR_TUNE=1`` (GPU only, off by default: each candidate is a
+compile) times a few candidates per kernel on first use of a shape class and keeps the
+fastest; :func:`config_report` returns the choices as that JSON.
 """
 from __future__ import annotations
 
@@ -17,12 +20,13 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper instruction
@@ -199,3 +203,78 @@ def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
     if name == "recurrent":
         cfg["BK"] = Kp  # the recurrent kernel keeps all of K in one tile
     return cfg
+
+
+# ---- launching, with optional tuning ---------------------------------------------------------------
+
+#: (kernel name, BT, K, V, key) -> config chosen (the default, an override or a tuned one)
+_CHOSEN: Dict[Tuple, Dict[str, int]] = {}
+
+
+def _candidates(name: str, K: int, V: int) -> List[Dict[str, int]]:
+    Kp, Vp = next_pow2(K), next_pow2(V)
+    if name in ("chunk_h", "chunk_dh"):
+        raw = [(bk, bv, w, s) for bk in (32, 64) for bv in (32, 64) for w, s in ((4, 2), (4, 3), (2, 3))]
+    elif name in ("chunk_o", "chunk_dv"):
+        raw = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+               (32, 64, 4, 3), (32, 32, 2, 3)]
+    elif name == "chunk_dqk":
+        raw = [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2),
+               (32, 64, 4, 3)]
+    else:
+        return []
+    seen, out = set(), []
+    for bk, bv, w, s in raw:
+        c = (min(bk, Kp), min(bv, Vp), w, s)
+        if c not in seen:
+            seen.add(c)
+            out.append(dict(BK=c[0], BV=c[1], num_warps=w, num_stages=s))
+    return out
+
+
+def tuning() -> bool:
+    """True when launches may tune their config (ATTENTION_PROTO_LINEAR_TUNE, GPU only)."""
+    return (os.environ.get("ATTENTION_PROTO_LINEAR_TUNE", "0") not in ("", "0", "false", "False")
+            and not interpreter_mode())
+
+
+def launch(name: str, kernel: Any, grid_fn: Callable[[Dict[str, int]], Tuple[int, ...]], args: Tuple[Any, ...],
+           consts: Dict[str, Any], BT: int, K: int, V: int, tunable: bool = True) -> Dict[str, int]:
+    """Launch ``kernel`` through the kernel cache with its config; returns the config used.
+
+    ``tunable`` must be False for a launch that is not idempotent (e.g. a state updated in place).
+    """
+    key = (name, BT, K, V, tuple(sorted((k, v) for k, v in consts.items() if isinstance(v, (bool, int, str)))),
+           tuple(str(getattr(a, "dtype", "")) for a in args))
+    cfg = _CHOSEN.get(key)
+    if cfg is None:
+        cfg = kernel_config(name, BT, K, V)
+        if tunable and tuning() and not _overrides():
+            cfg = _tune(name, kernel, grid_fn, args, consts, K, V, cfg)
+        _CHOSEN[key] = cfg
+    grid = grid_fn(cfg)
+    if all(grid):
+        KERNEL_CACHE.launch(kernel, grid, *args, **consts, **cfg)
+    return cfg
+
+
+def _tune(name, kernel, grid_fn, args, consts, K, V, default):
+    from triton.testing import do_bench
+
+    best, best_ms = default, float("inf")
+    for cfg in [default] + [c for c in _candidates(name, K, V) if c != default]:
+        grid = grid_fn(cfg)
+        if not all(grid):
+            return default
+        try:
+            ms = do_bench(lambda: kernel[grid](*args, **consts, **cfg), warmup=5, rep=20)
+        except Exception:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
+
+
+def config_report() -> Dict[str, Dict[str, int]]:
+    """The configs chosen so far, as ``{"name@BT": {...}}`` (the ATTENTION_PROTO_LINEAR_CONFIG format)."""
+    return {f"{k[0]}@{k[1]}": dict(v) for k, v in _CHOSEN.items()}

@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...runtime.cache import KERNEL_CACHE
-from .common import SeqInfo, kernel_config, row_offset, seq_coords
+from .common import SeqInfo, launch, row_offset, seq_coords
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -74,13 +73,11 @@ def fused_recurrent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     if output_final_state:
         ht = final_out if final_out is not None else torch.empty(info.num_seqs, H, K, V, dtype=torch.float32,
                                                                   device=q.device)
-    cfg = kernel_config("recurrent", 0, K, V)
-    NV = triton.cdiv(V, cfg["BV"])
     SK, SV, SG = info.strides()
-    grid = (NV * info.num_seqs * H,)
-    if grid[0]:
-        KERNEL_CACHE.launch(
-            fused_recurrent_fwd_kernel, grid, q, k, v, g, o, h0, ht, info.cu_seqlens, float(scale), info.T,
-            H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, USE_G=g is not None, USE_H0=h0 is not None, STORE_HT=ht is not None,
-            IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, **cfg)
+    ns = info.num_seqs
+    # not tunable: with final_out aliasing h0 the launch updates its own input
+    launch("recurrent", fused_recurrent_fwd_kernel, lambda c: (triton.cdiv(V, c["BV"]) * ns * H,),
+           (q, k, v, g, o, h0, ht, info.cu_seqlens, float(scale), info.T),
+           dict(H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, USE_G=g is not None, USE_H0=h0 is not None,
+                STORE_HT=ht is not None, IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first), 0, K, V, tunable=False)
     return o, ht
