@@ -64,6 +64,14 @@ class CodegenStudy(Study):
     name = "codegen"
     title = "Codegen quality: do the Python paths use the Hopper matrix units?"
 
+    # what the GPU run measures (instance attributes, so a CPU smoke test can shrink them)
+    shape = (B, H, N, D)
+    paged_shape = (8, 32, 8, 4096, 128, 16)   # B, Hq, Hkv, tokens per sequence, D, page size
+    linear_shape = (4, 4096, 16, 128, 64)     # B, N, H, D, chunk
+    dtype = torch.bfloat16
+    device = "cuda"
+    tool: Optional[str] = None
+
     # ------------------------------------------------------------------ measure (GPU)
 
     def measure(self, ctx: StudyContext) -> None:
@@ -88,18 +96,23 @@ class CodegenStudy(Study):
         self.limits = sass.limits_from_device(ctx.facts)
         self.tool = tool
         causals = (False, True)
-        bar = ctx.progress(len(causals) * 7 + 2, "codegen")
+        parts = (("ours fwd", self._ours_forward), ("ours bwd", self._ours_backward), ("sdpa", self._sdpa),
+                 ("flex", self._flex), ("inductor", self._inductor), ("helion", self._helion))
+        # quick mode: the peers that compile through Inductor / Helion (seconds per compile) only causal
+        slow = {"flex", "inductor", "helion"}
+        bar = ctx.progress(len(causals) * (len(parts) + 1) + 2, "codegen")
+        b, h, n, d = self.shape
         for causal in causals:
-            q, k, v = _bhsd(B, H, N, D)
-            flops = attention_flops(B, H, N, N, D, causal)
-            for part, fn in (("ours fwd", self._ours_forward), ("ours bwd", self._ours_backward),
-                             ("sdpa", self._sdpa), ("flex", self._flex), ("inductor", self._inductor),
-                             ("helion", self._helion)):
-                with ctx.guard(f"{part} causal={causal}"):
-                    fn(ctx, q, k, v, causal, flops)
+            q, k, v = self._bhsd()
+            flops = attention_flops(b, h, n, n, d, causal)
+            for part, fn in parts:
+                if not (ctx.quick and part in slow and not causal):
+                    with ctx.guard(f"{part} causal={causal}"):
+                        fn(ctx, q, k, v, causal, flops)
                 bar.update(1, f"{part} causal={causal}")
             del q, k, v
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             bar.update(1)
         with ctx.guard("paged decode"):
             self._paged(ctx)
@@ -112,9 +125,13 @@ class CodegenStudy(Study):
                 timing=None, flops=None, nbytes=None, shape=None, **more) -> int:
         from ..codegen import collect
 
-        b, h, hkv, n, nk, d = shape or (B, H, H, N, N, D)
+        if shape is None:
+            b, h, n, d = self.shape
+            shape = (b, h, h, n, n, d)
+        b, h, hkv, n, nk, d = shape
         extra = collect.row_extra(kernels, self.limits, **more)
-        return ctx.record(op=op, impl=impl, variant=variant, B=b, H=h, Hkv=hkv, N=n, Nk=nk, D=d, dtype="bfloat16",
+        return ctx.record(op=op, impl=impl, variant=variant, B=b, H=h, Hkv=hkv, N=n, Nk=nk, D=d,
+                          dtype=str(self.dtype).replace("torch.", ""),
                           causal=causal, timing=timing, flops=flops, nbytes=nbytes, extra=extra)
 
     def _ours(self, ctx: StudyContext, fn: Callable[[], Any], **rec) -> None:
@@ -124,7 +141,7 @@ class CodegenStudy(Study):
         try:
             with collect.record_launches() as launched:
                 fn()
-                torch.cuda.synchronize()
+                _sync()
         except Exception as e:  # noqa: BLE001 - a path that cannot run here is a recorded fact
             self._record(ctx, impl="attention_proto", kernels=[],
                          unavailable=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", **rec)
@@ -139,8 +156,9 @@ class CodegenStudy(Study):
 
         self._ours(ctx, lambda: attention(q, k, v, causal=causal), op="attn_fwd", variant="auto", causal=causal,
                    flops=flops)
+        n, d = q.shape[2], q.shape[3]
         for path in PATHS:
-            cfg = pick_forward_config(D, q.dtype, causal, N, path)
+            cfg = pick_forward_config(d, q.dtype, causal, n, path)
             self._ours(ctx, lambda cfg=cfg: flash_attention_forward(q, k, v, causal=causal, config=cfg),
                        op="attn_fwd", variant=path, causal=causal, flops=flops, config=_cfg(cfg))
 
@@ -150,7 +168,8 @@ class CodegenStudy(Study):
 
         o, lse = flash_attention_forward(q, k, v, causal=causal)
         do = torch.randn_like(o)
-        bflops = attention_flops(B, H, N, N, D, causal, mode="bwd")
+        b, h, n, d = q.shape
+        bflops = attention_flops(b, h, n, n, d, causal, mode="bwd")
         modes = (("deterministic", True),) if ctx.quick else (("deterministic", True), ("atomic", False))
         for name, det in modes:
             self._ours(ctx, lambda det=det: flash_attention_backward(do, q, k, v, o, lse, causal=causal,
@@ -226,7 +245,7 @@ class CodegenStudy(Study):
         with collect.fresh_compile_caches(reset_dynamo=False) as cap:
             try:
                 kern(q, k, v)
-                torch.cuda.synchronize()
+                _sync()
             except Exception as e:  # noqa: BLE001
                 self._record(ctx, op="attn_fwd", impl="helion", variant="fixed config", causal=causal, kernels=[],
                              flops=flops, unavailable=f"helion kernel failed: {type(e).__name__}: {str(e)[:200]}")
@@ -240,15 +259,16 @@ class CodegenStudy(Study):
     def _paged(self, ctx: StudyContext) -> None:
         from ..ops.paged.interface import paged_attention
 
-        Bp, Hq, Hkv, Nk, Dp, page = 8, 32, 8, 4096, 128, 16
+        Bp, Hq, Hkv, Nk, Dp, page = self.paged_shape
         per_seq = Nk // page
-        g = torch.Generator(device="cuda").manual_seed(5)
-        kc = torch.randn(Bp * per_seq, page, Hkv, Dp, device="cuda", dtype=torch.bfloat16, generator=g)
+        dev, dt = self.device, self.dtype
+        g = torch.Generator(device=dev).manual_seed(5)
+        kc = torch.randn(Bp * per_seq, page, Hkv, Dp, device=dev, dtype=dt, generator=g)
         vc = torch.randn_like(kc)
-        table = torch.randperm(Bp * per_seq, device="cuda", generator=g).view(Bp, per_seq).to(torch.int32)
-        lens = torch.full((Bp,), Nk, device="cuda", dtype=torch.int32)
-        q = torch.randn(Bp, Hq, 1, Dp, device="cuda", dtype=torch.bfloat16, generator=g)
-        nbytes = 2.0 * Bp * Nk * Hkv * Dp * 2
+        table = torch.randperm(Bp * per_seq, device=dev, generator=g).view(Bp, per_seq).to(torch.int32)
+        lens = torch.full((Bp,), Nk, device=dev, dtype=torch.int32)
+        q = torch.randn(Bp, Hq, 1, Dp, device=dev, dtype=dt, generator=g)
+        nbytes = 2.0 * Bp * Nk * Hkv * Dp * kc.element_size()
         for version in ("v1", "v2"):
             self._ours(ctx, lambda version=version: paged_attention(q, kc, vc, table, lens, version=version,
                                                                     check_inputs=False, max_seq_len=Nk),
@@ -258,16 +278,22 @@ class CodegenStudy(Study):
     def _linear(self, ctx: StudyContext) -> None:
         from ..ops.linear.interface import linear_attention
 
-        Bl, Nl, Hl, Dl, C = 4, 4096, 16, 128, 64
-        g = torch.Generator(device="cuda").manual_seed(6)
-        q, k, v = (torch.randn(Bl, Nl, Hl, Dl, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+        Bl, Nl, Hl, Dl, C = self.linear_shape
+        dev = self.device
+        g = torch.Generator(device=dev).manual_seed(6)
+        q, k, v = (torch.randn(Bl, Nl, Hl, Dl, device=dev, dtype=self.dtype, generator=g) * 0.1
                    for _ in range(3))
-        gates = torch.nn.functional.logsigmoid(torch.randn(Bl, Nl, Hl, device="cuda", generator=g)).float()
+        gates = torch.nn.functional.logsigmoid(torch.randn(Bl, Nl, Hl, device=dev, generator=g)).float()
         flops = linear_flops(Bl, Nl, Hl, Dl, Dl, C)
         for name, gate in (("chunk", None), ("chunk gated", gates))[: 1 if ctx.quick else 2]:
             self._ours(ctx, lambda gate=gate: linear_attention(q, k, v, g=gate, chunk_size=C),
                        op="linear_fwd", variant=name, causal=True, flops=flops, shape=(Bl, Hl, Hl, Nl, Nl, Dl),
                        chunk_size=C, flops_formula="2*B*H*N*(C*(K+V) + 2*K*V)")
+
+    def _bhsd(self):
+        b, h, n, d = self.shape
+        g = torch.Generator(device=self.device).manual_seed(1234 + n)
+        return tuple(torch.randn(b, h, n, d, device=self.device, dtype=self.dtype, generator=g) for _ in range(3))
 
     # ------------------------------------------------------------------ measure (interpreter)
 
@@ -335,14 +361,18 @@ class CodegenStudy(Study):
 # ---------------------------------------------------------------------- helpers
 
 
-def _bhsd(b: int, h: int, n: int, d: int):
-    g = torch.Generator(device="cuda").manual_seed(1234 + n)
-    return tuple(torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _cfg(cfg) -> Dict[str, Any]:
     return {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "num_warps": cfg.num_warps,
             "num_stages": cfg.num_stages, "path": cfg.path}
+
+
+def _shape(r: Dict[str, Any]) -> str:
+    return f"B{r.get('B')} H{r.get('H')} N{r.get('N')} D{r.get('D')} {r.get('dtype')}"
 
 
 def _cz(r: Dict[str, Any]) -> str:
@@ -458,8 +488,8 @@ def _bar_finding(rows: List[Dict[str, Any]]) -> Optional[Finding]:
         metrics[key] = {"variant": best["variant"], "tflops": best["tflops"], "hgmma_main_loop": hg,
                         "spill_bytes": sp, "registers": ex.get("registers"), "meets_bar": ok}
     return Finding(id="codegen-ours-fastest-fwd-hgmma", title="Our fastest dense forward uses HGMMA and spills nothing",
-                   claim="Bar (HGMMA in the main loop, no spills) for our fastest dense forward at B4 H16 N4096 D128 "
-                         "bf16: " + "; ".join(parts) + ".",
+                   claim="Bar (HGMMA in the main loop, no spills) for our fastest dense forward at "
+                         f"{_shape(ours[0])}: " + "; ".join(parts) + ".",
                    verdict="supported" if ok_all else "refuted", metrics=metrics,
                    evidence=[r["id"] for r in ours])
 
@@ -486,7 +516,7 @@ def _inductor_finding(rows: List[Dict[str, Any]]) -> Optional[Finding]:
             desc.append(f"HGMMA x{ex['hgmma_main_loop']} in {ex['main_kernel']}'s main loop")
         parts.append(f"{r['variant']} {_cz(r)}: " + "; ".join(desc) + f"; {_rate(r)}")
     return Finding(id="codegen-inductor-lowering", title="What torch.compile makes of softmax(QK^T)V",
-                   claim="torch.compile of the written-out softmax(QK^T)V at B4 H16 N4096 D128 bf16 -- " + " | ".join(parts)
+                   claim=f"torch.compile of the written-out softmax(QK^T)V at {_shape(rows[0])} -- " + " | ".join(parts)
                          + ".",
                    verdict="observation", metrics={"rows": len(rows)}, evidence=[r["id"] for r in rows])
 
