@@ -180,19 +180,27 @@ def test_bad_inputs_raise_clear_errors(name, mutate, exc, msg, device):
 def test_plan_v1_when_batch_fills_the_gpu():
     p = plan(batch=128, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=4096, sms=132)
     assert p.version == "v1" and p.num_partitions == 1 and p.programs == 1024
-    assert "1024 programs already cover the 132 SMs" in p.reason
+    assert "1024 programs without a split run 4 wave(s)" in p.reason and "models no faster" in p.reason
 
 
 def test_plan_v2_for_one_long_sequence():
     p = plan(batch=1, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=65536, sms=132)
-    assert p.version == "v2" and p.num_partitions == 33 and p.programs == 264
+    assert p.version == "v2" and p.num_partitions == 32 and p.programs == 256
     assert p.tokens_per_partition % p.config.BLOCK_N == 0
     assert p.tokens_per_partition * p.num_partitions >= 65536
-    assert "V2:" in p.reason and "SM target" in p.reason
+    assert p.reason.startswith("V2:") and "modelled" in p.reason
+
+
+def test_plan_small_batches_split_to_fill_the_slots():
+    # 8 x 8 = 64 programs leave most of 264 slots idle: 4 partitions fill one wave
+    p = plan(batch=8, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=4096, sms=132)
+    assert (p.version, p.num_partitions, p.programs) == ("v2", 4, 256)
+    p = plan(batch=32, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=32768, sms=132)
+    assert p.version == "v1"
 
 
 def test_plan_short_sequences_stay_v1_and_window_limits_span():
-    p = plan(batch=1, num_q_heads=8, num_kv_heads=8, q_len=1, head_dim=64, max_seq_len=600, sms=132)
+    p = plan(batch=1, num_q_heads=8, num_kv_heads=8, q_len=1, head_dim=64, max_seq_len=200, sms=132)
     assert p.version == "v1" and "too short to split" in p.reason
     p = plan(batch=2, num_q_heads=8, num_kv_heads=2, q_len=1, head_dim=64, max_seq_len=1 << 17, window=1024, sms=132)
     assert "window 1024" in p.reason and p.tokens_per_partition * p.num_partitions < (1 << 17)
@@ -204,5 +212,7 @@ def test_plan_forced_versions_and_row_blocks():
     assert p.version == "v2" and p.num_partitions == 7 and p.row_blocks == 4 and "as requested" in p.reason
     p = plan(batch=1, num_q_heads=8, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=1 << 16, version="v1")
     assert p.version == "v1" and "forced" in p.reason
+    p = plan(batch=1, num_q_heads=8, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=100, version="v2")
+    assert p.version == "v2" and p.num_partitions == 1  # forced V2 on a short sequence: one partition + reduce
     with pytest.raises(ValueError, match="version must be one of"):
         plan(batch=1, num_q_heads=1, num_kv_heads=1, q_len=1, head_dim=16, max_seq_len=8, version="fast")

@@ -47,7 +47,8 @@ def test_dry_run_of_the_gpu_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(ctx, "bench", fake_bench)
     sw = Sweep(grid=[(1, 512), (2, 64)], part_counts=(2,), part_sweep_max_b=2, page_shape=(2, 64), pages=(8, 16),
                mixed=(3, 16, 100), mha=(2, 32), d64=(2, 48), flex=[], configs=[(32, 4, 1)], config_shape=(2, 64),
-               Hq=4, Hkv=2, D=32, page=16, dtype=torch.float16, check_lens=(1, 20, 37))
+               Hq=4, Hkv=2, D=32, page=16, dtype=torch.float16, check_lens=(1, 20, 37), host_shape=(1, 16),
+               host_calls=5)
     STUDY.measure_gpu(ctx, sw, device="cpu")
     assert not ctx.errors, ctx.errors
     rows = kb.measurements(run_id)
@@ -61,7 +62,7 @@ def test_dry_run_of_the_gpu_sweep(tmp_path, monkeypatch):
     findings = {f.id: f for f in STUDY.analyze(_data(kb, run_id))}
     for fid in ("paged-paged_decode-correct", "paged-v2-overtakes-v1", "paged-dispatch-choice",
                 "paged-partition-scaling", "paged-page-size", "paged-shared-memory", "paged-mixed-lengths",
-                "paged-mha", "paged-d64", "paged-tile-config"):
+                "paged-mha", "paged-d64", "paged-tile-config", "paged-host-overhead"):
         assert fid in findings, sorted(findings)
     assert not [f for f in findings if f.startswith("paged-analysis-")]
 

@@ -27,7 +27,6 @@ from attention_proto.runtime.device import interpreter_mode, kernel_device
 from attention_proto.runtime.validation import (
     describe,
     require_dtype,
-    require_int_tensor,
     require_rank,
     require_same_device,
     require_tensor,
@@ -81,7 +80,7 @@ def paged_kv_append(
     """Write new tokens into the pool, in place (one kernel launch for the batch).
 
     Args:
-        k_new, v_new: ``[B, Hkv, T, D]`` (BHSD, unit stride in D), the cache's dtype.
+        k_new, v_new: ``[B, Hkv, T, D]`` (BHSD, any strides), the cache's dtype.
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` pools (any strides, unit in D).
         block_table: ``[B, max_pages]``; the pages covering the new positions must be there.
         start: ``[B]`` position of the first new token of each sequence (its old length).
@@ -93,6 +92,10 @@ def paged_kv_append(
     """
     B, Hkv, T, D = k_new.shape
     page_size = k_cache.shape[1]
+    if k_new.stride(3) != 1:
+        k_new = k_new.contiguous()
+    if v_new.stride(3) != 1:
+        v_new = v_new.contiguous()
     if counts is None:
         counts = torch.full((B,), T, dtype=torch.int32, device=k_new.device)
     bd = max(16, 1 << (D - 1).bit_length())
@@ -279,10 +282,6 @@ class PagedKVCache:
             self._lens[s] += c
         self._sync_rows(seq_ids)
         bt, _ = self.batch(seq_ids)
-        if k_new.stride(3) != 1:
-            k_new = k_new.contiguous()
-        if v_new.stride(3) != 1:
-            v_new = v_new.contiguous()
         paged_kv_append(
             k_new, v_new, self.k_cache, self.v_cache, bt,
             torch.tensor(starts, dtype=torch.int32).to(self.device),

@@ -12,13 +12,17 @@ Two kernels (see :mod:`attention_proto.ops.paged.decode`):
 
 The rule (:func:`plan`), with constants to be calibrated by ``--study paged``:
 
-1. ``V1`` when ``B * Hkv * row_blocks >= V1_MIN_PROGRAMS_PER_SM * SMs``:
-   every SM already has work, splitting buys little.
-2. Otherwise ``P = ceil(TARGET_PROGRAMS_PER_SM * SMs / programs_v1)``, capped
-   so that each partition keeps at least ``MIN_TOKENS_PER_PARTITION`` tokens
-   (shorter partitions spend more on their prologue/epilogue than they read)
-   and at ``MAX_PARTITIONS``.
-3. If that leaves ``P == 1`` (short sequences), ``V1``.
+1. ``slots = CTAS_PER_SM * SMs`` programs run at once (the default tile's
+   shared memory lets about two CTAs share an SM on Hopper); a program reads
+   at the same pace whether few or many run, until all slots are busy (then
+   HBM is the limit).
+2. Modelled time of P partitions: ``waves(P) * tokens_per_partition(P)``, with
+   ``waves = ceil(B * Hkv * row_blocks * P / slots)``, times
+   ``1 + SPLIT_PENALTY`` when P > 1 (partial writes, the reduce launch).
+3. Every P from 2 up to ``MAX_PARTITIONS`` that keeps at least
+   ``MIN_TOKENS_PER_PARTITION`` tokens per partition is scored; the smallest P
+   within ``TIE`` (5%) of the lowest modelled time is V2's candidate, and V1 (P = 1)
+   is taken unless that candidate models faster.
 
 Every plan carries its reasons as sentences (``plan.reason``).
 """
@@ -31,12 +35,14 @@ from typing import List, Optional, Sequence
 from ...runtime.device import interpreter_mode, sm_count
 from ..dense.reference import normalize_window
 
-#: V1 is enough when this many programs per SM exist without splitting
-V1_MIN_PROGRAMS_PER_SM = 1.0
-#: how many programs per SM V2 aims at (two resident CTAs per SM hide the gather latency)
-TARGET_PROGRAMS_PER_SM = 2.0
+#: decode programs resident per SM (shared memory of the default tile: ~2 CTAs on Hopper)
+CTAS_PER_SM = 2
 #: a partition shorter than this reads too little to pay for its partial write
-MIN_TOKENS_PER_PARTITION = 512
+MIN_TOKENS_PER_PARTITION = 256
+#: V2's relative handicap in the model (partial outputs + a second launch)
+SPLIT_PENALTY = 0.05
+#: modelled times within this fraction count as a tie (the model is no finer than that)
+TIE = 0.05
 #: the reduce kernel loops over partitions in chunks; more than this is never useful
 MAX_PARTITIONS = 256
 #: at most this many query rows (GQA group x Nq) share one program (register budget of the accumulator)
@@ -160,41 +166,47 @@ def plan(
     def cover(p: int) -> int:
         return max(bn, -(-(-(-span // p)) // bn) * bn)
 
-    if version == "v1" or (version == "auto" and num_partitions is None):
-        if version == "v1":
-            reasons.append("V1 forced by version='v1'")
-            p = 1
-        elif programs_v1 >= V1_MIN_PROGRAMS_PER_SM * sms:
-            reasons.append(f"V1: {part_desc} = {programs_v1} programs already cover the {sms} SMs "
-                           f"(>= {V1_MIN_PROGRAMS_PER_SM:g} per SM)")
-            p = 1
-        else:
-            want = math.ceil(TARGET_PROGRAMS_PER_SM * sms / programs_v1)
-            cap_len = max(1, span // MIN_TOKENS_PER_PARTITION)
-            p = max(1, min(want, cap_len, MAX_PARTITIONS))
-            if p == 1:
-                reasons.append(f"V1: {part_desc} = {programs_v1} programs for {sms} SMs, but the longest "
-                               f"sequence ({span} tokens) is too short to split into partitions of "
-                               f">= {MIN_TOKENS_PER_PARTITION} tokens")
-            else:
-                limit = ("SM target" if p == want else
-                         f"partitions of >= {MIN_TOKENS_PER_PARTITION} tokens" if p == cap_len else
-                         f"MAX_PARTITIONS={MAX_PARTITIONS}")
-                reasons.append(f"V2: {part_desc} = {programs_v1} programs would leave most of the {sms} SMs "
-                               f"idle; {want} partitions reach {TARGET_PROGRAMS_PER_SM:g} programs per SM, "
-                               f"{p} taken (limited by the {limit})")
-        if p == 1:
-            tpp = cover(1)
-            return PagedPlan("v1", 1, tpp, cfg, row_blocks, programs_v1, sms, reasons)
+    slots = CTAS_PER_SM * sms
+    cap = max(1, min(MAX_PARTITIONS, span // MIN_TOKENS_PER_PARTITION))
+
+    def waves(p: int) -> int:
+        return math.ceil(programs_v1 * p / slots)
+
+    def cost(p: int) -> float:
+        return waves(p) * cover(p) * (1.0 + (SPLIT_PENALTY if p > 1 else 0.0))
+
+    # partition counts with no empty partition (rounding to BLOCK_N can make a larger P need fewer)
+    cands = [p for p in range(2, cap + 1) if -(-span // cover(p)) == p]
+    best_v2 = None
+    if cands:
+        lowest = min(cost(p) for p in cands)
+        # the fewest partitions within TIE of the lowest modelled time: fewer partials, stabler choices
+        best_v2 = next(p for p in cands if cost(p) <= (1.0 + TIE) * lowest)
+    if version == "v1":
+        reasons.append("V1 forced by version='v1'")
+        return PagedPlan("v1", 1, cover(1), cfg, row_blocks, programs_v1, sms, reasons)
+    model = (f"model: waves x tokens per program on {slots} slots ({CTAS_PER_SM} per SM x {sms} SMs), "
+             f"+{SPLIT_PENALTY:.0%} for a split")
+    if version == "auto" and num_partitions is None:
+        v1_txt = f"{part_desc} = {programs_v1} programs without a split run {waves(1)} wave(s) of {cover(1)} tokens"
+        if best_v2 is None:
+            reasons.append(f"V1: the longest sequence ({span} tokens) is too short to split into partitions of "
+                           f">= {MIN_TOKENS_PER_PARTITION} tokens; {v1_txt}")
+            return PagedPlan("v1", 1, cover(1), cfg, row_blocks, programs_v1, sms, reasons)
+        v2_txt = (f"{best_v2} partitions run {programs_v1 * best_v2} programs, {waves(best_v2)} wave(s) of "
+                  f"{cover(best_v2)} tokens")
+        if cost(1) <= cost(best_v2):
+            reasons.append(f"V1: {v1_txt}; the best split ({v2_txt}) models no faster ({model})")
+            return PagedPlan("v1", 1, cover(1), cfg, row_blocks, programs_v1, sms, reasons)
+        p = best_v2
+        reasons.append(f"V2: {v1_txt}; {v2_txt}, modelled {cost(1) / cost(best_v2):.1f}x faster ({model})")
+    elif num_partitions is not None:
+        p = num_partitions
+        reasons.append(f"V2 with {p} partitions, as requested")
     else:
-        if num_partitions is not None:
-            p = num_partitions
-            reasons.append(f"V2 with {p} partitions, as requested")
-        else:
-            want = math.ceil(TARGET_PROGRAMS_PER_SM * sms / programs_v1)
-            p = max(1, min(want, max(1, span // MIN_TOKENS_PER_PARTITION), MAX_PARTITIONS))
-            reasons.append(f"V2 forced by version='v2'; {p} partitions for {part_desc} = {programs_v1} "
-                           f"programs on {sms} SMs")
+        p = best_v2 or 1
+        reasons.append(f"V2 forced by version='v2'; {p} partitions of {cover(p)} tokens for {part_desc} = "
+                       f"{programs_v1} programs, {waves(p)} wave(s) ({model})")
     tpp = cover(p)
     used = -(-span // tpp)
     if used < p:
