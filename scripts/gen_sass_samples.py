@@ -11,7 +11,8 @@ codegen study counts:
 - ``gen_tma_load``: loads through a device-side tensor descriptor in a loop -> UTMALDG.
 
 Files written per sample: ``<name>.sass`` (``cuobjdump -res-usage -sass``, trimmed: the encoding
-comments dropped, so a sample is a few KB) and ``<name>.json`` (what the compiler reported:
+comments dropped, so a sample is a few KB), ``<name>.ptx`` (Triton's PTX without debug sections) and
+``<name>.json`` (what the compiler reported:
 registers, spills, shared memory, warps; plus what the sample is meant to show). The parser tests
 (``tests/test_codegen_sass.py``) and the codegen study check the sidecar's ``expect`` (the qualitative
 facts above) on every sample present.
@@ -110,16 +111,18 @@ SAMPLES = {
     "gen_hgmma_dot": (hgmma_dot, {"A": "*bf16", "B": "*bf16", "C": "*fp32", "K": "i32"},
                       {"BM": 64, "BN": 16, "BK": 16}, {"num_warps": 4, "num_stages": 2},
                       "bf16 tl.dot in a K loop, 4 warps: HGMMA (wgmma) in the loop",
-                      {"main_loop/HGMMA": ">0", "total/HMMA": "==0", "local_bytes": "==0", "registers": ">0"}),
+                      {"main_loop/HGMMA": ">0", "total/HMMA": "==0", "local_bytes": "==0", "registers": ">0",
+                       "ptx/wgmma": ">0", "ptx/mma.sync": "==0"}),
     "gen_hmma_dot": (hmma_dot, {"A": "*bf16", "B": "*bf16", "C": "*fp32", "K": "i32"},
                      {"BM": 16, "BN": 16, "BK": 16}, {"num_warps": 1, "num_stages": 1},
                      "bf16 tl.dot with 1 warp: mma.sync (HMMA) in the loop, no HGMMA",
-                     {"main_loop/HMMA": ">0", "total/HGMMA": "==0", "local_bytes": "==0"}),
+                     {"main_loop/HMMA": ">0", "total/HGMMA": "==0", "local_bytes": "==0",
+                      "ptx/mma.sync": ">0", "ptx/wgmma": "==0"}),
     "gen_ffma_loop": (ffma_loop, {"X": "*fp32", "Y": "*fp32", "N": "i32"}, {"BLOCK": 128},
                       {"num_warps": 4, "num_stages": 1},
                       "fp32 online max / exp2 sum: FFMA and MUFU.EX2 in the loop, no MMA",
                       {"main_loop/FFMA": ">0", "main_loop/MUFU.EX2": ">0", "total/HGMMA": "==0", "total/HMMA": "==0",
-                       "local_bytes": "==0"}),
+                       "local_bytes": "==0", "ptx/ex2": ">0", "ptx/wgmma": "==0"}),
     "gen_spill": (spill, {"X": "*fp32", "Y": "*fp32", "N": "i32"}, {"BM": 8, "BN": 32},
                   {"num_warps": 1, "num_stages": 1, "maxnreg": 16},
                   "an 8x32 fp32 tile and its accumulator live in one warp under maxnreg=16 (ptxas raises it "
@@ -128,7 +131,8 @@ SAMPLES = {
     "gen_tma_load": (tma_load, {"X": "*bf16", "Y": "*fp32", "M": "i32"}, {"BM": 16, "BN": 16},
                      {"num_warps": 4, "num_stages": 2},
                      "loads through a device-side tensor descriptor: UTMALDG in the loop, no LDG",
-                     {"main_loop/UTMALDG": ">0", "total/LDG": "==0", "n_loops": ">=1"}),
+                     {"main_loop/UTMALDG": ">0", "total/LDG": "==0", "n_loops": ">=1", "ptx/tma_load": ">0",
+                      "ptx/ld.global": "==0"}),
 }
 
 
@@ -146,6 +150,12 @@ def trim(text: str) -> str:
         line = re.sub(r"^(\s*/\*[0-9a-f]{4,}\*/)\s+", r"\1 ", line)
         out.append(line.rstrip())
     return "\n".join(out).strip("\n") + "\n"
+
+
+def trim_ptx(ptx: str) -> str:
+    """Drop PTX's debug sections and comments (``.section .debug_*``, ``//`` lines): keeps the code."""
+    code = ptx.split("\t.section\t.debug", 1)[0]
+    return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("//")).strip() + "\n"
 
 
 def current_target(arch: int | None) -> tuple[GPUTarget, str]:
@@ -184,6 +194,7 @@ def main(argv=None) -> int:
                                   text=True).stdout
         sass = trim(text)
         (args.out / f"{name}.sass").write_text(sass)
+        (args.out / f"{name}.ptx").write_text(trim_ptx(ck.asm["ptx"]))
         md = ck.metadata
         meta = {
             "name": md.name, "what": what, "arch": f"sm_{target.arch}", "compiled": where,

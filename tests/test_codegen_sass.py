@@ -183,3 +183,26 @@ def test_loops_of_structured_programs(block):
         assert f.main_loop.fp == best.fp
     assert f.summary()["n_loops"] == len(loops)
     json.dumps(f.summary())  # JSON-ready
+
+
+def test_ptx_counts():
+    ptx = """
+    .visible .entry k(
+    {
+    	// comment: wgmma.mma_async is not counted here
+    	wgmma.fence.sync.aligned;
+    	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1, %f2}, %rd1, %rd2, p, 1, 1, 0, 1;
+    	@%p1 cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd3, {%r2, %r3, %r4, %r5}], [%r6];
+    	cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd4, {%r7, %r8}], [%r9];
+    	@!%p2 cp.async.cg.shared.global [%r10], [%rd5], 16;
+    	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f3}, {%r11}, {%r12}, {%f4};
+    	ld.global.v4.b32 {%r13, %r14, %r15, %r16}, [%rd6];
+    	st.local.b32 [%rd7], %r17;
+    	fma.rn.ftz.f32 %f5, %f6, %f7, %f8;
+    	ex2.approx.ftz.f32 %f9, %f10;
+    	mbarrier.try_wait.parity.shared.b64 %p3, [%r18], %r19;
+    }
+    """
+    c = sass.ptx_counts(ptx)
+    assert c == {"cp.async": 1, "ex2": 1, "fma.f32": 1, "ld.global": 1, "mbarrier.wait": 1, "mma.sync": 1,
+                 "st.local": 1, "tma_load": 1, "tma_store": 1, "wgmma": 1}

@@ -65,7 +65,9 @@ def _findings(kb, run_id):
 def test_gpu_analysis_bar_supported(gpu_run):
     kb, run_id, add = gpu_run
     for causal in (False, True):
+        add("attn_fwd", "attention_proto", "auto", causal, [_kernel("gen_hgmma_dot", "_fwd_tma")], 501.0)
         add("attn_fwd", "attention_proto", "tma", causal, [_kernel("gen_hgmma_dot", "_fwd_tma")], 500.0)
+        add("attn_fwd", "attention_proto", "tma+ws", causal, [_kernel("gen_hgmma_dot", "_fwd_tma")], 499.0)
         add("attn_fwd", "attention_proto", "portable", causal, [_kernel("gen_hmma_dot", "_fwd_kernel")], 300.0)
         add("attn_fwd", "sdpa_cudnn", "", causal, [], 600.0, sass="closed library kernel")
         add("attn_fwd", "inductor", "default", causal, [_kernel("gen_ffma_loop", "triton_red_fused__softmax_0")],
@@ -75,7 +77,10 @@ def test_gpu_analysis_bar_supported(gpu_run):
     f = _findings(kb, run_id)
     bar = f["codegen-ours-fastest-fwd-hgmma"]
     assert bar.verdict == "supported", bar.claim
-    assert "'tma'" in bar.claim and "500 TFLOPS" in bar.claim
+    assert "'auto'" in bar.claim and "501 TFLOPS" in bar.claim
+    same = f["codegen-ours-identical-variants"]
+    assert "'tma+ws' compiles to the same code as 'tma'" in same.claim and "no effect" in same.claim
+    assert "'auto' runs the code of 'tma', 'tma+ws'" in same.claim
     assert f["codegen-attention_proto-attn_fwd-portable"].metrics["non-causal"]["hmma_main_loop"] > 0
     assert "mma.sync" in f["codegen-attention_proto-attn_fwd-portable"].claim
     assert "SASS not read" in f["codegen-sdpa_cudnn-attn_fwd"].claim

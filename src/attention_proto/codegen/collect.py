@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .sass import HOPPER, SassFunction, SmLimits, class_counts, occupancy, parse_sass, summary_counts
+from .sass import HOPPER, SassFunction, SmLimits, class_counts, occupancy, parse_sass, ptx_counts, summary_counts
 
 # ---------------------------------------------------------------------------- disassembly
 
@@ -85,6 +85,7 @@ class KernelCode:
     config: Dict[str, Any] = field(default_factory=dict)
     used: Optional[bool] = None              # called by the compiled graph (Inductor), where known
     error: Optional[str] = None
+    ptx: Optional[Dict[str, int]] = None     # sass.ptx_counts of the kernel's PTX, where it was at hand
 
     def digest(self, limits: SmLimits = HOPPER) -> Dict[str, Any]:
         """A JSON-ready dict for a measurement row's ``extra``."""
@@ -97,6 +98,8 @@ class KernelCode:
             d["used"] = self.used
         if self.error:
             d["error"] = self.error
+        if self.ptx is not None:
+            d["ptx"] = self.ptx
         if self.sass is not None:
             s = self.sass.summary()
             d.update(arch=s["arch"], total=s["total"], in_loops=s["in_loops"], main_loop=s["main_loop"],
@@ -121,10 +124,12 @@ def _compact(counts: Dict[str, int]) -> Dict[str, int]:
 
 def analyze_cubin(name: str, cubin: bytes, source: str, *, meta: Optional[Dict[str, Any]] = None,
                   registers: Optional[int] = None, spill_bytes: Optional[int] = None,
-                  tool: Optional[str] = None) -> KernelCode:
+                  tool: Optional[str] = None, ptx: Optional[str] = None) -> KernelCode:
     """Disassemble and digest one cubin; ``meta`` is Triton's metadata (``shared``, ``num_warps``, ...)."""
     meta = meta or {}
     kc = KernelCode(name=name, source=source, num_warps=meta.get("num_warps"), num_stages=meta.get("num_stages"))
+    if ptx:
+        kc.ptx = ptx_counts(ptx)
     try:
         fns = parse_sass(disassemble(cubin, tool))
     except Exception as e:  # noqa: BLE001 - one bad cubin is a recorded fact, not a failed study
@@ -157,7 +162,12 @@ def from_compiled(compiled: Any, name: Optional[str] = None, config: Optional[Di
         cubin = compiled.asm["cubin"]
     except Exception as e:  # noqa: BLE001
         return KernelCode(kname, "kernel_cache", config=dict(config or {}), error=f"no cubin: {type(e).__name__}: {e}")
-    kc = analyze_cubin(kname, cubin, "kernel_cache", meta=meta, registers=regs, spill_bytes=spills, tool=tool)
+    try:
+        ptx = compiled.asm.get("ptx")
+    except Exception:  # noqa: BLE001
+        ptx = None
+    kc = analyze_cubin(kname, cubin, "kernel_cache", meta=meta, registers=regs, spill_bytes=spills, tool=tool,
+                       ptx=ptx if isinstance(ptx, str) else None)
     kc.config = dict(config or {})
     return kc
 
@@ -292,7 +302,9 @@ def fresh_compile_caches(reset_dynamo: bool = True) -> Iterator[Capture]:
 
 
 def cubins_in(folder: Path) -> List[Tuple[str, bytes, Dict[str, Any]]]:
-    """(kernel name, cubin, metadata) for every ``*.cubin`` under ``folder`` (Triton's cache layout)."""
+    """(kernel name, cubin, metadata) for every ``*.cubin`` under ``folder`` (Triton's cache layout:
+    ``<hash>/<name>.cubin`` beside ``<name>.json`` and ``<name>.ptx``; the PTX text, when there, is
+    handed on as ``meta["_ptx"]``)."""
     out = []
     for cubin in sorted(Path(folder).rglob("*.cubin")):
         meta: Dict[str, Any] = {}
@@ -302,6 +314,12 @@ def cubins_in(folder: Path) -> List[Tuple[str, bytes, Dict[str, Any]]]:
                 meta = json.loads(js.read_text())
             except (OSError, ValueError):
                 meta = {}
+        ptx = cubin.with_suffix(".ptx")
+        if ptx.exists():
+            try:
+                meta["_ptx"] = ptx.read_text()
+            except OSError:
+                pass
         out.append((meta.get("name") or cubin.stem, cubin.read_bytes(), meta))
     return out
 
@@ -311,7 +329,7 @@ def triton_cache_kernels(folder: Path, used_names: Optional[Sequence[str]] = Non
     """Digest every kernel compiled into a Triton cache folder (one per name, the last one found)."""
     seen: Dict[str, KernelCode] = {}
     for name, cubin, meta in cubins_in(folder):
-        kc = analyze_cubin(name, cubin, "triton_cache", meta=meta, tool=tool)
+        kc = analyze_cubin(name, cubin, "triton_cache", meta=meta, tool=tool, ptx=meta.get("_ptx"))
         if used_names is not None:
             kc.used = name in set(used_names)
         kc.config = {k: meta[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in meta}

@@ -391,6 +391,39 @@ def pick_main_loop(loops: Sequence[Loop]) -> Optional[Loop]:
     return max(loops, key=lambda lp: (lp.mma, lp.fp if lp.mma == 0 else 0, -lp.size))
 
 
+# ---------------------------------------------------------------------------- PTX
+
+#: PTX instruction prefix -> key (checked in order: first match wins)
+_PTX_CLASSES = (
+    ("wgmma.mma_async", "wgmma"), ("mma.sync", "mma.sync"),
+    ("cp.async.bulk.tensor", "tma"), ("cp.async.bulk", "bulk_copy"), ("cp.async.", "cp.async"),
+    ("ld.global", "ld.global"), ("st.global", "st.global"), ("ldmatrix", "ldmatrix"),
+    ("ld.shared", "ld.shared"), ("st.shared", "st.shared"), ("ld.local", "ld.local"), ("st.local", "st.local"),
+    ("fma.rn.f32", "fma.f32"), ("fma.rn.ftz.f32", "fma.f32"), ("ex2.approx", "ex2"),
+    ("mbarrier.try_wait", "mbarrier.wait"),
+)
+_PTX_INSTR_RE = re.compile(r"^\s*(?:@!?%?\w+\s+)?([a-z][\w.:]*)", re.M)
+
+
+def ptx_counts(ptx: str) -> Dict[str, int]:
+    """Static counts of the PTX instructions that matter here (wgmma, mma.sync, TMA ``cp.async.bulk.tensor``
+    split into loads and stores, cp.async, global/shared/local memory, fp32 FMA, ex2).
+
+    PTX is what Triton hands to ptxas: a cross-check of the SASS (ptxas unrolls and schedules it,
+    so counts differ; presence does not) and a fallback where no cuobjdump is available.
+    """
+    out: Counter = Counter()
+    for m in _PTX_INSTR_RE.finditer(ptx):
+        op = m.group(1)
+        for prefix, key in _PTX_CLASSES:
+            if op.startswith(prefix):
+                if key == "tma":
+                    key = "tma_store" if ".global.shared" in op else "tma_load"
+                out[key] += 1
+                break
+    return dict(sorted(out.items()))
+
+
 # ---------------------------------------------------------------------------- expectations (tests, study)
 
 _COND_RE = re.compile(r"^\s*(==|!=|>=|<=|>|<)\s*(\S+)\s*$")
@@ -416,7 +449,7 @@ def lookup(summary: Dict[str, object], path: str) -> object:
         elif isinstance(cur, dict):
             if part in cur:
                 cur = cur[part]
-            elif path.split("/")[0] in ("total", "in_loops", "main_loop") and cur is not summary:
+            elif path.split("/")[0] in ("total", "in_loops", "main_loop", "ptx") and cur is not summary:
                 cur = 0  # an opcode that does not occur
             else:
                 return None
@@ -425,9 +458,11 @@ def lookup(summary: Dict[str, object], path: str) -> object:
     return cur
 
 
-def check_expectations(funcs: Dict[str, SassFunction], expect: Dict[str, Dict[str, str]]) -> Tuple[int, List[str]]:
+def check_expectations(funcs: Dict[str, SassFunction], expect: Dict[str, Dict[str, str]],
+                       ptx: Optional[Dict[str, int]] = None) -> Tuple[int, List[str]]:
     """Count the conditions in ``expect`` (function name, or ``"*"`` for the first function, ->
-    {path: ``">0"``, ``"==3"``, ``"==0x40"``, ...}) and list the ones that fail."""
+    {path: ``">0"``, ``"==3"``, ``"==0x40"``, ``"ptx/wgmma"``...}) and list the ones that fail.
+    ``ptx``: :func:`ptx_counts` of the sample's PTX, reachable as ``ptx/<key>`` (absent keys: 0)."""
     n, failed = 0, []
     for fname, conds in expect.items():
         fn = funcs.get(fname) if fname != "*" else next(iter(funcs.values()), None)
@@ -436,6 +471,8 @@ def check_expectations(funcs: Dict[str, SassFunction], expect: Dict[str, Dict[st
             failed.append(f"{fname}: function not found (have {', '.join(funcs) or 'none'})")
             continue
         summ = fn.summary()
+        if ptx is not None:
+            summ["ptx"] = ptx
         for path, cond in conds.items():
             n += 1
             m = _COND_RE.match(str(cond))
@@ -462,7 +499,9 @@ def check_sample(path) -> Dict[str, object]:
     funcs = parse_sass(path.read_text())
     side = path.with_suffix(".json")
     expect = json.loads(side.read_text()).get("expect", {}) if side.exists() else {}
-    n, failed = check_expectations(funcs, expect)
+    ptx_file = path.with_suffix(".ptx")
+    ptx = ptx_counts(ptx_file.read_text()) if ptx_file.exists() else None
+    n, failed = check_expectations(funcs, expect, ptx)
     if not expect:
         failed = failed + [f"{path.name}: no expectations (missing {side.name} or its 'expect')"]
     summary = {name: summary_counts(fn.main_loop.counts) if fn.main_loop else None for name, fn in funcs.items()}

@@ -120,6 +120,12 @@ class CodegenStudy(Study):
         with ctx.guard("linear attention"):
             self._linear(ctx)
         bar.update(1, "linear")
+        if not ctx.quick:
+            # last: Helion at our own tile, which Triton 3.6 failed to compile when cross-compiled on a CPU
+            with ctx.guard("helion at our tile"):
+                q, k, v = self._bhsd()
+                b, h, n, d = self.shape
+                self._helion(ctx, q, k, v, False, attention_flops(b, h, n, n, d, False), tile="ours")
 
     def _record(self, ctx: StudyContext, *, op: str, impl: str, variant: str, causal: Optional[bool], kernels,
                 timing=None, flops=None, nbytes=None, shape=None, **more) -> int:
@@ -232,28 +238,32 @@ class CodegenStudy(Study):
                      flops=flops, inductor_calls=calls, sdpa_rewrite=collect.sdpa_rewrites(calls),
                      capture_notes=cap.notes)
 
-    def _helion(self, ctx, q, k, v, causal, flops) -> None:
+    def _helion(self, ctx, q, k, v, causal, flops, tile: str = "config") -> None:
+        """Helion's attention at its fixed config (``tile="config"``) or at our own D128 tile ("our tile")."""
         from ..codegen import collect
 
+        variant = "fixed config" if tile == "config" else "our tile"
         try:
             from ..codegen import helion_attention as ha
         except Exception as e:  # noqa: BLE001 - no wheel, or a wheel that does not fit this torch/triton
-            self._record(ctx, op="attn_fwd", impl="helion", variant="fixed config", causal=causal, kernels=[],
+            self._record(ctx, op="attn_fwd", impl="helion", variant=variant, causal=causal, kernels=[],
                          flops=flops, unavailable=f"import helion failed: {type(e).__name__}: {str(e)[:200]}")
             return
-        kern = ha.helion_attention_causal if causal else ha.helion_attention
+        cfg = ha.CONFIG if tile == "config" else ha.OUR_TILE
+        kern = ha.kernel(causal, cfg)
         with collect.fresh_compile_caches(reset_dynamo=False) as cap:
             try:
                 kern(q, k, v)
                 _sync()
-            except Exception as e:  # noqa: BLE001
-                self._record(ctx, op="attn_fwd", impl="helion", variant="fixed config", causal=causal, kernels=[],
-                             flops=flops, unavailable=f"helion kernel failed: {type(e).__name__}: {str(e)[:200]}")
+            except Exception as e:  # noqa: BLE001 - e.g. Triton failing on the generated code
+                msg = str(e).splitlines()[0][:200] if str(e) else ""
+                self._record(ctx, op="attn_fwd", impl="helion", variant=variant, causal=causal, kernels=[],
+                             flops=flops, config=str(cfg), unavailable=f"helion kernel failed: {type(e).__name__}: {msg}")
                 return
             kernels = collect.triton_cache_kernels(cap.folder, None, self.tool)
             t = ctx.bench(lambda: kern(q, k, v))
-        self._record(ctx, op="attn_fwd", impl="helion", variant="fixed config", causal=causal, kernels=kernels,
-                     timing=t, flops=flops, config=str(ha.CONFIG),
+        self._record(ctx, op="attn_fwd", impl="helion", variant=variant, causal=causal, kernels=kernels,
+                     timing=t, flops=flops, config=str(cfg),
                      note="causal: masked with torch.where, every key tile visited" if causal else "")
 
     def _paged(self, ctx: StudyContext) -> None:
@@ -353,6 +363,10 @@ class CodegenStudy(Study):
         for (impl, op, variant), rs in groups.items():
             out.append(_path_finding(impl, op, variant, rs, mm))
         f = _inductor_finding([r for r in rows if r["impl"] == "inductor"])
+        if f:
+            out.append(f)
+        f = _same_code_finding([r for r in rows if r["impl"] == "attention_proto" and r["op"] == "attn_fwd"],
+                               data.env.get("triton"))
         if f:
             out.append(f)
         return out
@@ -519,6 +533,46 @@ def _inductor_finding(rows: List[Dict[str, Any]]) -> Optional[Finding]:
                    claim=f"torch.compile of the written-out softmax(QK^T)V at {_shape(rows[0])} -- " + " | ".join(parts)
                          + ".",
                    verdict="observation", metrics={"rows": len(rows)}, evidence=[r["id"] for r in rows])
+
+
+def _code_signature(r: Dict[str, Any]):
+    """What identifies a row's compiled code: every kernel's name, registers, warps and opcode counts."""
+    ks = r["extra"].get("kernels") or []
+    if not r["extra"].get("main_kernel") or not ks:
+        return None
+    return tuple(sorted((k.get("name"), k.get("registers"), k.get("num_warps"),
+                         tuple(sorted((k.get("total") or {}).items()))) for k in ks))
+
+
+def _same_code_finding(rows: List[Dict[str, Any]], triton_version: Optional[str]) -> Optional[Finding]:
+    """Variants of our forward that compile to identical code (e.g. 'tma+ws' = 'tma' when Triton does not
+    warp-specialize), and which variant 'auto' runs."""
+    parts, pairs = [], []
+    for causal in (False, True):
+        rs = [r for r in rows if bool(r.get("causal")) == causal and _code_signature(r)]
+        named = [r for r in rs if r["variant"] != "auto"]
+        for i, a in enumerate(named):
+            for b_ in named[i + 1:]:
+                if _code_signature(a) == _code_signature(b_):
+                    k = next(x for x in a["extra"]["kernels"] if x.get("name") == a["extra"]["main_kernel"])
+                    parts.append(f"{_cz(a)}: '{b_['variant']}' compiles to the same code as '{a['variant']}' "
+                                 f"({(k.get('total') or {}).get('total')} instructions in {k.get('name')}, "
+                                 f"{k.get('registers')} registers, {k.get('num_warps')} warps)")
+                    pairs.append((a, b_))
+        auto = next((r for r in rs if r["variant"] == "auto"), None)
+        if auto is not None:
+            same = [r["variant"] for r in named if _code_signature(r) == _code_signature(auto)]
+            parts.append(f"{_cz(auto)}: 'auto' runs the code of {', '.join(repr(x) for x in same) or 'no other variant'}")
+    if not pairs and not parts:
+        return None
+    ws = [p for p in pairs if {p[0]["variant"], p[1]["variant"]} == {"tma", "tma+ws"}]
+    if ws:
+        parts.append(f"warp specialization (tl.range warp_specialize) had no effect on this GPU with triton "
+                     f"{triton_version or '?'}")
+    return Finding(id="codegen-ours-identical-variants", title="Which forward variants compile to the same code",
+                   claim="; ".join(parts) + ".", verdict="observation",
+                   metrics={"identical_pairs": [[a["variant"], b_["variant"], bool(a.get("causal"))] for a, b_ in pairs]},
+                   evidence=sorted({r["id"] for r in rows}))
 
 
 def _parser_finding(rows: List[Dict[str, Any]]) -> Finding:
