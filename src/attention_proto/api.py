@@ -160,7 +160,7 @@ class Params:
 
 
 def _params(causal=False, scale=None, window=None, softcap=None, alibi_slopes=None, rope=None, return_lse=False,
-            deterministic=False, score_mod=None, mask_mod=None, key_padding_mask=None, H: int = 1,
+            deterministic=False, score_mod=None, mask_mod=None, key_padding_mask=None, H: Optional[int] = None,
             device: Optional[torch.device] = None) -> Params:
     from .ops.dense.forward import normalize_window_arg
 
@@ -178,7 +178,7 @@ def _params(causal=False, scale=None, window=None, softcap=None, alibi_slopes=No
                                 or not (float(softcap) > 0 and math.isfinite(float(softcap)))):
         raise ValueError(f"softcap must be None or a finite real number > 0; got {describe(softcap)}")
     if isinstance(alibi_slopes, torch.Tensor):
-        if not alibi_slopes.dtype.is_floating_point or tuple(alibi_slopes.shape) != (H,):
+        if not alibi_slopes.dtype.is_floating_point or (H is not None and tuple(alibi_slopes.shape) != (H,)):
             raise ValueError(f"alibi_slopes must be a float tensor of shape [H] = [{H}]; got {describe(alibi_slopes)}")
     elif alibi_slopes not in (None, True, False):
         raise TypeError(f"alibi_slopes must be None, True (standard slopes) or a float tensor [H]; "
@@ -558,7 +558,7 @@ class PagedDecodeAttention(Generic[Q, K, V]):
                  backend: Any = "auto") -> None:
         self.backend, self.check_inputs = backend, check_inputs
         self.kw = dict(scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, window=window, return_lse=return_lse)
-        _params(**self.kw, H=alibi_slopes.shape[0] if isinstance(alibi_slopes, torch.Tensor) else 1)
+        _params(**self.kw)
 
     def _prepare(self, q, k, v):
         q = _dense(q, "bhsd", "q")
