@@ -201,8 +201,11 @@ def test_ptx_counts():
     	fma.rn.ftz.f32 %f5, %f6, %f7, %f8;
     	ex2.approx.ftz.f32 %f9, %f10;
     	mbarrier.try_wait.parity.shared.b64 %p3, [%r18], %r19;
+    	cp.async.bulk.commit_group;
+    	cp.async.bulk.wait_group.read 0;
+    	cp.async.wait_group 0;
     }
     """
     c = sass.ptx_counts(ptx)
-    assert c == {"cp.async": 1, "ex2": 1, "fma.f32": 1, "ld.global": 1, "mbarrier.wait": 1, "mma.sync": 1,
+    assert c == {"async_group_sync": 3, "cp.async": 1, "ex2": 1, "fma.f32": 1, "ld.global": 1, "mbarrier.wait": 1, "mma.sync": 1,
                  "st.local": 1, "tma_load": 1, "tma_store": 1, "wgmma": 1}

@@ -415,6 +415,9 @@ def ptx_counts(ptx: str) -> Dict[str, int]:
     out: Counter = Counter()
     for m in _PTX_INSTR_RE.finditer(ptx):
         op = m.group(1)
+        if op.startswith("cp.async") and any(w in op for w in ("commit_group", "wait_group", "wait_all")):
+            out["async_group_sync"] += 1  # commit/wait of async copies: no data moved
+            continue
         for prefix, key in _PTX_CLASSES:
             if op.startswith(prefix):
                 if key == "tma":
