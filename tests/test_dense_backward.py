@@ -281,6 +281,45 @@ def test_autograd_lse_only_output(monkeypatch):
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("layout,deterministic", [("bhsd", True), ("bshd", False)])
+def test_public_attention_gradients(layout, deterministic):
+    """attention() with requires_grad goes through DenseAttentionFn (both layouts, both backward modes)."""
+    pytest.importorskip("attention_proto.ops.dense.forward", reason="forward kernel not written yet")
+    from attention_proto.ops.dense.interface import attention
+
+    mods = dict(causal=True, window=(13, -1), alibi_slopes=alibi_slopes(4).to(DEV))
+    q, k, v, do = make(1, 4, 2, 27, 35, 40, torch.float16, 21)
+    x = [t.transpose(1, 2).contiguous() if layout == "bshd" else t.clone() for t in (q, k, v)]
+    x = [t.requires_grad_() for t in x]
+    out = attention(*x, layout=layout, deterministic=deterministic, **mods)
+    out.backward(do.transpose(1, 2) if layout == "bshd" else do)
+    grads = [t.grad.transpose(1, 2) if layout == "bshd" else t.grad for t in x]
+    _, _, g64 = ref_grads(q, k, v, do, torch.float64, **mods)
+    _, _, glow = ref_grads(q, k, v, do, torch.float16, **mods)
+    for name, a, lo, hi in zip(("dq", "dk", "dv"), grads, glow, g64):
+        assert_close_rule(a, lo, hi, torch.float16, factor=3, what=name)
+
+
+def test_public_attention_varlen_gradients():
+    pytest.importorskip("attention_proto.ops.dense.forward", reason="forward kernel not written yet")
+    from attention_proto.ops.dense.interface import attention_varlen
+
+    lq, lk = [7, 19, 0, 12], [7, 25, 3, 12]
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(9)
+    q, do = torch.randn(sum(lq), 4, 32, generator=g), torch.randn(sum(lq), 4, 32, generator=g)
+    k, v = torch.randn(sum(lk), 1, 32, generator=g), torch.randn(sum(lk), 1, 32, generator=g)
+    mods = dict(causal=True, softcap=6.0, rope=RopeSpec("interleaved"))
+    x = [t.clone().to(DEV).requires_grad_() for t in (q, k, v)]
+    out = attention_varlen(*x, cu_q.to(DEV), cu_k.to(DEV), deterministic=True, **mods)
+    out.backward(do.to(DEV))
+    _, _, g64 = ref_grads(q, k, v, do, torch.float64, varlen=(cu_q, cu_k), **mods)
+    _, _, g32 = ref_grads(q, k, v, do, torch.float32, varlen=(cu_q, cu_k), **mods)
+    for name, leaf, lo, hi in zip(("dq", "dk", "dv"), x, g32, g64):
+        assert_close_rule(leaf.grad, lo, hi, torch.float32, factor=3, what=name)
+
+
 # --------------------------------------------------------------------------- input checks, configs
 
 

@@ -17,9 +17,10 @@ Kernels (all launched through ``KERNEL_CACHE``):
 
 Separate dK/dV and dQ kernels make every output the sum of a fixed sequence
 of tiles: the result is bitwise identical across runs (``deterministic=True``,
-the default). ``deterministic=False`` instead adds dQ tiles inside the dK/dV
-loop with fp32 atomics into a zeroed buffer (one pass over the scores
-instead of two; the summation order, hence the rounding, varies by run).
+the default here; the public ``attention()`` picks its own default).
+``deterministic=False`` instead adds dQ tiles inside the dK/dV loop with fp32
+atomics into a zeroed buffer (one pass over the scores instead of two; the
+summation order, hence the rounding, varies by run).
 
 Score math (mirrors the forward and ``reference.py``), per tile, fp32:
   s = scale * q.k; softcap: th = tanh(s / c), s = c * th; ALiBi: s -= slope *
@@ -28,11 +29,18 @@ Score math (mirrors the forward and ``reference.py``), per tile, fp32:
   constant bias: no slope gradient); dq = scale * ds.k, dk = scale * ds^T.q,
   dv = p^T.dO.
 
-RoPE: q and k tiles are rotated on load (fp32 math, cast back to the input
-dtype for the MMA), so the kernels produce the gradients w.r.t. the *rotated*
-q/k. Since q_rot = R q, dq = R^T dq_rot: the inverse rotation is applied on
-the host (torch, fp32) to the fp32 kernel outputs; it is O(N*D) work and
-memory. (Doing it in-kernel needs a register permutation of the dq tile.)
+Masks: blocks that are fully allowed skip the mask arithmetic. The dQ kernel
+runs three loops (masked edge, mask-free middle, masked edge); the dK/dV kernel
+runs one loop with a runtime branch around the mask, because there three loops
+cost ~50 more registers per thread (sm_90 ptxas) and spill at useful tiles.
+
+RoPE: ``_rope_pass`` rotates q and k once into temporaries (fp32 math, rounded
+to the input dtype, exactly as the forward's rotate-on-load rounds them before
+its MMA), the main kernels run without RoPE, and the same pass applied with
+the inverse rotation R^T turns the fp32 gradients w.r.t. rotated q/k into dq,
+dk. Rotating on load inside the main kernels would redo the rotation of each
+q tile once per KV block and, measured with ptxas for sm_90, pushes the dK/dV
+kernel into spills (cos/sin and partner tiles live next to the accumulators).
 
 Precision: fp16/bf16 MMA operands with fp32 accumulation; P and dS are cast
 to the input dtype before their MMAs, as FlashAttention does. fp32 inputs use
@@ -66,7 +74,7 @@ from attention_proto.runtime.validation import (
 from .common import LOG2E as _LOG2E_F
 from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_f32
 from .reference import normalize_window
-from .rope import RopeSpec, rope_cos_sin, rotate
+from .rope import RopeSpec, rope_cos_sin
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -98,9 +106,7 @@ class BwdConfig:
     def __post_init__(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "dq_block_m", "dq_block_n"):
             v = getattr(self, name)
-            if v is None:
-                continue
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
+            if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
                 raise ValueError(f"BwdConfig.{name} must be a power of two >= 16 (tl.dot needs 16); got {v!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"BwdConfig.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}")
@@ -116,41 +122,41 @@ class BwdConfig:
         return self.dq_block_n or self.BLOCK_M
 
 
-def bwd_config_candidates(head_dim: int) -> list[BwdConfig]:
-    """Candidates for a backward tile sweep on Hopper (each fits 227 KB of shared memory in fp16).
+def bwd_config_candidates(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> list[BwdConfig]:
+    """Candidates for a backward tile sweep on Hopper, best guess first.
 
-    Register budget: the dK/dV program holds two fp32 [BLOCK_N, D] accumulators,
-    so BLOCK_N * D * 2 / (32 * num_warps) should stay near or below 128.
+    Each was compiled for sm_90 (triton 3.6, bf16, causal, both modes) and kept
+    only without register spills in either kernel; shared memory <= 161 KB.
+    The dK/dV program holds two fp32 [BLOCK_N, D] accumulators plus K and V,
+    which is what limits the tiles. fp32 (ieee dots run on FMA units, all in
+    registers) gets small tiles only.
     """
     d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        return [BwdConfig(16, 32, 4, 1), BwdConfig(16, 32, 4, 2), BwdConfig(16, 16, 4, 1)]
     if d <= 64:
         return [
-            BwdConfig(32, 128, 4, 3), BwdConfig(32, 128, 4, 4), BwdConfig(64, 128, 8, 3),
-            BwdConfig(32, 64, 4, 3), BwdConfig(64, 64, 4, 3), BwdConfig(16, 128, 4, 4),
+            BwdConfig(32, 128, 8, 3), BwdConfig(32, 128, 8, 2), BwdConfig(64, 128, 8, 2), BwdConfig(64, 128, 8, 3),
+            BwdConfig(16, 128, 8, 3), BwdConfig(32, 64, 4, 2), BwdConfig(32, 64, 4, 3), BwdConfig(32, 64, 8, 2),
         ]
     if d <= 128:
         return [
-            BwdConfig(32, 128, 8, 2), BwdConfig(32, 128, 8, 3), BwdConfig(64, 128, 8, 2),
-            BwdConfig(32, 64, 4, 2), BwdConfig(32, 64, 4, 3), BwdConfig(64, 64, 4, 2),
-            BwdConfig(16, 64, 4, 3),
+            BwdConfig(32, 128, 8, 2), BwdConfig(16, 128, 8, 3), BwdConfig(32, 64, 8, 2), BwdConfig(32, 128, 8, 3),
+            BwdConfig(16, 64, 4, 2), BwdConfig(16, 32, 4, 2),
         ]
-    return [
-        BwdConfig(32, 64, 8, 2), BwdConfig(16, 64, 4, 2), BwdConfig(32, 64, 4, 1),
-        BwdConfig(16, 32, 4, 2), BwdConfig(32, 32, 4, 2),
-    ]
+    return [BwdConfig(32, 32, 8, 2), BwdConfig(32, 64, 8, 1), BwdConfig(16, 32, 4, 2)]
 
 
 def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int) -> BwdConfig:
-    """Heuristic: tiny tiles under the interpreter, the first sweep candidate on GPU.
+    """Heuristic: tiny tiles under the interpreter, else the first sweep candidate.
 
-    fp32 operands take twice the shared memory of fp16: halve the key tile and
-    use one stage less.
+    Short sequences (<= 64 keys) take 64-key blocks so that fewer rows idle.
     """
     if interpreter_mode():
         return BwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1)
-    cfg = bwd_config_candidates(head_dim)[0]
-    if dtype == torch.float32:
-        cfg = BwdConfig(cfg.BLOCK_M, max(16, cfg.BLOCK_N // 2), cfg.num_warps, max(1, cfg.num_stages - 1))
+    cfg = bwd_config_candidates(head_dim, dtype)[0]
+    if max(seqlen_q, seqlen_k) <= 64 and cfg.BLOCK_N > 64:
+        cfg = BwdConfig(cfg.BLOCK_M, 64, 4, cfg.num_stages)
     return cfg
 
 
@@ -158,23 +164,28 @@ def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: 
 
 
 @triton.jit
-def _load_qk(base, rows, n_rows, stride_r, stride_c, pos0, COS, SIN, stride_cs, max_pos,
-             ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """A q or k tile in the input dtype, rotated (fp32 math) when ROPE; position = pos0 + row."""
-    if ROPE != 0:
-        x = load_rope_tile(base, rows, n_rows, stride_r, stride_c, pos0, COS, SIN, stride_cs, max_pos,
-                           ROPE, HEAD_DIM, BLOCK_D, CHECK_ROWS).to(base.dtype.element_ty)
+def _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of batch entry b."""
+    if IS_VARLEN:
+        # int64 starts: packed row offsets times the row stride can pass 2**31
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
     else:
-        x = load_tile(base, rows, n_rows, stride_r, stride_c, HEAD_DIM, BLOCK_D, CHECK_ROWS)
-    return x
+        q_start = b * 0
+        k_start = b * 0
+        seqlen_q = nq + b * 0
+        seqlen_k = nk + b * 0
+    return q_start, seqlen_q, k_start, seqlen_k
 
 
 @triton.jit
-def _scores(qk, rel, ok, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr):
-    """Final scores of a tile (-inf where masked) and tanh(s/c) for the softcap gradient.
+def _scores(qk, rel, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Scores of a tile before masking, and tanh(s/c) for the softcap gradient.
 
-    ``rel`` = query position - key position and ``ok`` (allowed pairs) come broadcast to the
-    tile's orientation ([M, N] in the dQ kernel, [N, M] in the dK/dV kernel).
+    ``rel`` = query position - key position, broadcast to the tile's orientation
+    ([M, N] in the dQ kernel, [N, M] in the dK/dV kernel).
     """
     s = qk * scale
     th = s
@@ -183,13 +194,12 @@ def _scores(qk, rel, ok, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl
         s = softcap * th
     if ALIBI:
         s = s - slope * tl.abs(rel).to(tl.float32)
-    if MASK:
-        s = tl.where(ok, s, float("-inf"))
     return s, th
 
 
 @triton.jit
 def _row_stats(LSE, DELTA, l_base, rows, ok):
+    """LSE (times log2 e, for exp2) and delta of a row block."""
     lse = tl.load(LSE + l_base + rows, mask=ok, other=float("inf"))
     # fully masked rows carry LSE = -inf: +inf makes their p exactly 0 instead of NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
@@ -198,26 +208,29 @@ def _row_stats(LSE, DELTA, l_base, rows, ok):
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, DQ_base, start_m, offs_n,
-               q_start, seqlen_q, seqlen_k, off, q_pos0, scale, softcap, slope, win_left, win_right,
+def _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, DQ_base, start_m, masked, offs_n,
+               q_start, seqlen_q, seqlen_k, off, scale, softcap, slope, win_left, win_right,
                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
-               COS, SIN, stride_cs, max_pos,
-               MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE: tl.constexpr,
-               FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One query block against the program's key block, transposed (S^T = K Q^T, [BLOCK_N, BLOCK_M])."""
+    """One query block against the program's key block, transposed (S^T = K Q^T, [BLOCK_N, BLOCK_M]).
+
+    ``masked`` (runtime) says whether this block needs the causal/window/bounds mask.
+    """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = q_start + offs_m
     m_ok = offs_m < seqlen_q
-    q = _load_qk(q_base, rows, q_start + seqlen_q, stride_qm, stride_qd, q_pos0, COS, SIN, stride_cs, max_pos,
-                 ROPE, HEAD_DIM, BLOCK_D, MASK)
-    do = load_tile(do_base, rows, q_start + seqlen_q, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, MASK)
+    q = load_tile(q_base, rows, q_start + seqlen_q, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, True)
+    do = load_tile(do_base, rows, q_start + seqlen_q, stride_dom, stride_dod, HEAD_DV, BLOCK_DV, True)
     lse2, delta = _row_stats(LSE, DELTA, l_base, rows * stride_lm, m_ok)
 
     rel = offs_m[None, :] + off - offs_n[:, None]
-    ok = m_ok[None, :] & (offs_n < seqlen_k)[:, None] & (rel >= -win_right) & (rel <= win_left)
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-    sT, thT = _scores(qkT, rel, ok, scale, softcap, slope, SOFTCAP, ALIBI, MASK)
+    sT, thT = _scores(qkT, rel, scale, softcap, slope, SOFTCAP, ALIBI)
+    if masked:
+        ok = m_ok[None, :] & (offs_n < seqlen_k)[:, None] & (rel >= -win_right) & (rel <= win_left)
+        sT = tl.where(ok, sT, float("-inf"))
     pT = tl.exp2(sT * LOG2E - lse2[None, :])
     dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -229,28 +242,30 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, DQ_base, start
     if FUSE_DQ:
         dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * scale
         cols = tl.arange(0, BLOCK_D)
+        # relaxed: the adds need no ordering, only atomicity (cheaper than the default acq_rel)
         tl.atomic_add(DQ_base + rows[:, None] * stride_dqm + cols[None, :] * stride_dqd, dq,
-                      mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
+                      mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok,
-             k_start, seqlen_k, off, k_pos0, scale, softcap, slope, win_left, win_right,
-             stride_kn, stride_kd, stride_vn, stride_vd, COS, SIN, stride_cs, max_pos,
-             MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE: tl.constexpr,
-             DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+             k_start, seqlen_k, off, scale, softcap, slope, win_left, win_right,
+             stride_kn, stride_kd, stride_vn, stride_vd,
+             MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
+             HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One key block against the program's query block ([BLOCK_M, BLOCK_N] orientation)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     rows = k_start + offs_n
-    k = _load_qk(k_base, rows, k_start + seqlen_k, stride_kn, stride_kd, k_pos0, COS, SIN, stride_cs, max_pos,
-                 ROPE, HEAD_DIM, BLOCK_D, MASK)
+    k = load_tile(k_base, rows, k_start + seqlen_k, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, MASK)
     v = load_tile(v_base, rows, k_start + seqlen_k, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, MASK)
     rel = offs_m[:, None] + off - offs_n[None, :]
-    ok = m_ok[:, None] & (offs_n < seqlen_k)[None, :] & (rel >= -win_right) & (rel <= win_left)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    s, th = _scores(qk, rel, ok, scale, softcap, slope, SOFTCAP, ALIBI, MASK)
+    s, th = _scores(qk, rel, scale, softcap, slope, SOFTCAP, ALIBI)
+    if MASK:
+        ok = m_ok[:, None] & (offs_n < seqlen_k)[None, :] & (rel >= -win_right) & (rel <= win_left)
+        s = tl.where(ok, s, float("-inf"))
     p = tl.exp2(s * LOG2E - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -286,33 +301,45 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q,
 
 
 @triton.jit
-def _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        # int64 starts: packed row offsets times the row stride can pass 2**31
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+def _rope_pass(X, Y, COS, SIN, CU_Q, CU_K,
+               stride_xb, stride_xh, stride_xm, stride_xd, stride_yb, stride_yh, stride_ym, stride_yd,
+               nq, nk, H, stride_cs, max_pos, pos_off,
+               IS_VARLEN: tl.constexpr, IS_Q: tl.constexpr, Q_DEFAULT: tl.constexpr, ROPE: tl.constexpr,
+               INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Y = R X (INVERSE: R^T X) for the rows of q (IS_Q) or k; table row = pos_off + position."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN)
+    if IS_Q:
+        start = q_start
+        n = seqlen_q
+        pos0 = pos_off + (seqlen_k - seqlen_q if Q_DEFAULT else 0) - q_start
     else:
-        q_start = b * 0
-        k_start = b * 0
-        seqlen_q = nq + b * 0
-        seqlen_k = nk + b * 0
-    return q_start, seqlen_q, k_start, seqlen_k
+        start = k_start
+        n = seqlen_k
+        pos0 = pos_off - k_start
+    if pid_m * BLOCK_M >= n:
+        return
+    b64 = b.to(tl.int64)
+    rows = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x = load_rope_tile(X + b64 * stride_xb + h * stride_xh, rows, start + n, stride_xm, stride_xd, pos0,
+                       COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, True, INVERSE)
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(Y + b64 * stride_yb + h * stride_yh + rows[:, None] * stride_ym + cols[None, :] * stride_yd,
+             x.to(Y.dtype.element_ty), mask=(rows < start + n)[:, None] & (cols < HEAD_DIM)[None, :])
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DVP, DQ, SLOPES, COS, SIN, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DVP, DQ, SLOPES, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_sb, nq, nk, HKV, GROUP,
-    scale, softcap, win_left, win_right, stride_cs, max_pos, rope_q_off, rope_k_off,
+    stride_sb, nq, nk, HKV, GROUP, scale, softcap, win_left, win_right,
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    ROPE: tl.constexpr, ROPE_Q_DEFAULT: tl.constexpr, FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+    FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head, summed over the query heads of its GQA group."""
@@ -327,56 +354,38 @@ def _bwd_dkdv(
     b64 = b.to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     rows_n = k_start + offs_n
-    # rope positions are pos0 + memory row: fold the sequence start into pos0
-    q_pos0 = (off + rope_q_off if ROPE_Q_DEFAULT else rope_q_off) - q_start
-    k = _load_qk(K + b64 * stride_kb + hkv * stride_kh, rows_n, k_start + seqlen_k, stride_kn, stride_kd,
-                 rope_k_off - k_start, COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, True)
+    k = load_tile(K + b64 * stride_kb + hkv * stride_kh, rows_n, k_start + seqlen_k, stride_kn, stride_kd,
+                  HEAD_DIM, BLOCK_D, True)
     v = load_tile(V + b64 * stride_vb + hkv * stride_vh, rows_n, k_start + seqlen_k, stride_vn, stride_vd,
                   HEAD_DV, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # query blocks: [lo, full_lo) and [full_hi, hi) need the mask, [full_lo, full_hi) none
+    # query blocks [lo, hi); those in [full_lo, full_hi) see every key of the block (no mask)
     lo, hi = q_block_range(n0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_N, False, HAS_WINDOW)
     lo = (lo // BLOCK_M) * BLOCK_M
     full_lo = lo
     full_hi = lo
     if n0 + BLOCK_N <= seqlen_k:
-        # every pair allowed: m0 + off + right >= n0 + BLOCK_N - 1 and m0 + BLOCK_M - 1 + off - left <= n0
+        # all pairs allowed iff m0 + off + right >= n0 + BLOCK_N - 1 and m0 + BLOCK_M - 1 + off - left <= n0
         first = tl.maximum(n0 + BLOCK_N - 1 - off - win_right, lo)
         full_lo = tl.minimum(((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, hi)
         last = tl.minimum(tl.minimum(n0 - off + win_left + 1, seqlen_q), hi)
         full_hi = tl.maximum((last // BLOCK_M) * BLOCK_M, full_lo)
-        full_lo = tl.minimum(full_lo, full_hi)
-        full_lo = tl.maximum(full_lo, lo)
 
     for g in range(0, GROUP):
         h = hkv * GROUP + g
         slope = 0.0
         if ALIBI:
             slope = tl.load(SLOPES + b64 * stride_sb + h).to(tl.float32)
-        q_base = Q + b64 * stride_qb + h * stride_qh
-        do_base = DO + b64 * stride_dob + h * stride_doh
-        dq_base = DQ + b64 * stride_dqb + h * stride_dqh
         l_base = b64 * stride_lb + h * stride_lh
-        for start_m in range(lo, full_lo, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, dq_base, start_m, offs_n,
-                                q_start, seqlen_q, seqlen_k, off, q_pos0, scale, softcap, slope, win_left, win_right,
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, Q + b64 * stride_qb + h * stride_qh, DO + b64 * stride_dob + h * stride_doh,
+                                LSE, DELTA, l_base, DQ + b64 * stride_dqb + h * stride_dqh, start_m,
+                                (start_m < full_lo) | (start_m >= full_hi), offs_n,
+                                q_start, seqlen_q, seqlen_k, off, scale, softcap, slope, win_left, win_right,
                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
-                                COS, SIN, stride_cs, max_pos, True, SOFTCAP, ALIBI, ROPE, FUSE_DQ, DOT_PREC,
-                                HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
-        for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, dq_base, start_m, offs_n,
-                                q_start, seqlen_q, seqlen_k, off, q_pos0, scale, softcap, slope, win_left, win_right,
-                                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
-                                COS, SIN, stride_cs, max_pos, False, SOFTCAP, ALIBI, ROPE, FUSE_DQ, DOT_PREC,
-                                HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
-        for start_m in range(full_hi, hi, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, dq_base, start_m, offs_n,
-                                q_start, seqlen_q, seqlen_k, off, q_pos0, scale, softcap, slope, win_left, win_right,
-                                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
-                                COS, SIN, stride_cs, max_pos, True, SOFTCAP, ALIBI, ROPE, FUSE_DQ, DOT_PREC,
-                                HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+                                SOFTCAP, ALIBI, FUSE_DQ, DOT_PREC, HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
 
     n_ok = offs_n < seqlen_k
     cols = tl.arange(0, BLOCK_D)
@@ -389,15 +398,13 @@ def _bwd_dkdv(
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, COS, SIN, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_sb, nq, nk, H, GROUP,
-    scale, softcap, win_left, win_right, stride_cs, max_pos, rope_q_off, rope_k_off,
+    stride_sb, nq, nk, H, GROUP, scale, softcap, win_left, win_right,
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    ROPE: tl.constexpr, ROPE_Q_DEFAULT: tl.constexpr, DOT_PREC: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ of one query block of one head (deterministic mode)."""
@@ -413,9 +420,8 @@ def _bwd_dq(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     rows = q_start + offs_m
     m_ok = offs_m < seqlen_q
-    q_pos0 = (off + rope_q_off if ROPE_Q_DEFAULT else rope_q_off) - q_start
-    q = _load_qk(Q + b64 * stride_qb + h * stride_qh, rows, q_start + seqlen_q, stride_qm, stride_qd, q_pos0,
-                 COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, True)
+    q = load_tile(Q + b64 * stride_qb + h * stride_qh, rows, q_start + seqlen_q, stride_qm, stride_qd,
+                  HEAD_DIM, BLOCK_D, True)
     do = load_tile(DO + b64 * stride_dob + h * stride_doh, rows, q_start + seqlen_q, stride_dom, stride_dod,
                    HEAD_DV, BLOCK_DV, True)
     lse2, delta = _row_stats(LSE, DELTA, b64 * stride_lb + h * stride_lh, rows * stride_lm, m_ok)
@@ -425,25 +431,21 @@ def _bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b64 * stride_kb + (h // GROUP) * stride_kh
     v_base = V + b64 * stride_vb + (h // GROUP) * stride_vh
-    k_pos0 = rope_k_off - k_start
     # key blocks: [lo, full_lo) and [full_hi, hi) masked, [full_lo, full_hi) mask-free
     lo, full_lo, full_hi, hi = kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N,
                                               False, HAS_WINDOW)
     for start_n in range(lo, full_lo, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off, k_pos0,
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off,
                       scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
-                      COS, SIN, stride_cs, max_pos, True, SOFTCAP, ALIBI, ROPE, DOT_PREC, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, BLOCK_D, BLOCK_DV)
+                      True, SOFTCAP, ALIBI, DOT_PREC, HEAD_DIM, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off, k_pos0,
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off,
                       scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
-                      COS, SIN, stride_cs, max_pos, False, SOFTCAP, ALIBI, ROPE, DOT_PREC, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, BLOCK_D, BLOCK_DV)
+                      False, SOFTCAP, ALIBI, DOT_PREC, HEAD_DIM, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off, k_pos0,
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off,
                       scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
-                      COS, SIN, stride_cs, max_pos, True, SOFTCAP, ALIBI, ROPE, DOT_PREC, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, BLOCK_D, BLOCK_DV)
+                      True, SOFTCAP, ALIBI, DOT_PREC, HEAD_DIM, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     cols = tl.arange(0, BLOCK_D)
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + cols[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
@@ -460,9 +462,7 @@ def _strides4(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int, int]:
 
 
 def _lse_strides(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
-    if varlen:  # [H, Tq]
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
 def _validate(do, q, k, v, o, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, varlen: bool) -> None:
@@ -478,52 +478,36 @@ def _validate(do, q, k, v, o, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, var
     require_dtype("lse", lse, (torch.float32,))
     require_same_device(names, (do, q, k, v, o, lse))
     hd = 2 if varlen else 3
-    hh = 1
-    H, D, Hkv, Dv = q.shape[hh], q.shape[hd], k.shape[hh], v.shape[hd]
-    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
-        raise ValueError(f"head dim up to {MAX_HEAD_DIM} is supported; got q {describe(q)}, v {describe(v)}")
-    if D < 1 or Dv < 1:
-        raise ValueError(f"head dims must be positive; got q {describe(q)}, v {describe(v)}")
+    H, D, Hkv, Dv = q.shape[1], q.shape[hd], k.shape[1], v.shape[hd]
+    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
+        raise ValueError(f"head dims from 1 to {MAX_HEAD_DIM} are supported; got q {describe(q)}, v {describe(v)}")
     if k.shape[hd] != D:
         raise ValueError(f"k must have q's head dim {D}; got k {describe(k)}, q {describe(q)}")
     if Hkv < 1 or H % Hkv != 0:
         raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv}); got q {describe(q)}, k {describe(k)}")
-    kv_shape = list(k.shape)
-    kv_shape[hd] = Dv
+    kv_shape, o_shape = list(k.shape), list(q.shape)
+    kv_shape[hd] = o_shape[hd] = Dv
     if list(v.shape) != kv_shape:
         raise ValueError(f"v must match k except in its head dim; got k {describe(k)}, v {describe(v)}")
-    o_shape = list(q.shape)
-    o_shape[hd] = Dv
     for name, t in (("o", o), ("do", do)):
         if list(t.shape) != o_shape:
             raise ValueError(f"{name} must have shape {tuple(o_shape)} (q's with v's head dim); got {describe(t)}")
     lse_shape = (H, q.shape[0]) if varlen else (q.shape[0], H, q.shape[2])
     if tuple(lse.shape) != lse_shape:
         raise ValueError(f"lse must have shape {lse_shape}; got {describe(lse)}")
+    if varlen:
+        require_int_tensor("cu_seqlens_q", cu_seqlens_q, 1)
+        require_int_tensor("cu_seqlens_k", cu_seqlens_k, 1)
+        require_same_device(("q", "cu_seqlens_q", "cu_seqlens_k"), (q, cu_seqlens_q, cu_seqlens_k))
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must both hold batch + 1 >= 2 offsets; got "
+                             f"{describe(cu_seqlens_q)} and {describe(cu_seqlens_k)}")
     if alibi_slopes is not None:
         require_tensor("alibi_slopes", alibi_slopes)
         nb = (cu_seqlens_q.numel() - 1) if varlen else q.shape[0]
         if tuple(alibi_slopes.shape) not in ((H,), (nb, H)):
             raise ValueError(f"alibi_slopes must have shape ({H},) or ({nb}, {H}); got {describe(alibi_slopes)}")
         require_same_device(("q", "alibi_slopes"), (q, alibi_slopes))
-    if varlen:
-        require_int_tensor("cu_seqlens_q", cu_seqlens_q, 1)
-        require_int_tensor("cu_seqlens_k", cu_seqlens_k, 1)
-        require_same_device(("q", "cu_seqlens_q", "cu_seqlens_k"), (q, cu_seqlens_q, cu_seqlens_k))
-        if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
-            raise ValueError(
-                "cu_seqlens_q and cu_seqlens_k must both hold batch + 1 >= 2 offsets; got "
-                f"{describe(cu_seqlens_q)} and {describe(cu_seqlens_k)}"
-            )
-
-
-@dataclass
-class _Rope:
-    kind: int  # 0 none, 1 half, 2 interleaved
-    cos: torch.Tensor  # fp32 [P, D/2]; row r holds position r + pos0
-    sin: torch.Tensor
-    pos0: int
-    q_default: bool  # q offset = Nk - Nq of each sequence
 
 
 @functools.lru_cache(maxsize=16)
@@ -533,38 +517,23 @@ def _theta_tables(theta: float, D: int, first: int, end: int, device: str) -> Tu
     return cos.to(device).contiguous(), sin.to(device).contiguous()
 
 
-def _rope_tables(rope: Optional[RopeSpec], D: int, spans, device) -> _Rope:
-    """fp32 cos/sin tables covering every position in ``spans`` ((first, last + 1) intervals)."""
-    if rope is None:
-        dummy = torch.zeros(1, 1, dtype=torch.float32, device=device)
-        return _Rope(0, dummy, dummy, 0, True)
+def _rope_tables(rope: RopeSpec, D: int, spans, device) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """fp32 cos/sin tables covering every position in ``spans`` ((first, last + 1) intervals), and the
+    position of their row 0 (below 0 when Nq > Nk puts queries before key 0)."""
     if D % 2:
         raise ValueError(f"rope needs an even head dim; got {D}")
     spans = [r for r in spans if r[1] > r[0]]
     pmin = min((a for a, _ in spans), default=0)
     pmax = max((b for _, b in spans), default=1)
-    if rope.cos is not None:
-        if tuple(rope.cos.shape[1:]) != (D // 2,):
-            raise ValueError(f"rope cos/sin must have shape [max_pos, {D // 2}]; got {describe(rope.cos)}")
-        if pmin < 0 or pmax > rope.cos.shape[0]:
-            raise ValueError(
-                f"rope cos/sin tables have {rope.cos.shape[0]} positions; positions {pmin}..{pmax - 1} are needed"
-            )
-        cos = rope.cos.to(device=device, dtype=torch.float32).contiguous()
-        sin = rope.sin.to(device=device, dtype=torch.float32).contiguous()
-        pos0 = 0
-    else:  # only the span in use; it may start below 0 (Nq > Nk puts queries before key 0)
-        cos, sin = _theta_tables(float(rope.theta), D, pmin, max(pmax, pmin + 1), str(device))
-        pos0 = pmin
-    return _Rope(1 if rope.layout == "half" else 2, cos, sin, pos0, rope.q_offset is None)
-
-
-def _unrotate(x: torch.Tensor, tab: _Rope, positions: torch.Tensor, layout: str, varlen: bool) -> torch.Tensor:
-    """Apply R^T (rotation by -angle) to gradients w.r.t. rotated q/k; positions index rows (N or T)."""
-    c, s = tab.cos[positions - tab.pos0], tab.sin[positions - tab.pos0]
-    if varlen:  # x [T, H, D]: broadcast over heads
-        c, s = c[:, None, :], s[:, None, :]
-    return rotate(x, c, -s, layout)
+    if rope.cos is None:
+        return (*_theta_tables(float(rope.theta), D, pmin, max(pmax, pmin + 1), str(device)), pmin)
+    if tuple(rope.cos.shape[1:]) != (D // 2,):
+        raise ValueError(f"rope cos/sin must have shape [max_pos, {D // 2}]; got {describe(rope.cos)}")
+    if pmin < 0 or pmax > rope.cos.shape[0]:
+        raise ValueError(f"rope cos/sin tables have {rope.cos.shape[0]} positions; positions {pmin}..{pmax - 1} "
+                         "are needed")
+    f32 = dict(device=device, dtype=torch.float32)
+    return rope.cos.to(**f32).contiguous(), rope.sin.to(**f32).contiguous(), 0
 
 
 def flash_attention_backward(
@@ -590,16 +559,18 @@ def flash_attention_backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of dense attention, from the forward's O and LSE.
 
-    Shapes (BHSD): do/o [B, H, Nq, Dv], q [B, H, Nq, D], k [B, Hkv, Nk, D],
-    v [B, Hkv, Nk, Dv], lse fp32 [B, H, Nq] (natural log, -inf on fully
-    masked rows). Varlen (cu_seqlens_q/k int32 [batch + 1] given): q/o/do
-    [Tq, H, D(v)], k/v [Tk, Hkv, D(v)], lse [H, Tq]. H % Hkv == 0, D and Dv
-    <= 256, dtypes fp16/bf16/fp32. The modifiers (causal, scale, window,
-    softcap, alibi_slopes [H] or [B, H], rope) must be those of the forward;
-    their semantics are :mod:`attention_proto.ops.dense.reference`'s.
+    Shapes (BHSD, any strides): do/o [B, H, Nq, Dv], q [B, H, Nq, D],
+    k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], lse fp32 [B, H, Nq] (natural log,
+    -inf on fully masked rows). Varlen (cu_seqlens_q/k int32 [batch + 1]):
+    q/o/do [Tq, H, D(v)], k/v [Tk, Hkv, D(v)], lse [H, Tq]; max_seqlen_q/k,
+    when given, must be >= the longest sequence (then no host sync happens
+    unless rope is set). H % Hkv == 0, D and Dv <= 256, dtypes
+    fp16/bf16/fp32. The modifiers (causal, scale, window, softcap,
+    alibi_slopes [H] or [B, H], rope) must be those of the forward; their
+    semantics are :mod:`attention_proto.ops.dense.reference`'s.
 
-    Returns dq, dk, dv shaped and typed like q, k, v. ``deterministic=True``
-    (default) gives bitwise-identical results across runs;
+    Returns dq, dk, dv shaped and typed like q, k, v (contiguous).
+    ``deterministic=True`` gives bitwise-identical results across runs;
     ``deterministic=False`` fuses dQ into the dK/dV pass with fp32 atomics.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -611,9 +582,6 @@ def flash_attention_backward(
     left, right = normalize_window(window)
     if causal:  # causal is a right window of 0 (both bottom-right aligned)
         right = 0 if right < 0 else min(right, 0)
-    has_window = left >= 0 or right >= 0
-    win_left = left if left >= 0 else WINDOW_UNBOUNDED
-    win_right = right if right >= 0 else WINDOW_UNBOUNDED
     D, Dv = q.shape[-1], v.shape[-1]
     sc = (1.0 / math.sqrt(D)) if scale is None else float(scale)
     use_softcap = softcap is not None and float(softcap) > 0
@@ -625,69 +593,80 @@ def flash_attention_backward(
             lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
             lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
             if cu_seqlens_q[-1].item() != q.shape[0] or cu_seqlens_k[-1].item() != k.shape[0] or min(lq + lk) < 0:
-                raise ValueError(
-                    f"cu_seqlens must be non-decreasing and end at Tq={q.shape[0]} / Tk={k.shape[0]}; got "
-                    f"{cu_seqlens_q.tolist()} and {cu_seqlens_k.tolist()}"
-                )
-        # grid sizes; given maxima are trusted (attention_varlen checks them) so no sync is needed
-        nq = max(max_seqlen_q or 0, max(lq) if lq else 0)
+                raise ValueError(f"cu_seqlens must be non-decreasing and end at Tq={q.shape[0]} / Tk={k.shape[0]}; "
+                                 f"got {cu_seqlens_q.tolist()} and {cu_seqlens_k.tolist()}")
+        nq = max(max_seqlen_q or 0, max(lq) if lq else 0)  # grid sizes
         nk = max(max_seqlen_k or 0, max(lk) if lk else 0)
     else:
         B, H, nq, _ = q.shape
         Hkv, nk = k.shape[1], k.shape[2]
         lq, lk = [nq], [nk]
     dev = q.device
-
-    # with rope the kernels produce gradients w.r.t. rotated q/k: keep them fp32 until rotated back
-    dq = torch.empty(q.shape, dtype=torch.float32 if rope is not None else q.dtype, device=dev)
-    dk = torch.empty(k.shape, dtype=torch.float32 if rope is not None else k.dtype, device=dev)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_()
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
+    # with rope the main kernels see rotated q/k and produce fp32 gradients w.r.t. them
+    gdt = torch.float32 if rope is not None else None
+    dq = torch.empty(q.shape, dtype=gdt or q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=gdt or k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     if POISON_OUTPUTS:
         for t in (dq, dk, dv, delta):
             t.fill_(float("nan"))
-    qo, spans = [], []
-    if rope is not None:
-        qo = [rope.resolved_q_offset(a, b) for a, b in zip(lq, lk)]
-        spans = [(s, s + n) for s, n in zip(qo, lq)] + [(rope.k_offset, rope.k_offset + n) for n in lk]
-    tab = _rope_tables(rope, D, spans, dev)
-    rope_q_off = (-tab.pos0 if tab.q_default else int(rope.q_offset) - tab.pos0) if rope is not None else 0
-    rope_k_off = (int(rope.k_offset) - tab.pos0) if rope is not None else 0
-    slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else tab.cos
+    slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else delta
     stride_sb = slopes.stride(0) if (alibi_slopes is not None and slopes.dim() == 2) else 0
     cu_q = cu_seqlens_q.to(torch.int32).contiguous() if varlen else delta
     cu_k = cu_seqlens_k.to(torch.int32).contiguous() if varlen else delta
-
     cfg = config or pick_bwd_config(D, q.dtype, nq, nk)
     BD = max(16, triton.next_power_of_2(D))
     BDV = max(16, triton.next_power_of_2(Dv))
+    small = interpreter_mode()
+
+    q_in, k_in = q, k
+    if rope is not None:
+        qo = [rope.resolved_q_offset(a, b) for a, b in zip(lq, lk)]
+        spans = [(s, s + n) for s, n in zip(qo, lq)] + [(rope.k_offset, rope.k_offset + n) for n in lk]
+        cos, sin, pos0 = _rope_tables(rope, D, spans, dev)
+        rb = 16 if small else 64
+
+        def rope_pass(x: torch.Tensor, is_q: bool, inverse: bool, dtype: torch.dtype) -> torch.Tensor:
+            y = torch.empty(x.shape, dtype=dtype, device=dev)
+            pos_off = (-pos0 if (rope.q_offset is None or not is_q) else int(rope.q_offset) - pos0)
+            pos_off += 0 if is_q else int(rope.k_offset)
+            KERNEL_CACHE.launch(
+                _rope_pass, (triton.cdiv(nq if is_q else nk, rb), B * x.shape[1]),
+                x, y, cos, sin, cu_q, cu_k, *_strides4(x, varlen), *_strides4(y, varlen), nq, nk, x.shape[1],
+                cos.stride(0), cos.shape[0], pos_off,
+                IS_VARLEN=varlen, IS_Q=is_q, Q_DEFAULT=rope.q_offset is None, ROPE=1 if rope.layout == "half" else 2,
+                INVERSE=inverse, HEAD_DIM=D, BLOCK_M=rb, BLOCK_D=BD, num_warps=1 if small else 4,
+            )
+            return y
+
+        q_in, k_in = rope_pass(q, True, False, q.dtype), rope_pass(k, False, False, k.dtype)
+
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    pre_m = 16 if interpreter_mode() else 64
+    pre_m = 16 if small else 64
     KERNEL_CACHE.launch(
         _bwd_preprocess, (triton.cdiv(nq, pre_m), B * H),
         o, do, delta, cu_q, *_strides4(o, varlen), *_strides4(do, varlen), *_lse_strides(delta, varlen), H, nq,
-        IS_VARLEN=varlen, HEAD_DV=Dv, BLOCK_M=pre_m, BLOCK_DV=BDV, num_warps=1 if interpreter_mode() else 4,
+        IS_VARLEN=varlen, HEAD_DV=Dv, BLOCK_M=pre_m, BLOCK_DV=BDV, num_warps=1 if small else 4,
     )
-
     fuse = not deterministic
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if fuse else dq
     flags = dict(
-        IS_VARLEN=varlen, HAS_WINDOW=has_window, SOFTCAP=use_softcap, ALIBI=alibi_slopes is not None,
-        ROPE=tab.kind, ROPE_Q_DEFAULT=tab.q_default, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_DIM=D, HEAD_DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV,
+        IS_VARLEN=varlen, HAS_WINDOW=left >= 0 or right >= 0, SOFTCAP=use_softcap, ALIBI=alibi_slopes is not None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", HEAD_DIM=D, HEAD_DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV,
     )
-    mods = (sc, float(softcap) if use_softcap else 1.0, win_left, win_right,
-            tab.cos.stride(0), tab.cos.shape[0], rope_q_off, rope_k_off)
-    heads = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen),
-             *_lse_strides(lse, varlen))
+    mods = (sc, float(softcap) if use_softcap else 1.0,
+            left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED)
+    common_args = (*_strides4(q_in, varlen), *_strides4(k_in, varlen), *_strides4(v, varlen),
+                   *_strides4(do, varlen), *_lse_strides(lse, varlen))
     KERNEL_CACHE.launch(
         _bwd_dkdv, (triton.cdiv(nk, cfg.BLOCK_N), B * Hkv),
-        q, k, v, do, lse, delta, dk, dv, dq_acc, slopes, tab.cos, tab.sin, cu_q, cu_k,
-        *heads, *_strides4(dk, varlen), *_strides4(dv, varlen), *_strides4(dq_acc, varlen),
+        q_in, k_in, v, do, lse, delta, dk, dv, dq_acc, slopes, cu_q, cu_k,
+        *common_args, *_strides4(dk, varlen), *_strides4(dv, varlen), *_strides4(dq_acc, varlen),
         stride_sb, nq, nk, Hkv, H // Hkv, *mods,
         FUSE_DQ=fuse, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **flags, **launch,
     )
@@ -696,15 +675,10 @@ def flash_attention_backward(
     else:
         KERNEL_CACHE.launch(
             _bwd_dq, (triton.cdiv(nq, cfg.dq_m), B * H),
-            q, k, v, do, lse, delta, dq, slopes, tab.cos, tab.sin, cu_q, cu_k,
-            *heads, *_strides4(dq, varlen), stride_sb, nq, nk, H, H // Hkv, *mods,
+            q_in, k_in, v, do, lse, delta, dq, slopes, cu_q, cu_k,
+            *common_args, *_strides4(dq, varlen), stride_sb, nq, nk, H, H // Hkv, *mods,
             BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **flags, **launch,
         )
-
-    if rope is not None:
-        def positions(lens, starts):
-            return torch.cat([torch.arange(st, st + n, device=dev) for n, st in zip(lens, starts)])
-
-        dq = _unrotate(dq, tab, positions(lq, qo), rope.layout, varlen).to(q.dtype)
-        dk = _unrotate(dk, tab, positions(lk, [rope.k_offset] * len(lk)), rope.layout, varlen).to(k.dtype)
+    if rope is not None:  # d/dx of R x is R^T applied to the gradient
+        dq, dk = rope_pass(dq, True, True, q.dtype), rope_pass(dk, False, True, k.dtype)
     return dq, dk, dv
