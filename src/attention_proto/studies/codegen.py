@@ -70,7 +70,8 @@ class CodegenStudy(Study):
     linear_shape = (4, 4096, 16, 128, 64)     # B, N, H, D, chunk
     dtype = torch.bfloat16
     device = "cuda"
-    tool: Optional[str] = None
+    tool: Optional[str] = None   # cuobjdump (set by measure)
+    limits: Any = None           # codegen.sass.SmLimits of the GPU (set by measure; Hopper's by default)
 
     # ------------------------------------------------------------------ measure (GPU)
 
@@ -135,7 +136,9 @@ class CodegenStudy(Study):
             b, h, n, d = self.shape
             shape = (b, h, h, n, n, d)
         b, h, hkv, n, nk, d = shape
-        extra = collect.row_extra(kernels, self.limits, **more)
+        from ..codegen.sass import HOPPER
+
+        extra = collect.row_extra(kernels, self.limits or HOPPER, **more)
         return ctx.record(op=op, impl=impl, variant=variant, B=b, H=h, Hkv=hkv, N=n, Nk=nk, D=d,
                           dtype=str(self.dtype).replace("torch.", ""),
                           causal=causal, timing=timing, flops=flops, nbytes=nbytes, extra=extra)
