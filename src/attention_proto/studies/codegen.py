@@ -15,6 +15,10 @@ Helion (if its wheel is installed), and SDPA cuDNN / FLASH for speed only (close
 kernels: no SASS read). Rows: ``study: codegen``, ``op: attn_fwd | attn_bwd | paged_decode |
 linear_fwd``, counts in ``extra`` (see :func:`attention_proto.codegen.collect.row_extra`).
 
+Time: compiles dominate (Flex, Inductor, Helion compile afresh: their kernels must land in an
+empty cache to be read). Quick mode runs those peers causal only and skips the extras; full mode
+ends with the extras (Inductor max-autotune with Triton GEMMs, Helion at our own tile).
+
 Under the interpreter: the SASS parser on the stored samples in ``tests/data/sass`` against their
 expected counts, and (when Triton's ptxas/cuobjdump are there) a fresh cross-compile of the
 generated samples for sm_90 through ``scripts/gen_sass_samples.py``.
@@ -101,7 +105,7 @@ class CodegenStudy(Study):
                  ("flex", self._flex), ("inductor", self._inductor), ("helion", self._helion))
         # quick mode: the peers that compile through Inductor / Helion (seconds per compile) only causal
         slow = {"flex", "inductor", "helion"}
-        bar = ctx.progress(len(causals) * (len(parts) + 1) + 2, "codegen")
+        bar = ctx.progress(len(causals) * (len(parts) + 1) + 2, "codegen")  # (+ the full-mode extras, unbarred)
         b, h, n, d = self.shape
         for causal in causals:
             q, k, v = self._bhsd()
@@ -122,10 +126,15 @@ class CodegenStudy(Study):
             self._linear(ctx)
         bar.update(1, "linear")
         if not ctx.quick:
-            # last: Helion at our own tile, which Triton 3.6 failed to compile when cross-compiled on a CPU
+            # last, full mode only: the slow or risky extras
+            q, k, v = self._bhsd()
+            with ctx.guard("inductor max-autotune"):
+                # Triton GEMM templates instead of cuBLAS: what Inductor's own matmul code looks like
+                self._inductor_one(ctx, q, k, v, True, attention_flops(b, h, n, n, d, True), "max-autotune triton-gemm",
+                                   {"max_autotune": True, "max_autotune_gemm_backends": "TRITON",
+                                    "triton.cudagraphs": False})
             with ctx.guard("helion at our tile"):
-                q, k, v = self._bhsd()
-                b, h, n, d = self.shape
+                # Helion at our own tile, which Triton 3.6 failed to compile when cross-compiled on a CPU
                 self._helion(ctx, q, k, v, False, attention_flops(b, h, n, n, d, False), tile="ours")
 
     def _record(self, ctx: StudyContext, *, op: str, impl: str, variant: str, causal: Optional[bool], kernels,
@@ -210,19 +219,12 @@ class CodegenStudy(Study):
                      **({"unavailable": why} if why else {}))
 
     def _inductor(self, ctx, q, k, v, causal, flops) -> None:
-        from ..codegen import collect
+        self._inductor_one(ctx, q, k, v, causal, flops, "default", {})
 
-        variants = [("default", {})]
-        if not ctx.quick and causal:
-            # Triton GEMM templates instead of cuBLAS: what Inductor's own matmul code looks like
-            variants.append(("max-autotune triton-gemm", {"max_autotune": True, "max_autotune_gemm_backends": "TRITON",
-                                                          "triton.cudagraphs": False}))
-        for name, opts in variants:
-            with ctx.guard(f"inductor {name} causal={causal}"):
-                self._inductor_one(ctx, q, k, v, causal, flops, name, opts, collect)
-
-    def _inductor_one(self, ctx, q, k, v, causal, flops, name, opts, collect) -> None:
+    def _inductor_one(self, ctx, q, k, v, causal, flops, name, opts) -> None:
         from torch._inductor.utils import run_and_get_code
+
+        from ..codegen import collect
 
         f = naive_attention_causal if causal else naive_attention
         with collect.fresh_compile_caches() as cap:
