@@ -100,6 +100,8 @@ class CodegenStudy(Study):
             return
         self.limits = sass.limits_from_device(ctx.facts)
         self.tool = tool
+        with ctx.guard("stored samples"):  # the parser's own check, as in CI (a fraction of a second)
+            self._check_stored(ctx)
         causals = (False, True)
         parts = (("ours fwd", self._ours_forward), ("ours bwd", self._ours_backward), ("sdpa", self._sdpa),
                  ("flex", self._flex), ("inductor", self._inductor), ("helion", self._helion))
@@ -313,6 +315,11 @@ class CodegenStudy(Study):
     # ------------------------------------------------------------------ measure (interpreter)
 
     def _measure_interpreter(self, ctx: StudyContext) -> None:
+        self._check_stored(ctx)
+        with ctx.guard("cross-compile samples"):
+            self._toolchain_check(ctx)
+
+    def _check_stored(self, ctx: StudyContext) -> None:
         from ..codegen.sass import check_sample
 
         samples = sorted(SAMPLES_DIR.glob("*.sass")) if SAMPLES_DIR.is_dir() else []
@@ -321,8 +328,6 @@ class CodegenStudy(Study):
         for path in samples:
             with ctx.guard(f"sample {path.name}"):
                 self._record_check(ctx, "sass_parse", path.stem, check_sample(path))
-        with ctx.guard("cross-compile samples"):
-            self._toolchain_check(ctx)
 
     @staticmethod
     def _record_check(ctx: StudyContext, op: str, name: str, result: Dict[str, Any]) -> None:
