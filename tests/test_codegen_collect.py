@@ -36,7 +36,8 @@ def test_cubins_to_digests(sample_cubins):
     hg, sp, hm = kernels["hgmma_dot"], kernels["spill"], kernels["hmma_dot"]
     assert hg.used and sp.used and hm.used is False
     assert hg.sass.main_loop.counts["HGMMA"] > 0 and hg.spill_bytes == 0 and hg.registers > 0
-    assert hg.num_warps == 4 and hg.shared_bytes == json.loads((sample_cubins / "gen_hgmma_dot.json").read_text())["shared"]
+    meta = json.loads((sample_cubins / "gen_hgmma_dot.json").read_text())
+    assert hg.num_warps == 4 and hg.shared_bytes == meta["shared"]
     assert sp.spill_bytes > 0
     d = hg.digest()
     assert d["main_loop"]["HGMMA"] > 0 and d["occupancy"]["warps_per_sm"] > 0

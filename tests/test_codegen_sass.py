@@ -163,7 +163,8 @@ def _emit(block, out, loops, depth):
 
 _ops = st.tuples(st.just("op"), st.integers(1, 3))
 _block = st.recursive(st.lists(_ops, min_size=1, max_size=2),
-                      lambda inner: st.lists(st.one_of(_ops, st.tuples(st.just("loop"), inner)), min_size=1, max_size=3),
+                      lambda inner: st.lists(st.one_of(_ops, st.tuples(st.just("loop"), inner)),
+                                             min_size=1, max_size=3),
                       max_leaves=8)
 
 
@@ -207,5 +208,6 @@ def test_ptx_counts():
     }
     """
     c = sass.ptx_counts(ptx)
-    assert c == {"async_group_sync": 3, "cp.async": 1, "ex2": 1, "fma.f32": 1, "ld.global": 1, "mbarrier.wait": 1, "mma.sync": 1,
+    assert c == {"async_group_sync": 3, "cp.async": 1, "ex2": 1, "fma.f32": 1, "ld.global": 1, "mbarrier.wait": 1,
+                 "mma.sync": 1,
                  "st.local": 1, "tma_load": 1, "tma_store": 1, "wgmma": 1}

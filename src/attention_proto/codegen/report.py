@@ -84,7 +84,8 @@ def codegen_table(measurements: Iterable[Dict[str, Any]]) -> List[str]:
         kernels = [k for k in ex.get("kernels") or [] if k.get("used") is not False]
         if not kernels:
             why = ex.get("unavailable") or ex.get("sass") or ex.get("note") or "no kernel read"
-            out.append(f"| {r['impl']} | {_label(r)} | _{str(why)[:80]}_ | {rate} | " + " | ".join("–" for _ in _COLUMNS) + " |")
+            dashes = " | ".join("–" for _ in _COLUMNS)
+            out.append(f"| {r['impl']} | {_label(r)} | _{str(why)[:80]}_ | {rate} | {dashes} |")
             continue
         main = ex.get("main_kernel")
         kernels.sort(key=lambda k: k.get("name") != main)
