@@ -17,6 +17,7 @@ from attention_proto.codegen.collect import (KernelCode, cubins_in, inductor_cal
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuobjdump = pytest.mark.skipif(collect.cuobjdump_path() is None, reason="no cuobjdump (triton's nvidia backend)")
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's (CPU) behaviour")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,7 @@ def test_analyze_bad_cubin_is_recorded():
     assert kc.sass is None and kc.error and kc.num_warps == 4
 
 
+@interpreter_only
 def test_record_launches_sees_our_kernels():
     """Under the interpreter the entries have no compiled kernel: recorded as such, not an error."""
     from attention_proto.ops.dense.interface import attention
@@ -74,6 +76,23 @@ def test_record_launches_sees_our_kernels():
     kcs = rec.kernel_codes()
     assert all(kc.error and "interpreter" in kc.error for kc in kcs)
     assert kcs[0].config.get("BLOCK_M") is not None
+
+
+@pytest.mark.gpu
+def test_record_launches_on_gpu():
+    """On a GPU the entries hold compiled kernels: the forward's SASS has HGMMA in its main loop."""
+    from attention_proto.ops.dense.interface import attention
+
+    q, k, v = (torch.randn(1, 2, 512, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with collect.record_launches() as rec:
+        attention(q, k, v, causal=True)
+        torch.cuda.synchronize()
+    kcs = rec.kernel_codes()
+    assert kcs and all(kc.error is None for kc in kcs), [kc.error for kc in kcs]
+    main = main_kernel(kcs)
+    assert main.registers and main.registers <= 255  # from the driver
+    assert main.sass.main_loop.counts["HGMMA"] > 0
+    assert main.ptx and main.ptx.get("wgmma", 0) > 0
 
 
 def test_fresh_compile_caches_env():
@@ -108,6 +127,7 @@ def test_inductor_calls():
     assert sdpa_rewrites(calls) == ["_scaled_dot_product_flash_attention"]
 
 
+@interpreter_only
 def test_inductor_capture_on_cpu():
     """The capture path the GPU study takes, on the CPU: fresh caches, run_and_get_code, the wrapper's calls.
     (On the CPU, Inductor's pattern matcher rewrites the written-out attention into a fused SDPA op.)"""
