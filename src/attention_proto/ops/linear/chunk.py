@@ -38,7 +38,7 @@ def chunk_fwd_h_kernel(
 ):
     NK: tl.constexpr = (K + BK - 1) // BK
     NV: tl.constexpr = (V + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     i_nh = pid // (NK * NV)
     i_k = (pid % (NK * NV)) // NV
     i_v = pid % NV
@@ -48,7 +48,7 @@ def chunk_fwd_h_kernel(
     if IS_VARLEN:
         boh = tl.load(chunk_offsets + i_n).to(tl.int64)
     else:
-        boh = i_n * tl.cdiv(T, BT)
+        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
     NT = tl.cdiv(L, BT)
     k += row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
     v += row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
@@ -62,7 +62,7 @@ def chunk_fwd_h_kernel(
     o_kv = o_k[:, None] * V + o_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        b_h += tl.load(h0 + i_nh * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
 
     for i_t in range(0, NT):
         o_t = i_t * BT + tl.arange(0, BT)
@@ -79,7 +79,7 @@ def chunk_fwd_h_kernel(
         b_h = tl.dot(b_kt, b_v, b_h, input_precision=PREC)
 
     if STORE_HT:
-        tl.store(ht + i_nh * K * V + o_kv, b_h, mask=m_kv)
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -91,17 +91,17 @@ def chunk_fwd_o_kernel(
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_FIRST: tl.constexpr, PREC: tl.constexpr,
 ):
     NV: tl.constexpr = (V + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     i_tg = pid // NV          # V tiles of one chunk are neighbours: they share q and k in L2
     i_v = pid % NV
-    i_h = tl.program_id(1).to(tl.int64)
+    i_h = tl.program_id(1)
     i_n, i_t = chunk_coords(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     i_b, bos, L = seq_coords(i_n, cu_seqlens, T, IS_VARLEN)
     q += row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
     k += row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
     v += row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
     o += row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
-    h += (i_tg * H + i_h) * K * V
+    h += (i_tg.to(tl.int64) * H + i_h) * K * V
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < L

@@ -49,7 +49,7 @@ def chunk_bwd_dh_kernel(
 ):
     NK: tl.constexpr = (K + BK - 1) // BK
     NV: tl.constexpr = (V + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     i_nh = pid // (NK * NV)
     i_k = (pid % (NK * NV)) // NV
     i_v = pid % NV
@@ -59,7 +59,7 @@ def chunk_bwd_dh_kernel(
     if IS_VARLEN:
         boh = tl.load(chunk_offsets + i_n).to(tl.int64)
     else:
-        boh = i_n * tl.cdiv(T, BT)
+        boh = i_n.to(tl.int64) * tl.cdiv(T, BT)
     NT = tl.cdiv(L, BT)
     q += row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
     do += row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
@@ -73,7 +73,7 @@ def chunk_bwd_dh_kernel(
     o_kv = o_k[:, None] * V + o_v[None, :]
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
-        b_dh += tl.load(dht + i_nh * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
 
     for i in range(0, NT):
         i_t = NT - 1 - i
@@ -92,7 +92,7 @@ def chunk_bwd_dh_kernel(
         b_dh = tl.dot(b_qt, b_do, b_dh, input_precision=PREC)
 
     if STORE_DH0:
-        tl.store(dh0 + i_nh * K * V + o_kv, b_dh, mask=m_kv)
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
 
 
 @triton.jit(do_not_specialize=["T", "dg_stride"])
@@ -105,16 +105,16 @@ def chunk_bwd_dqk_kernel(
     PREC: tl.constexpr,
 ):
     NK: tl.constexpr = (K + BK - 1) // BK
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     i_tg = pid // NK
     i_k = pid % NK
-    i_h = tl.program_id(1).to(tl.int64)
+    i_h = tl.program_id(1)
     i_n, i_t = chunk_coords(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     i_b, bos, L = seq_coords(i_n, cu_seqlens, T, IS_VARLEN)
     off_k = row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
     off_v = row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
-    h += (i_tg * H + i_h) * K * V
-    dh += (i_tg * H + i_h) * K * V
+    h += (i_tg.to(tl.int64) * H + i_h) * K * V
+    dh += (i_tg.to(tl.int64) * H + i_h) * K * V
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < L
@@ -137,36 +137,41 @@ def chunk_bwd_dqk_kernel(
         if STORE_DG:
             b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
 
-    b_q = tl.load(q + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_kk = tl.load(k + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_qt = tl.load(q + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+    # epilogue in two halves (dq, then dk) so that fewer tiles are live at once
     causal = o_t[:, None] >= o_t[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_kt = m_k[:, None] & m_t[None, :]
     if USE_G:
         last = tl.minimum(i_t * BT + BT, L) - 1
         b_g, b_gl = chunk_gate(g + row_offset(i_b, i_h, bos, T, H, 1, HEAD_FIRST), o_t, m_t, last, SG)
-        b_dq = b_dq * (tl.exp2(b_g) * scale)[:, None]
-        b_dkt = b_dkt * tl.exp2(b_gl - b_g)[None, :]
         b_ds = b_ds * tl.exp2(tl.where(causal, b_g[:, None] - b_g[None, :], float("-inf"))) * scale
+        b_dq = b_dq * (tl.exp2(b_g) * scale)[:, None]
     else:
-        b_dq = b_dq * scale
         b_ds = tl.where(causal, b_ds, 0.0) * scale
-    if STORE_DG:
-        b_kt = tl.load(k + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        # d h_{c+1} / d G_L = h_{c+1}: exp(G_L) <h_c, dh_c> + sum_s k_s . dk_inter_s
-        b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kt.to(tl.float32) * b_dkt, 0), 0)
+        b_dq = b_dq * scale
+    b_kk = tl.load(k + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_tk, other=0.0)
     b_ds_lp = b_ds.to(b_kk.dtype)
     b_dq = tl.dot(b_ds_lp, b_kk, b_dq, input_precision=PREC)
-    b_dkt = tl.dot(b_qt, b_ds_lp, b_dkt, input_precision=PREC)
-    tl.store(dq + off_k + o_t[:, None] * SK + o_k[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_t[:, None] & m_k[None, :])
-    tl.store(dk + off_k + o_t[None, :] * SK + o_k[:, None], b_dkt.to(dk.dtype.element_ty),
-             mask=m_k[:, None] & m_t[None, :])
+    tl.store(dq + off_k + o_t[:, None] * SK + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     if STORE_DG:
-        b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1) - tl.sum(b_kt.to(tl.float32) * b_dkt, 0)
+        b_q = tl.load(q + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_tk, other=0.0)
+        b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1)
+
+    if USE_G:
+        b_dkt = b_dkt * tl.exp2(b_gl - b_g)[None, :]
+    if STORE_DG:
+        b_kt = tl.load(k + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+        # d h_{c+1} / d G_L = h_{c+1}: exp(G_L) <h_c, dh_c> + sum_s k_s . dk_inter_s
+        b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kt * b_dkt, 0), 0)
+    b_qt = tl.load(q + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_kt, other=0.0)
+    b_dkt = tl.dot(b_qt, b_ds_lp, b_dkt, input_precision=PREC)
+    tl.store(dk + off_k + o_t[None, :] * SK + o_k[:, None], b_dkt.to(dk.dtype.element_ty), mask=m_kt)
+    if STORE_DG:
+        b_dg = b_dg - tl.sum(b_kt * b_dkt, 0)
         b_dg = tl.where(o_t == last, b_dg + b_dgl, b_dg)
         b_dg = tl.where(m_t, b_dg, 0.0)
         b_dg = tl.cumsum(b_dg, 0, reverse=True)
-        p_dg = dg + i_k * dg_stride + row_offset(i_b, i_h, bos, T, H, 1, HEAD_FIRST) + o_t * SG
+        p_dg = dg + i_k.to(tl.int64) * dg_stride + row_offset(i_b, i_h, bos, T, H, 1, HEAD_FIRST) + o_t * SG
         tl.store(p_dg, b_dg, mask=m_t)
 
 
@@ -179,15 +184,15 @@ def chunk_bwd_dv_kernel(
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_FIRST: tl.constexpr, PREC: tl.constexpr,
 ):
     NV: tl.constexpr = (V + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     i_tg = pid // NV
     i_v = pid % NV
-    i_h = tl.program_id(1).to(tl.int64)
+    i_h = tl.program_id(1)
     i_n, i_t = chunk_coords(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     i_b, bos, L = seq_coords(i_n, cu_seqlens, T, IS_VARLEN)
     off_k = row_offset(i_b, i_h, bos, T, H, K, HEAD_FIRST)
     off_v = row_offset(i_b, i_h, bos, T, H, V, HEAD_FIRST)
-    dh += (i_tg * H + i_h) * K * V
+    dh += (i_tg.to(tl.int64) * H + i_h) * K * V
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < L

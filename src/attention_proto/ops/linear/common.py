@@ -36,10 +36,14 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper in
 
 @triton.jit
 def seq_coords(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
-    """(batch row, first token of the sequence in its row, sequence length) of sequence ``i_n`` (int64)."""
+    """(batch row, first token of the sequence in its row, sequence length) of sequence ``i_n`` (int32).
+
+    Offsets inside a tile stay int32 (64-bit tile offsets cost registers); the per-sequence base
+    offsets are formed in int64 by :func:`row_offset`. One sequence must keep L * H * D < 2**31.
+    """
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n)
+        eos = tl.load(cu_seqlens + i_n + 1)
         i_b = i_n * 0
         seqlen = eos - bos
     else:
@@ -51,10 +55,10 @@ def seq_coords(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def chunk_coords(i_tg, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(sequence, chunk within the sequence) of global chunk ``i_tg`` (int64)."""
+    """(sequence, chunk within the sequence) of global chunk ``i_tg`` (int32)."""
     if IS_VARLEN:
-        i_n = tl.load(chunk_indices + 2 * i_tg).to(tl.int64)
-        i_t = tl.load(chunk_indices + 2 * i_tg + 1).to(tl.int64)
+        i_n = tl.load(chunk_indices + 2 * i_tg)
+        i_t = tl.load(chunk_indices + 2 * i_tg + 1)
     else:
         nt = tl.cdiv(T, BT)
         i_n = i_tg // nt
@@ -64,11 +68,11 @@ def chunk_coords(i_tg, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN
 
 @triton.jit
 def row_offset(i_b, i_h, bos, T, H: tl.constexpr, D: tl.constexpr, HEAD_FIRST: tl.constexpr):
-    """Element offset of token ``bos`` of head ``i_h`` in batch row ``i_b`` (D = 1 for the gate)."""
+    """Element offset (int64) of token ``bos`` of head ``i_h`` in batch row ``i_b`` (D = 1 for the gate)."""
     if HEAD_FIRST:
-        off = ((i_b * H + i_h) * T + bos) * D
+        off = ((i_b.to(tl.int64) * H + i_h) * T + bos) * D
     else:
-        off = ((i_b * T + bos) * H + i_h) * D
+        off = ((i_b.to(tl.int64) * T + bos) * H + i_h) * D
     return off
 
 
@@ -172,26 +176,28 @@ def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
     """BK, BV, num_warps, num_stages of one kernel for chunk size BT and head dims K, V.
 
     Under the interpreter one block covers the padded head dims (fewest programs). On a GPU
-    the choices keep fp32 accumulators near 64 registers a thread (8 warps past 8k elements).
-    The state kernels (chunk_h, chunk_dh, recurrent) are sequential over chunks, so they
-    split K and V into 64-wide tiles for parallelism.
+    the defaults are the largest tiles that ptxas compiles for sm_90 without spilling
+    registers (checked ahead of time for K = V = 128 and chunks 32/64/128, bf16; one case
+    that keeps a small spill is marked), to be confirmed or replaced by timing
+    (``ATTENTION_PROTO_LINEAR_TUNE=1``). The state kernels (chunk_h, chunk_dh) walk the
+    chunks in order, so they take 64 x 64 state tiles for parallelism across programs.
     """
     Kp, Vp = next_pow2(K), next_pow2(V)
+    wide = Kp > 128          # 256-wide heads: halve the V tile of the K-looping kernels
     if interpreter_mode():
         cfg = dict(BK=Kp, BV=Vp, num_warps=4, num_stages=1)
         if name == "recurrent":
             cfg["BV"] = min(Vp, 32)
     elif name in ("chunk_h", "chunk_dh"):
-        cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=4, num_stages=2)
-    elif name == "chunk_o":
-        bv = min(128 if BT <= 64 else 64, Vp)
-        cfg = dict(BK=min(128, Kp), BV=bv, num_warps=8 if BT * (bv + BT) > 8192 else 4, num_stages=2)
+        cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=8 if BT >= 128 else 4, num_stages=2)
+    elif name in ("chunk_o", "chunk_dv"):
+        bv = min(64 if (BT >= 128 or wide) else 128, Vp)
+        cfg = dict(BK=min(128, Kp), BV=bv, num_warps=8 if BT * (bv + BT) > 4096 else 4, num_stages=2)
     elif name == "chunk_dqk":
-        bk = min(128 if BT <= 64 else 64, Kp)
-        cfg = dict(BK=bk, BV=min(64, Vp), num_warps=8 if BT * (2 * bk + BT) > 8192 else 4, num_stages=2)
-    elif name == "chunk_dv":
-        bv = min(128 if BT <= 64 else 64, Vp)
-        cfg = dict(BK=min(64, Kp), BV=bv, num_warps=8 if BT * (bv + BT) > 8192 else 4, num_stages=2)
+        # dq, dk^T and ds accumulate together: narrow K tiles as the chunk grows (BT 128 keeps a
+        # small spill at 32 x 32, every wider tile spills more)
+        bk = min({32: 128, 64: 64}.get(BT, 32), Kp)
+        cfg = dict(BK=bk, BV=min(32, Vp), num_warps=8 if BT * (2 * bk + BT) > 4096 else 4, num_stages=2)
     elif name == "recurrent":
         cfg = dict(BK=Kp, BV=min(32, Vp), num_warps=4, num_stages=1)
     else:  # pragma: no cover - a typo in a kernel name
@@ -214,13 +220,13 @@ _CHOSEN: Dict[Tuple, Dict[str, int]] = {}
 def _candidates(name: str, K: int, V: int) -> List[Dict[str, int]]:
     Kp, Vp = next_pow2(K), next_pow2(V)
     if name in ("chunk_h", "chunk_dh"):
-        raw = [(bk, bv, w, s) for bk in (32, 64) for bv in (32, 64) for w, s in ((4, 2), (4, 3), (2, 3))]
+        raw = [(bk, bv, w, 2) for bk in (32, 64) for bv in (32, 64) for w in (4, 8)] + [(128, 64, 8, 2)]
     elif name in ("chunk_o", "chunk_dv"):
-        raw = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-               (32, 64, 4, 3), (32, 32, 2, 3)]
+        raw = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 8, 2),
+               (64, 64, 4, 2), (32, 64, 4, 2)]
     elif name == "chunk_dqk":
-        raw = [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2),
-               (32, 64, 4, 3)]
+        raw = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2),
+               (32, 64, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)]
     else:
         return []
     seen, out = set(), []

@@ -28,7 +28,7 @@ def fused_recurrent_fwd_kernel(
     IS_VARLEN: tl.constexpr, HEAD_FIRST: tl.constexpr,
 ):
     NV: tl.constexpr = (V + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     i_nh = pid // NV
     i_v = pid % NV
     i_n = i_nh // H
@@ -49,7 +49,7 @@ def fused_recurrent_fwd_kernel(
     o_kv = o_k[:, None] * V + o_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        b_h += tl.load(h0 + i_nh * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
     for t in range(0, L):
         b_q = tl.load(q + t * SK + o_k, mask=m_k, other=0.0).to(tl.float32) * scale
         b_k = tl.load(k + t * SK + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -60,7 +60,7 @@ def fused_recurrent_fwd_kernel(
         b_o = tl.sum(b_h * b_q[:, None], 0)
         tl.store(o + t * SV + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if STORE_HT:
-        tl.store(ht + i_nh * K * V + o_kv, b_h, mask=m_kv)
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
 
 
 def fused_recurrent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
