@@ -51,4 +51,8 @@ def export_run(kb: KB, run_id: Optional[str], results_dir: Path, plots: bool = T
 
         plot_files = make_plots(measurements, run, folder)
     (folder / "REPORT.md").write_text(render_report(run, measurements, findings, plot_files))
+    if any(r["study"] == "codegen" for r in measurements):
+        from ..codegen.report import write_codegen_json
+
+        write_codegen_json(measurements, folder)
     return folder

@@ -94,6 +94,10 @@ def render_report(run: Dict[str, Any], rows: List[Dict[str, Any]], findings: Lis
     for study in run["studies"]:
         lines += [f"## Study `{study}`", ""]
         lines += summary_table(rows, study)
+        if study == "codegen":
+            from ..codegen.report import codegen_table
+
+            lines += [""] + codegen_table(rows)
         failed = [r for r in rows if r["study"] == study and r["extra"].get("ok") is False]
         if failed:
             lines += ["", f"Correctness failures: {len(failed)} rows (see measurements.jsonl)."]
