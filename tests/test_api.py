@@ -104,7 +104,6 @@ def test_key_padding_mask():
 
 
 def test_varlen_attention_object():
-    lens_q, lens_k = [5, 0, 9], [7, 3, 9]
     cq = torch.tensor([0, 5, 5, 14], dtype=torch.int32, device=DEV)
     ck = torch.tensor([0, 7, 10, 19], dtype=torch.int32, device=DEV)
     q, k, v = rnd(14, 4, 32), rnd(19, 2, 32), rnd(19, 2, 32)

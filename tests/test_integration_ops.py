@@ -11,7 +11,6 @@ import attention_proto  # noqa: F401
 from attention_proto.integrations import torch_ops
 from attention_proto.ops.dense.reference import attention_reference
 from attention_proto.runtime.device import interpreter_mode
-from attention_proto.testing import assert_close_rule
 
 DEV = "cpu" if interpreter_mode() else "cuda"
 GEN = torch.Generator().manual_seed(99)

@@ -406,7 +406,7 @@ def _interpreter() -> bool:
 
 def _probe_triton() -> Optional[str]:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (availability probe)
     except ImportError as e:
         return f"triton is not importable ({e})"
     if not _interpreter() and not torch.cuda.is_available():
@@ -478,20 +478,20 @@ def _reference_caps() -> Capabilities:
 TRITON = Backend(
     name="triton", priority=10, description="attention-proto's Triton kernels",
     capabilities=_triton_caps, probe=_probe_triton,
-    runners={"dense": "attention_proto.api:_run_triton_dense", "varlen": "attention_proto.api:_run_triton_varlen",
-             "paged": "attention_proto.api:_run_triton_paged", "linear": "attention_proto.api:_run_triton_linear"},
+    runners={"dense": "attention_proto.integrations.runners:_run_triton_dense", "varlen": "attention_proto.integrations.runners:_run_triton_varlen",
+             "paged": "attention_proto.integrations.runners:_run_triton_paged", "linear": "attention_proto.integrations.runners:_run_triton_linear"},
 )
 SDPA = Backend(
     name="sdpa", priority=20, description="torch.nn.functional.scaled_dot_product_attention",
     capabilities=_sdpa_caps,
-    runners={"dense": "attention_proto.api:_run_sdpa_dense"},
+    runners={"dense": "attention_proto.integrations.runners:_run_sdpa_dense"},
 )
 REFERENCE = Backend(
     name="reference", priority=90, description="the float64 reference, slow",
     capabilities=_reference_caps,
-    runners={"dense": "attention_proto.api:_run_reference_dense",
-             "varlen": "attention_proto.api:_run_reference_varlen",
-             "paged": "attention_proto.api:_run_reference_paged"},
+    runners={"dense": "attention_proto.integrations.runners:_run_reference_dense",
+             "varlen": "attention_proto.integrations.runners:_run_reference_varlen",
+             "paged": "attention_proto.integrations.runners:_run_reference_paged"},
 )
 
 for _b in (TRITON, SDPA, REFERENCE):

@@ -22,7 +22,7 @@ The thin Python wrappers (:func:`flash_attention`, :func:`varlen_attention`,
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor

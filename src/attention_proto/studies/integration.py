@@ -19,7 +19,6 @@ at least as fast as with sdpa at seq 4k.
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Dict, List, Optional
 
@@ -55,7 +54,7 @@ class IntegrationStudy(Study):
     # ------------------------------------------------------------------ measure
     def measure(self, ctx: StudyContext) -> None:
         try:
-            import transformers  # noqa: F401
+            import transformers  # noqa: F401  (the model checks need it)
         except ImportError as e:
             ctx.log(f"transformers is not installed ({e}): model checks skipped")
             ctx.errors.append("transformers missing")
@@ -319,7 +318,6 @@ class IntegrationStudy(Study):
                 t = ctx.bench(cfwd, warmup_ms=50, rep_ms=300)
             ctx.record(op="model_compile", impl="attention_proto", variant=variant, timing=t, flops=flops,
                        extra=res, **fields)
-        del model
         torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ analyze
