@@ -202,3 +202,21 @@ def test_paged_cache_needs_layers():
         ap_hf.PagedCache(None, max_cache_len=8)
     with pytest.raises(ValueError, match="power of two"):
         ap_hf.PagedCache(None, max_cache_len=8, num_layers=2, page_size=12)
+
+
+def test_from_pretrained_with_attn_implementation(tmp_path):
+    """The public loading paths accept the registered name (a local checkpoint: no download)."""
+    model = model_of("qwen2", **SMALL)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="attention_proto")
+    assert loaded.config._attn_implementation == "attention_proto"
+    cfg = hm.make_config("llama", **SMALL)
+    fresh = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="attention_proto")
+    assert fresh.config._attn_implementation == "attention_proto"
+    ids, _ = hm.random_batch(1, 12, cfg.vocab_size, device="cpu", seed=13)
+    with torch.no_grad():
+        ours = loaded.to(DEV)(ids.to(DEV)).logits
+        loaded.set_attn_implementation("sdpa")
+        ref = loaded(ids.to(DEV)).logits
+    assert (ours - ref).abs().max() < 1e-4
+    assert ap_hf.STATS["dense"] == loaded.config.num_hidden_layers

@@ -71,6 +71,8 @@ def _softcap(c: float) -> Optional[float]:
 
 def _like(t: Tensor, ref: Tensor) -> Tensor:
     """``t`` with the strides the fake gives (``empty_like(ref)``); copies only when they differ."""
+    if t.stride() == ref.stride() and t.shape == ref.shape:
+        return t  # empty_like keeps a dense tensor's strides: nothing to check (no allocation)
     want = torch.empty_like(ref, dtype=t.dtype)
     if t.stride() == want.stride():
         return t
