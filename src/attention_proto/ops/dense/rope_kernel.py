@@ -1,0 +1,112 @@
+"""Standalone RoPE in Triton: rotate q and k into new tensors (the "separate RoPE + attention" baseline).
+
+Study 7 compares the dense forward with RoPE fused into its tile loads against this kernel
+followed by attention on the rotated tensors. Both rotate through the same helper
+(:func:`.common.load_rope_tile`: fp32 rotation of a row tile with its partner columns, cos/sin
+from fp32 tables [max_pos, D/2]) and round the result to the input dtype, so they compute the same
+values; the difference is the extra write and read of q and k here.
+
+One program per (BLOCK_N rows, batch * head); q and k are two launches of one compiled kernel
+(the layout and head dim are constexpr, positions and strides are run-time). Semantics are
+:func:`.rope.apply_rope_reference`'s: q positions ``q_offset + i`` (default ``Nk - Nq + i``), k
+positions ``k_offset + j``; layouts "half" (pairs d, d + D/2) and "interleaved" (2i, 2i + 1).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...runtime.cache import KERNEL_CACHE
+from ...runtime.device import interpreter_mode
+from ...runtime.validation import describe, require_dtype, require_rank, require_same_device, require_same_dtype, require_tensor
+from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile
+from .configs import block_d
+from .forward import rope_tables
+from .rope import RopeSpec
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _rope_kernel(X, Y, COS, SIN,
+                 sxb, sxh, sxn, sxd, syb, syh, syn, syd,
+                 N, H, pos0, stride_cs, max_pos,
+                 ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = load_rope_tile(X + b * sxb + h * sxh, rows, N, sxn, sxd, pos0, COS, SIN, stride_cs, max_pos,
+                       ROPE, HEAD_DIM, BLOCK_D, True)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
+    tl.store(Y + b * syb + h * syh + rows[:, None] * syn + cols[None, :] * syd, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _block_n(D: int) -> int:
+    if interpreter_mode():
+        return 16
+    return 64 if block_d(D) <= 128 else 32  # ~16 KB of fp32 rotation work per program
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int, mode: int) -> None:
+    B, H, N, D = x.shape
+    if B == 0 or H == 0 or N == 0:
+        return
+    bn = _block_n(D)
+    KERNEL_CACHE.launch(
+        _rope_kernel, ((N + bn - 1) // bn, B * H),
+        x, y, cos, sin, *x.stride(), *y.stride(), N, H, pos0, cos.stride(0), cos.shape[0],
+        ROPE=mode, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_N=bn, num_warps=4,
+    )
+
+
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rope: RopeSpec,
+    *,
+    out_q: Optional[torch.Tensor] = None,
+    out_k: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by RoPE. Returns ``(q_rot, k_rot)``, new tensors unless ``out_q``/``out_k`` are given.
+
+    Shapes: q [B, H, Nq, D], k [B, Hkv, Nk, D] (any strides; D even, <= 256); outputs have the
+    inputs' shapes and dtype (contiguous when allocated here). ``rope``: a :class:`.rope.RopeSpec`
+    (layout, theta or cos/sin tables [max_pos, D/2], q_offset default Nk - Nq, k_offset).
+    The rotation is computed in fp32 and rounded once to the output dtype.
+    """
+    for name, t in (("q", q), ("k", k)):
+        require_tensor(name, t)
+        require_rank(name, t, 4, "[B, H, N, D]")
+        require_dtype(name, t, SUPPORTED_DTYPES)
+    require_same_dtype(("q", "k"), (q, k))
+    require_same_device(("q", "k"), (q, k))
+    if not isinstance(rope, RopeSpec):
+        raise TypeError(f"rope must be a RopeSpec; got {describe(rope)}")
+    D = q.shape[3]
+    if k.shape[3] != D or q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must share the batch size and head dim; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if D % 2 or D > 256:
+        raise ValueError(f"rope needs an even head dim <= 256; got D={D} (q {describe(q)})")
+    Nq, Nk = q.shape[2], k.shape[2]
+    q_off = rope.resolved_q_offset(Nq, Nk)
+    if q_off < 0 or rope.k_offset < 0:
+        raise ValueError(f"rope positions must be >= 0; got q_offset={q_off} (Nq={Nq}, Nk={Nk}), k_offset={rope.k_offset}")
+    for name, o, x in (("out_q", out_q, q), ("out_k", out_k, k)):
+        if o is not None and (not isinstance(o, torch.Tensor) or o.shape != x.shape or o.dtype != x.dtype
+                              or o.device != x.device):
+            raise ValueError(f"{name} must be a tensor shaped, typed and placed like {name[4:]} "
+                             f"({describe(x)}); got {describe(o)}")
+    needed = max(q_off + Nq, rope.k_offset + Nk)
+    cos, sin = rope_tables(rope, D, needed, q.device)
+    mode = ROPE_HALF if rope.layout == "half" else ROPE_INTERLEAVED
+    out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out_q is None else out_q
+    out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device) if out_k is None else out_k
+    _launch(q, out_q, cos, sin, q_off, mode)
+    _launch(k, out_k, cos, sin, int(rope.k_offset), mode)
+    return out_q, out_k
