@@ -312,8 +312,16 @@ def small_tiles(monkeypatch):
     common._CHOSEN.clear()
 
 
-def test_multi_tile_configs(small_tiles):
-    """K = 24 and V = 40 in 16-wide tiles: several K and V tiles, dg summed over K-tile partials."""
+@pytest.mark.parametrize("dst", [0, 1])
+def test_multi_tile_configs(small_tiles, monkeypatch, dst):
+    """K = 24 and V = 40 in 16-wide tiles: several K and V tiles, dg summed over K-tile partials;
+    both forms of the dk product (DST 0 and 1)."""
+    import json
+
+    cfg = json.loads(__import__("os").environ["ATTENTION_PROTO_LINEAR_CONFIG"])
+    cfg["chunk_dqk"]["DST"] = dst
+    monkeypatch.setenv("ATTENTION_PROTO_LINEAR_CONFIG", json.dumps(cfg))
+    small_tiles._overrides.cache_clear()
     assert small_tiles.kernel_config("chunk_dqk", 32, 24, 40)["BK"] == 16
     inputs = random_inputs(2, 45, 2, 24, 40, torch.float32, gated=True, h0=True, device=DEV, generator=gen(15))
     check_grads(lambda q, k, v, g, s0: linear_attention(q, k, v, g=g, initial_state=s0, output_final_state=True,

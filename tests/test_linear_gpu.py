@@ -140,3 +140,20 @@ def test_long_sequence_bf16(gated):
     rel_o = max_abs_err(o, ro) / ro.abs().max().item()
     rel_h = max_abs_err(ht, rf) / rf.abs().max().item()
     assert rel_o < 2e-2 and rel_h < (1e-2 if gated else 1e-3), (rel_o, rel_h)
+
+
+@pytest.mark.parametrize("K", [64, 128])
+def test_gated_backward_dst_form(K, monkeypatch):
+    """The fallback form of the dk product (DST=1) is right too, so it can replace the default."""
+    from attention_proto.ops.linear import common
+
+    monkeypatch.setenv("ATTENTION_PROTO_LINEAR_CONFIG", '{"chunk_dqk": {"DST": 1}}')
+    common._overrides.cache_clear()
+    common._CHOSEN.clear()
+    try:
+        inputs = random_inputs(2, 1000, 4, K, 128, torch.bfloat16, DEV, gated=True, h0=True, generator=gen(7))
+        compare(inputs, torch.bfloat16, 64)
+    finally:
+        monkeypatch.delenv("ATTENTION_PROTO_LINEAR_CONFIG")
+        common._overrides.cache_clear()
+        common._CHOSEN.clear()

@@ -17,6 +17,8 @@ are context only, comparisons use times.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +58,7 @@ def _short(dtype: torch.dtype) -> str:
 # ---- correctness (both modes) ---------------------------------------------------------------
 
 def _check(ctx: StudyContext, *, dtype, B, N, Hh, K, V, gated, C, mode="chunk", cu=None, backward=False,
-           op="linear_fwd", variant=""):
+           op="linear_fwd", variant="", dst=None):
     """One check of ours against float64 (error rule; factor 3 for gradients); records a row."""
     from ..ops.linear import linear_attention
     from ..ops.linear.reference import linear_attention_parallel, random_inputs
@@ -103,7 +105,8 @@ def _check(ctx: StudyContext, *, dtype, B, N, Hh, K, V, gated, C, mode="chunk", 
                D=K, dtype=str(dtype).replace("torch.", ""), causal=True,
                extra={"ok": bool(ok), "max_err": worst[0], "torch_err": worst[1], "bound": worst[2],
                       "err_ratio": worst[3], "worst": worst_name, "K": K, "V": V, "chunk_size": C, "mode": mode,
-                      "gated": gated, "varlen": cu is not None, "check": "correctness"})
+                      "gated": gated, "varlen": cu is not None, "check": "correctness",
+                      **({"dst": dst} if dst is not None else {})})
 
 
 def _check_decode(ctx: StudyContext, dtype, gated: bool) -> None:
@@ -189,13 +192,14 @@ class LinearStudy(Study):
                 _check_decode(ctx, torch.float16, gated)
 
     def _gpu_checks(self, ctx: StudyContext) -> None:
-        cases = [(K, g, 64) for K in (64, 128) for g in (False, True)]
+        cases = [(K, g, 64, 0) for K in (64, 128) for g in (False, True)]
+        cases += [(K, True, 64, 1) for K in (64, 128)]    # the fallback form of dk (chunk_dqk DST=1)
         if not ctx.quick:
-            cases += [(64, True, 32), (64, True, 128), (128, True, 128)]
-        for K, gated, C in cases:
-            with ctx.guard(f"gradient check K{K} {_gates(gated)} C{C}"):
+            cases += [(64, True, 32, 0), (64, True, 128, 0), (128, True, 128, 0)]
+        for K, gated, C, dst in cases:
+            with ctx.guard(f"gradient check K{K} {_gates(gated)} C{C} DST{dst}"), _dqk_form(dst):
                 _check(ctx, dtype=torch.bfloat16, B=2, N=1000, Hh=4, K=K, V=128, gated=gated, C=C, backward=True,
-                       op="linear_grad_check", variant=f"bf16 K{K} {_gates(gated)} C{C}")
+                       op="linear_grad_check", variant=f"bf16 K{K} {_gates(gated)} C{C} DST{dst}", dst=dst)
 
     def _warm_compile(self, ctx: StudyContext, chunks: Sequence[int]) -> None:
         """Compile every variant the sweep times once, several at a time (Triton compiles overlap in threads)."""
@@ -344,14 +348,18 @@ class LinearStudy(Study):
         fla_rows = [r for r in data.rows(op="linear_fwd_bwd", impl="fla") if r["extra"].get("gated")]
         fla_why = next((r["extra"].get("unsupported") for r in fla_rows if r["extra"].get("unsupported")), None)
         worst = max(rows, key=lambda r: r["extra"].get("err_ratio") or 0)
+        forms = sorted({r["extra"].get("dst", 0) for r in rows})
+        bad_forms = sorted({r["extra"].get("dst", 0) for r in bad})
         claim = (f"On {data.env.get('gpu')} with Triton {data.env.get('triton')}, our gated backward passed "
-                 f"{len(rows) - len(bad)} of {len(rows)} bf16 gradient checks against float64 (K tiles "
+                 f"{len(rows) - len(bad)} of {len(rows)} bf16 gradient checks against float64 (dk forms DST "
+                 f"{forms}{', failing in DST ' + str(bad_forms) if bad else ''}; head dims K "
                  f"{sorted({r['extra']['K'] for r in rows})}, chunks {sorted({r['extra']['chunk_size'] for r in rows})}; "
                  f"worst error / bound {fmt(worst['extra'].get('err_ratio'))} on {worst['extra'].get('worst')})"
                  + (f"; fla-core refused its gated backward here: {fla_why}" if fla_why else "") + ".")
         return [Finding(id="linear-gated-backward-hopper", title="Gated backward correct where fla's is miscompiled",
                         claim=claim, verdict="supported" if not bad else "refuted",
-                        metrics={"checks": len(rows), "failed": len(bad),
+                        metrics={"checks": len(rows), "failed": len(bad), "failing_forms": bad_forms,
+                                 "failing": [r["variant"] for r in bad],
                                  "worst_err_ratio": worst["extra"].get("err_ratio"), "fla_refusal": fla_why},
                         evidence=[r["id"] for r in rows + fla_rows])]
 
@@ -530,6 +538,33 @@ def _linear_peer(call, q, k, v, g, backward: bool):
     """(fn, None) or (None, reason): ``call(q, k, v, g) -> o`` timed forward or forward+backward."""
     inputs = tuple(t for t in (q, k, v, g) if t is not None)
     return peers._maybe_backward(lambda: call(q, k, v, g), inputs, backward)
+
+
+@contextlib.contextmanager
+def _dqk_form(dst: int):
+    """Run with chunk_dqk's DST form set (1: the fallback dk product), then restore the configs."""
+    import os
+
+    from ..ops.linear import common
+
+    if not dst:
+        yield
+        return
+    old = os.environ.get("ATTENTION_PROTO_LINEAR_CONFIG")
+    cfg = json.loads(old) if old else {}
+    cfg.setdefault("chunk_dqk", {})["DST"] = dst
+    os.environ["ATTENTION_PROTO_LINEAR_CONFIG"] = json.dumps(cfg)
+    common._overrides.cache_clear()
+    common._CHOSEN.clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ATTENTION_PROTO_LINEAR_CONFIG", None)
+        else:
+            os.environ["ATTENTION_PROTO_LINEAR_CONFIG"] = old
+        common._overrides.cache_clear()
+        common._CHOSEN.clear()
 
 
 def _configs(C: int) -> Dict:

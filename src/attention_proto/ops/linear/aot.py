@@ -61,7 +61,7 @@ def compile_one(name: str, BT: int, K: int, V: int, G: bool, cfg: Dict[str, int]
     from triton.compiler import ASTSource
 
     fn, ptrs, ints, floats, consts = _specs(name, BT, K, V, G)
-    consts = dict(consts, BK=cfg["BK"], BV=cfg["BV"])
+    consts = dict(consts, **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
     sig = {}
     for a in fn.arg_names:
         if a in consts:

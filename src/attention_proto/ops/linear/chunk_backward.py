@@ -24,7 +24,9 @@ Triton on Hopper (3.4 to 3.7.0) miscompiles ``tl.dot(tl.trans(x), ...)`` when x 
 itself a dot result (fla issue #640: dk and dg wrong at 64-wide K tiles). These
 kernels never transpose a dot result: dk is accumulated transposed ([K, BT]) as
 dot(q^T, ds') + dot(dh, v^T), where every transposed operand is a loaded tile, and
-stored through transposed pointers; dv uses (k q^T), computed directly.
+stored through transposed pointers; dv uses (k q^T), computed directly. A second form
+(``DST=1`` in the chunk_dqk config) goes further and never feeds a dot result to a dot's
+B operand either (see the kernel).
 """
 from __future__ import annotations
 
@@ -102,8 +104,12 @@ def chunk_bwd_dqk_kernel(
     SK: tl.constexpr, SV: tl.constexpr, SG: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, STORE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_FIRST: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DST: tl.constexpr = 0,
 ):
+    # DST = 0: dk accumulates transposed, dk^T = dh v^T + q^T ds' (ds' is the B operand of a dot).
+    # DST = 1: ds'^T is computed by its own dot (v do^T) and dk = v dh^T + ds'^T q keeps every
+    # dot result in the A slot; one more BT x BT x V matmul, the fallback if Triton mishandles
+    # a dot result as a B operand on some GPU.
     NK: tl.constexpr = (K + BK - 1) // BK
     pid = tl.program_id(0)
     i_tg = pid // NK
@@ -122,7 +128,11 @@ def chunk_bwd_dqk_kernel(
     m_k = o_k < K
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dkt = tl.zeros([BK, BT], dtype=tl.float32)
+    if DST:
+        b_dst = tl.zeros([BT, BT], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    else:
+        b_dkt = tl.zeros([BK, BT], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, (V + BV - 1) // BV):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -133,7 +143,14 @@ def chunk_bwd_dqk_kernel(
         b_dh = tl.load(dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_ds = tl.dot(b_do, b_vt, b_ds, input_precision=PREC)                  # do . v     [BT, BT]
         b_dq = tl.dot(b_do, tl.trans(b_h), b_dq, input_precision=PREC)         # do h^T     [BT, BK]
-        b_dkt = tl.dot(b_dh, b_vt, b_dkt, input_precision=PREC)                # (v dh^T)^T [BK, BT]
+        if DST:
+            b_vv = tl.load(v + off_v + o_t[:, None] * SV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+            b_dot = tl.load(do + off_v + o_t[None, :] * SV + o_v[:, None], mask=m_v[:, None] & m_t[None, :],
+                            other=0.0)
+            b_dst = tl.dot(b_vv, b_dot, b_dst, input_precision=PREC)           # v . do     [BT, BT]
+            b_dk = tl.dot(b_vv, tl.trans(b_dh), b_dk, input_precision=PREC)    # v dh^T     [BT, BK]
+        else:
+            b_dkt = tl.dot(b_dh, b_vt, b_dkt, input_precision=PREC)            # (v dh^T)^T [BK, BT]
         if STORE_DG:
             b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
 
@@ -157,17 +174,33 @@ def chunk_bwd_dqk_kernel(
         b_q = tl.load(q + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_tk, other=0.0)
         b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1)
 
-    if USE_G:
-        b_dkt = b_dkt * tl.exp2(b_gl - b_g)[None, :]
+    if DST:
+        if USE_G:
+            b_dk = b_dk * tl.exp2(b_gl - b_g)[:, None]
+            b_dst = b_dst * tl.exp2(tl.where(o_t[:, None] <= o_t[None, :], b_g[None, :] - b_g[:, None],
+                                             float("-inf"))) * scale
+        else:
+            b_dst = tl.where(o_t[:, None] <= o_t[None, :], b_dst, 0.0) * scale
+        if STORE_DG:
+            # d h_{c+1} / d G_L = h_{c+1}: exp(G_L) <h_c, dh_c> + sum_s k_s . dk_inter_s
+            b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kk.to(tl.float32) * b_dk, 1), 0)
+        b_q2 = tl.load(q + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_tk, other=0.0)
+        b_dk = tl.dot(b_dst.to(b_q2.dtype), b_q2, b_dk, input_precision=PREC)
+        tl.store(dk + off_k + o_t[:, None] * SK + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+        if STORE_DG:
+            b_dg = b_dg - tl.sum(b_kk.to(tl.float32) * b_dk, 1)
+    else:
+        if USE_G:
+            b_dkt = b_dkt * tl.exp2(b_gl - b_g)[None, :]
+        if STORE_DG:
+            b_kt = tl.load(k + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+            b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kt * b_dkt, 0), 0)
+        b_qt = tl.load(q + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_kt, other=0.0)
+        b_dkt = tl.dot(b_qt, b_ds_lp, b_dkt, input_precision=PREC)
+        tl.store(dk + off_k + o_t[None, :] * SK + o_k[:, None], b_dkt.to(dk.dtype.element_ty), mask=m_kt)
+        if STORE_DG:
+            b_dg = b_dg - tl.sum(b_kt * b_dkt, 0)
     if STORE_DG:
-        b_kt = tl.load(k + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-        # d h_{c+1} / d G_L = h_{c+1}: exp(G_L) <h_c, dh_c> + sum_s k_s . dk_inter_s
-        b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kt * b_dkt, 0), 0)
-    b_qt = tl.load(q + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_kt, other=0.0)
-    b_dkt = tl.dot(b_qt, b_ds_lp, b_dkt, input_precision=PREC)
-    tl.store(dk + off_k + o_t[None, :] * SK + o_k[:, None], b_dkt.to(dk.dtype.element_ty), mask=m_kt)
-    if STORE_DG:
-        b_dg = b_dg - tl.sum(b_kt * b_dkt, 0)
         b_dg = tl.where(o_t == last, b_dg + b_dgl, b_dg)
         b_dg = tl.where(m_t, b_dg, 0.0)
         b_dg = tl.cumsum(b_dg, 0, reverse=True)

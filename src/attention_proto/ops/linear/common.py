@@ -173,7 +173,8 @@ def _overrides() -> Dict[str, Dict[str, int]]:
 
 
 def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
-    """BK, BV, num_warps, num_stages of one kernel for chunk size BT and head dims K, V.
+    """BK, BV, num_warps, num_stages of one kernel for chunk size BT and head dims K, V
+    (chunk_dqk also DST, the form of its dk product: see chunk_backward).
 
     Under the interpreter one block covers the padded head dims (fewest programs). On a GPU
     the defaults are the largest tiles that ptxas compiles for sm_90 without spilling
@@ -188,6 +189,8 @@ def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
         cfg = dict(BK=Kp, BV=Vp, num_warps=4, num_stages=1)
         if name == "recurrent":
             cfg["BV"] = min(Vp, 32)
+        if name == "chunk_dqk":
+            cfg["DST"] = 0
     elif name in ("chunk_h", "chunk_dh"):
         cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=8 if BT >= 128 else 4, num_stages=2)
     elif name in ("chunk_o", "chunk_dv"):
@@ -197,7 +200,7 @@ def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
         # dq, dk^T and ds accumulate together: narrow K tiles as the chunk grows (BT 128 keeps a
         # small spill at 32 x 32, every wider tile spills more)
         bk = min({32: 128, 64: 64}.get(BT, 32), Kp)
-        cfg = dict(BK=bk, BV=min(32, Vp), num_warps=8 if BT * (2 * bk + BT) > 4096 else 4, num_stages=2)
+        cfg = dict(BK=bk, BV=min(32, Vp), num_warps=8 if BT * (2 * bk + BT) > 4096 else 4, num_stages=2, DST=0)
     elif name == "recurrent":
         cfg = dict(BK=Kp, BV=min(32, Vp), num_warps=4, num_stages=1)
     else:  # pragma: no cover - a typo in a kernel name
@@ -268,7 +271,8 @@ def _tune(name, kernel, grid_fn, args, consts, K, V, default):
     from triton.testing import do_bench
 
     best, best_ms = default, float("inf")
-    for cfg in [default] + [c for c in _candidates(name, K, V) if c != default]:
+    for cfg in [default] + [dict(c, **({"DST": default["DST"]} if "DST" in default else {}))
+                            for c in _candidates(name, K, V) if c != default]:
         grid = grid_fn(cfg)
         if not all(grid):
             return default
