@@ -87,3 +87,48 @@ def test_analyze_synthetic_gpu_run(tmp_path):
         assert f.claim.endswith(".") and "{" not in f.claim
         assert not any(isinstance(v, float) and math.isnan(v) for v in f.metrics.values() if isinstance(v, float))
     kb.close()
+
+
+def test_gpu_path_dry_run_on_cpu(tmp_path, monkeypatch):
+    """The GPU half of measure() run end to end at toy sizes on the interpreter (fake timings):
+    catches Python errors in code that otherwise first runs on the GPU machine."""
+    import torch
+
+    import attention_proto.studies.linear as L
+    from attention_proto.runtime.timing import Timing
+    from attention_proto.studies.base import StudyContext
+
+    for name, val in dict(TOKENS=64, H=2, D=16, NS_QUICK=(32, 64), BAR_NS=(64,), DECODE_B=2, CHECK_N=40,
+                          DTYPE=torch.float16, DEVICE="cpu").items():
+        monkeypatch.setattr(L, name, val)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    kb = KB.in_dir(tmp_path)
+    env = {"mode": "gpu", "gpu": "dry run", "triton": "3.6.0"}
+    run_id = kb.start_run(env, ["linear"], quick=True)
+    kb.set_ceilings(run_id, {"copy_gbps": 3000.0})
+    ctx = StudyContext(kb, run_id, "linear", quick=True, ceilings={"copy_gbps": 3000.0}, progress=False,
+                       log=lambda m: None)
+    ctx.mode, ctx.device, ctx.gpu = "gpu", "cpu", "dry run"
+    calls = []
+
+    def fake_bench(fn, **kw):
+        fn()
+        calls.append(1)
+        return Timing(1.0 + 0.01 * len(calls), 0.9, 1.1)
+
+    ctx.bench = fake_bench
+    L.STUDY.measure(ctx)
+    # only the peers that cannot run here may fail (cuDNN on the CPU is a recorded 'unsupported', not an error)
+    assert not ctx.errors, ctx.errors
+    rows = kb.measurements(run_id)
+    ours = [r for r in rows if r["impl"] == "attention_proto" and r["op"].startswith("linear_fwd")]
+    assert ours and all(r["ms_median"] for r in ours)
+    checks = [r for r in rows if r["op"] == "linear_grad_check"]
+    assert len(checks) == 3 and all(r["extra"]["ok"] for r in checks), checks
+    fla = [r for r in rows if r["impl"] == "fla"]
+    assert fla and all("unsupported" in r["extra"] for r in fla)
+    findings = L.STUDY.analyze(RunData(kb, run_id))
+    ids = {f.id for f in findings}
+    assert {"linear-gated-backward-hopper", "linear-crossover-fwd-attention_proto", "linear-chunk-size",
+            "linear-decode-new-state", "linear-vs-fla-fwd-ungated"} <= ids, ids
+    kb.close()
