@@ -163,7 +163,7 @@ def _ref_o_lse(q, k, v, do, **mods):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_fully_masked_rows_give_zero_grads(dtype):
-    # Nq > Nk causal: rows i < Nq - Nk see no key (LSE = -inf); window right 0 / left 0 masks nothing else
+    # Nq > Nk causal (bottom-right): rows i < Nq - Nk see no key, their LSE is -inf
     B, H, Nq, Nk = 1, 2, 40, 13
     dq, dk, dv = check_bwd(B, H, 1, Nq, Nk, 40, dtype, causal=True)
     masked = Nq - Nk
@@ -450,3 +450,63 @@ def test_gpu_autograd_end_to_end_bf16():
     _, _, glow = ref_grads(q, k, v, do, torch.bfloat16, device="cuda", causal=True)
     for name, leaf, lo, hi in zip(("dq", "dk", "dv"), leaves, glow, g64):
         assert_close_rule(leaf.grad, lo, hi, torch.bfloat16, factor=3, what=name)
+
+
+# --------------------------------------------------------------------------- sm_90 compile check without a GPU
+
+_SM90_SCRIPT = r'''
+import os, re, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+
+class _Sm90:  # just enough driver for JITFunction.warmup: compile for sm_90, never launch
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+
+
+driver.set_active(_Sm90())
+from attention_proto.ops.dense import backward as bw
+from attention_proto.ops.dense.rope import RopeSpec
+
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+compiled = []
+bw.KERNEL_CACHE.launch = lambda kern, grid, *a, **kw: compiled.append((kern.fn.__name__, kern.warmup(*a, grid=grid, **kw)))
+for D in (64, 128):
+    for det in (True, False):
+        q = torch.zeros(1, 4, 256, D, dtype=torch.bfloat16)
+        k = torch.zeros(1, 2, 256, D, dtype=torch.bfloat16)
+        mods = dict(causal=True, softcap=30.0, rope=RopeSpec("half")) if det else dict(causal=True)
+        bw.flash_attention_backward(q, q, k, k, q, torch.zeros(1, 4, 256), deterministic=det,
+                                    config=bw.bwd_config_candidates(D)[0], **mods)
+for name, kern in compiled:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kern.asm["ptx"])
+    out = subprocess.run([ptxas, "-v", "-arch=sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
+    spill = re.findall(r"(\d+) bytes spill stores", out.stderr + out.stdout)
+    print(name, kern.metadata.shared, spill[-1] if spill else "?")
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spills():
+    """Compile (no launch) the default tiles for Hopper on the CPU and read ptxas' spill counts."""
+    import os
+    import subprocess
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    assert len(rows) >= 8, out.stdout
+    for name, smem, spill in rows:
+        assert int(smem) <= 227 * 1024, (name, smem)
+        assert spill == "0", f"{name} spills {spill} bytes"

@@ -125,15 +125,16 @@ class BwdConfig:
 def bwd_config_candidates(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> list[BwdConfig]:
     """Candidates for a backward tile sweep on Hopper, best guess first.
 
-    Each was compiled for sm_90 (triton 3.6, bf16, causal, both modes) and kept
-    only without register spills in either kernel; shared memory <= 161 KB.
+    Each was compiled for sm_90 (triton 3.6, ptxas -v; bf16, causal, both
+    modes) and kept only without register spills in either kernel (all
+    modifiers on: at most a few dozen bytes); shared memory <= 152 KB.
     The dK/dV program holds two fp32 [BLOCK_N, D] accumulators plus K and V,
     which is what limits the tiles. fp32 (ieee dots run on FMA units, all in
     registers) gets small tiles only.
     """
     d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
-        return [BwdConfig(16, 32, 4, 1), BwdConfig(16, 32, 4, 2), BwdConfig(16, 16, 4, 1)]
+        return [BwdConfig(16, 32, 4, 1), BwdConfig(16, 16, 4, 1)] if d <= 64 else [BwdConfig(16, 16, 8, 1)]
     if d <= 64:
         return [
             BwdConfig(32, 128, 8, 3), BwdConfig(32, 128, 8, 2), BwdConfig(64, 128, 8, 2), BwdConfig(64, 128, 8, 3),
@@ -142,9 +143,9 @@ def bwd_config_candidates(head_dim: int, dtype: torch.dtype = torch.bfloat16) ->
     if d <= 128:
         return [
             BwdConfig(32, 128, 8, 2), BwdConfig(16, 128, 8, 3), BwdConfig(32, 64, 8, 2), BwdConfig(32, 128, 8, 3),
-            BwdConfig(16, 64, 4, 2), BwdConfig(16, 32, 4, 2),
+            BwdConfig(16, 32, 4, 2),
         ]
-    return [BwdConfig(32, 32, 8, 2), BwdConfig(32, 64, 8, 1), BwdConfig(16, 32, 4, 2)]
+    return [BwdConfig(32, 32, 8, 2), BwdConfig(16, 32, 8, 2), BwdConfig(16, 32, 4, 1)]
 
 
 def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int) -> BwdConfig:
@@ -629,7 +630,7 @@ def flash_attention_backward(
         qo = [rope.resolved_q_offset(a, b) for a, b in zip(lq, lk)]
         spans = [(s, s + n) for s, n in zip(qo, lq)] + [(rope.k_offset, rope.k_offset + n) for n in lk]
         cos, sin, pos0 = _rope_tables(rope, D, spans, dev)
-        rb = 16 if small else 64
+        rb = 16 if small else max(16, 2048 // BD)  # four [rb, BD] fp32 tiles live at once
 
         def rope_pass(x: torch.Tensor, is_q: bool, inverse: bool, dtype: torch.dtype) -> torch.Tensor:
             y = torch.empty(x.shape, dtype=dtype, device=dev)
