@@ -214,3 +214,22 @@ def test_outputs_are_fresh():
     poison_(out)
     again = api.attention(q, k, v, causal=True)
     assert torch.isfinite(again).all()
+
+
+def test_attention_inside_torch_compile_fullgraph():
+    """The registry's decision is taken at trace time (dispatch.choose): no graph break, gradients flow."""
+    import torch._dynamo as dynamo
+
+    q, k, v = qkv(dtype=torch.float32, grad=True, N=7, Nk=10)
+
+    def f(q, k, v):
+        return api.attention(q, k, v, causal=True, window=(3, -1)) * 2
+
+    dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, ref = cf(q, k, v), f(q, k, v)
+    assert (out - ref).abs().max() < 1e-6
+    g1 = torch.autograd.grad(out.sum(), (q, k, v))
+    g2 = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert max(float((a - b).abs().max()) for a, b in zip(g1, g2)) < 1e-6
+    dynamo.reset()

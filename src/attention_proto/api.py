@@ -218,8 +218,8 @@ def _needs_grad(*ts: Tensor) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
-def dense_request(q: Tensor, k: Tensor, v: Tensor, p: Params, layout: str = "bhsd") -> Request:
-    """Validate dense operands (BHSD views) and describe the call."""
+def dense_request(q: Tensor, k: Tensor, v: Tensor, p: Params, layout: str = "bhsd") -> Dict[str, Any]:
+    """Validate dense operands (BHSD views) and describe the call (the fields of a dispatch Request)."""
     _check_qkv(q, k, v, 4, "[B, H, N, D] or [B, N, H, D]")
     B, H, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
@@ -238,9 +238,25 @@ def dense_request(q: Tensor, k: Tensor, v: Tensor, p: Params, layout: str = "bhs
     if kpm is not None and (p.causal or p.window != (-1, -1)) and Nq > Nk:
         raise ValueError(f"with key_padding_mask and a causal/window mask the queries must be the last Nq of the "
                          f"Nk key positions; got Nq={Nq} > Nk={Nk}")
-    return Request(kind="dense", device_type=q.device.type, dtype=q.dtype, head_dim=D, head_dim_v=v.shape[-1],
-                   num_heads=H, num_kv_heads=Hkv, layout=layout, modifiers=p.modifiers(),
-                   needs_grad=_needs_grad(q, k, v))
+    return dict(kind="dense", device_type=q.device.type, dtype=q.dtype, head_dim=D, head_dim_v=v.shape[-1],
+                num_heads=H, num_kv_heads=Hkv, layout=layout, modifiers=tuple(sorted(p.modifiers())),
+                needs_grad=_needs_grad(q, k, v))
+
+
+def _explain(fields: Dict[str, Any], prefer: Any) -> Decision:
+    return dispatch.explain_request(Request(**fields), prefer=prefer)
+
+
+def _runner(fields: Dict[str, Any], prefer: Any):
+    """The chosen backend's runner, through dispatch.choose (traceable: torch.compile keeps no lock or cache)."""
+    if prefer is None or prefer == "auto":
+        pref = None
+    else:
+        pref = (prefer,) if isinstance(prefer, str) else tuple(prefer)
+    name, _, text = dispatch.choose(prefer=pref, **fields)
+    if name is None:
+        raise dispatch.NoBackendError(text)
+    return dispatch.get_backend(name).runner(fields["kind"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,12 +305,11 @@ class DenseAttention(Generic[Q, K, V]):
 
     def explain(self, q, k, v, key_padding_mask: Optional[Tensor] = None) -> Decision:
         *_, req = self._prepare(q, k, v, key_padding_mask)
-        return dispatch.explain_request(req, prefer=self.backend)
+        return _explain(req, self.backend)
 
     def __call__(self, q, k, v, key_padding_mask: Optional[Tensor] = None):
         qq, kk, vv, p, req = self._prepare(q, k, v, key_padding_mask)
-        backend = dispatch.select(req, prefer=self.backend)
-        res = backend.runner("dense")(qq, kk, vv, p)
+        res = _runner(req, self.backend)(qq, kk, vv, p)
         if self.layout == "bshd":
             if isinstance(res, tuple):
                 return res[0].transpose(1, 2), res[1]
@@ -339,25 +354,25 @@ class VarlenAttention(Generic[Q, K, V]):
             raise ValueError(f"q heads must be a multiple of k heads and q/k head dims must match; got "
                              f"q {tuple(q.data.shape)}, k {tuple(k.data.shape)}")
         p = _params(**self.kw, H=H)
-        req = Request(kind="varlen", device_type=q.data.device.type, dtype=q.data.dtype, head_dim=q.data.shape[2],
-                      head_dim_v=v.data.shape[2], num_heads=H, num_kv_heads=Hkv, layout="thd",
-                      modifiers=p.modifiers(), needs_grad=_needs_grad(q.data, k.data, v.data))
+        req = dict(kind="varlen", device_type=q.data.device.type, dtype=q.data.dtype, head_dim=q.data.shape[2],
+                   head_dim_v=v.data.shape[2], num_heads=H, num_kv_heads=Hkv, layout="thd",
+                   modifiers=tuple(sorted(p.modifiers())), needs_grad=_needs_grad(q.data, k.data, v.data))
         return q, k, v, p, req
 
     def explain(self, q, k, v) -> Decision:
         *_, req = self._prepare(q, k, v)
-        return dispatch.explain_request(req, prefer=self.backend)
+        return _explain(req, self.backend)
 
     def __call__(self, q, k, v):
         q, k, v, p, req = self._prepare(q, k, v)
-        backend = dispatch.select(req, prefer=self.backend)
+        run = _runner(req, self.backend)
         mq, mk = q.max_seqlen, k.max_seqlen
         if mq is None or mk is None:  # one host sync for both
             lq = q.cu_seqlens[1:] - q.cu_seqlens[:-1]
             lk = k.cu_seqlens[1:] - k.cu_seqlens[:-1]
             mq_, mk_ = (int(x) for x in torch.stack([lq.max(), lk.max()]).tolist()) if lq.numel() else (0, 0)
             mq, mk = mq if mq is not None else mq_, mk if mk is not None else mk_
-        return backend.runner("varlen")(q.data, k.data, v.data, p, q.cu_seqlens, k.cu_seqlens, mq, mk)
+        return run(q.data, k.data, v.data, p, q.cu_seqlens, k.cu_seqlens, mq, mk)
 
 
 class PagedDecodeAttention(Generic[Q, K, V]):
@@ -383,20 +398,19 @@ class PagedDecodeAttention(Generic[Q, K, V]):
         if p.return_lse and not self.check_inputs:
             raise ValueError("return_lse needs check_inputs=True (the custom op returns the output only)")
         mods = set(p.modifiers())  # decode is causal by construction: not a requested modifier
-        req = Request(kind="paged", device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
-                      head_dim_v=v.cache.shape[-1], num_heads=q.shape[1], num_kv_heads=k.cache.shape[2],
-                      layout="paged", modifiers=frozenset(mods), needs_grad=_needs_grad(q, k.cache, v.cache),
-                      q_len=q.shape[2])
+        req = dict(kind="paged", device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
+                   head_dim_v=v.cache.shape[-1], num_heads=q.shape[1], num_kv_heads=k.cache.shape[2],
+                   layout="paged", modifiers=tuple(sorted(mods)), needs_grad=_needs_grad(q, k.cache, v.cache),
+                   q_len=q.shape[2])
         return q, k, v, p, req
 
     def explain(self, q, k, v) -> Decision:
         *_, req = self._prepare(q, k, v)
-        return dispatch.explain_request(req, prefer=self.backend)
+        return _explain(req, self.backend)
 
     def __call__(self, q, k, v):
         q, k, v, p, req = self._prepare(q, k, v)
-        backend = dispatch.select(req, prefer=self.backend)
-        return backend.runner("paged")(q, k, v, p, self.check_inputs)
+        return _runner(req, self.backend)(q, k, v, p, self.check_inputs)
 
 
 class LinearAttention(Generic[Q, K, V]):
@@ -408,7 +422,7 @@ class LinearAttention(Generic[Q, K, V]):
     def __init__(self, backend: Any = "auto", **kwargs: Any) -> None:
         self.backend, self.kwargs = backend, kwargs
 
-    def _request(self, q, k, v) -> Request:
+    def _request(self, q, k, v) -> Dict[str, Any]:
         q, k, v = (x.data if isinstance(x, DenseTensor) else x for x in (q, k, v))
         _check_qkv(q, k, v, 4, "[B, N, H, K] (bshd) or [B, H, N, K] (bhsd)")
         layout = self.kwargs.get("layout", "bshd")
@@ -418,17 +432,17 @@ class LinearAttention(Generic[Q, K, V]):
             mods.add("gate")
         if self.kwargs.get("initial_state") is not None:
             mods.add("initial_state")
-        return Request(kind="linear", device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
-                       head_dim_v=v.shape[-1], num_heads=q.shape[h_dim], num_kv_heads=k.shape[h_dim],
-                       layout=layout, modifiers=frozenset(mods), needs_grad=_needs_grad(q, k, v))
+        return dict(kind="linear", device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
+                    head_dim_v=v.shape[-1], num_heads=q.shape[h_dim], num_kv_heads=k.shape[h_dim],
+                    layout=layout, modifiers=tuple(sorted(mods)), needs_grad=_needs_grad(q, k, v))
 
     def explain(self, q, k, v) -> Decision:
-        return dispatch.explain_request(self._request(q, k, v), prefer=self.backend)
+        return _explain(self._request(q, k, v), self.backend)
 
     def __call__(self, q, k, v):
-        backend = dispatch.select(self._request(q, k, v), prefer=self.backend)
+        run = _runner(self._request(q, k, v), self.backend)
         q, k, v = (x.data if isinstance(x, DenseTensor) else x for x in (q, k, v))
-        return backend.runner("linear")(q, k, v, **self.kwargs)
+        return run(q, k, v, **self.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

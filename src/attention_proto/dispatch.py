@@ -59,10 +59,14 @@ def _dtname(d: torch.dtype) -> str:
 
 
 class NoBackendError(ValueError):
-    """No registered backend can run the request; the message lists every candidate's reasons."""
+    """No registered backend can run the request; the message lists every candidate's reasons.
 
-    def __init__(self, decision: "Decision") -> None:
-        self.decision = decision
+    ``decision`` is the :class:`Decision` (None when raised from a compiled region, where only
+    the printed decision travels).
+    """
+
+    def __init__(self, decision: "Decision | str") -> None:
+        self.decision = decision if isinstance(decision, Decision) else None
         super().__init__(str(decision))
 
 
@@ -387,6 +391,47 @@ def select(req: Request, *, prefer: Optional[Sequence[str] | str] = None, exclud
     if d.backend is None:
         raise NoBackendError(d)
     return get_backend(d.backend)
+
+
+def _constant_under_dynamo(fn):
+    """Let torch.compile run ``fn`` at trace time and keep its result as a constant.
+
+    Decisions depend only on hashable metadata (shapes, dtypes, flags), never on tensor data, and
+    the registry's locks and caches are not traceable: without this a call inside a compiled
+    model would break the graph.
+    """
+    try:
+        from torch._dynamo import assume_constant_result
+    except ImportError:  # pragma: no cover - very old torch
+        return fn
+    return assume_constant_result(fn)
+
+
+@_constant_under_dynamo
+def choose(kind: str, device_type: str, dtype: torch.dtype, head_dim: int, head_dim_v: int, num_heads: int,
+           num_kv_heads: int, layout: str = "bhsd", modifiers: Tuple[str, ...] = (), needs_grad: bool = False,
+           q_len: Optional[int] = None, prefer: Optional[Tuple[str, ...]] = None
+           ) -> Tuple[Optional[str], Tuple[Tuple[str, Tuple[str, ...]], ...], str]:
+    """:func:`explain_request` with plain arguments and a plain result, safe inside torch.compile.
+
+    Returns ``(backend name or None, ((rejected name, reasons), ...), printable decision)``; the
+    chosen backend's runner for ``kind`` is resolved (imported) here, outside any traced code.
+    """
+    req = Request(kind=kind, device_type=device_type, dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v,
+                  num_heads=num_heads, num_kv_heads=num_kv_heads, layout=layout, modifiers=frozenset(modifiers),
+                  needs_grad=needs_grad, q_len=q_len)
+    d = explain_request(req, prefer=prefer)
+    if d.backend is not None:
+        get_backend(d.backend).runner(kind)
+    return d.backend, tuple((r.backend, r.reasons) for r in d.rejected), str(d)
+
+
+def reasons_from(rejected: Tuple[Tuple[str, Tuple[str, ...]], ...], name: str) -> Tuple[str, ...]:
+    """The reasons ``name`` was rejected for, from :func:`choose`'s second result."""
+    for n, why in rejected:
+        if n == name:
+            return why
+    return ()
 
 
 def clear_decisions() -> None:

@@ -173,13 +173,11 @@ def _unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p: float, i
     mods = {"key_padding"} if kpm is not None else set()
     if is_causal:
         mods.add("causal")
-    req = dispatch.Request(kind="dense", device_type=q.device.type, dtype=q.dtype, head_dim=E,
-                           head_dim_v=v4.shape[-1], num_heads=H, num_kv_heads=Hkv, layout="bhsd",
-                           modifiers=frozenset(mods),
-                           needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    decision = dispatch.explain_request(req, prefer=("triton",))
-    if not decision.ok:
-        why.extend(decision.reasons_for("triton"))
+    name, rejected, _ = dispatch.choose(
+        "dense", q.device.type, q.dtype, E, v4.shape[-1], H, Hkv, "bhsd", tuple(sorted(mods)),
+        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), None, ("triton",))
+    if name is None:
+        why.extend(dispatch.reasons_from(rejected, "triton"))
     return why, (q4, k4, v4, lead, kpm)
 
 

@@ -312,13 +312,13 @@ def _window(sliding_window: Optional[int], causal: bool) -> Tuple[int, int]:
 
 def _kernel_reason(query: Tensor, key: Tensor, value: Tensor) -> Optional[str]:
     """Why our kernels cannot take these tensors here (None: they can)."""
-    from ..dispatch import Request, explain_request
+    from ..dispatch import choose, reasons_from
 
-    req = Request(kind="dense", device_type=query.device.type, dtype=query.dtype, head_dim=query.shape[-1],
-                  head_dim_v=value.shape[-1], num_heads=query.shape[1], num_kv_heads=key.shape[1],
-                  needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
-    d = explain_request(req, prefer=("triton",))
-    return None if d.ok else "; ".join(d.reasons_for("triton"))
+    name, rejected, _ = choose("dense", query.device.type, query.dtype, query.shape[-1], value.shape[-1],
+                               query.shape[1], key.shape[1], "bhsd", (),
+                               torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
+                               None, ("triton",))
+    return None if name is not None else "; ".join(reasons_from(rejected, "triton"))
 
 
 def _masks_2d(mask: Tensor, Nq: int, Nk: int) -> Tuple[Tensor, Tensor]:
