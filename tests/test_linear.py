@@ -345,3 +345,15 @@ def test_bad_config_override(monkeypatch):
     finally:
         monkeypatch.delenv("ATTENTION_PROTO_LINEAR_CONFIG")
         common._overrides.cache_clear()
+
+
+def test_varlen_bhsd():
+    cu = torch.tensor(CU, dtype=torch.int32, device=DEV)
+    q, k, v, g, s0 = random_inputs(1, CU[-1], 2, 16, 24, torch.float32, gated=True, h0=True, num_seqs=4,
+                                   device=DEV, generator=gen(16))
+    qt, kt, vt, gt = (x.transpose(1, 2).contiguous() for x in (q, k, v, g))
+    o, ht = linear_attention(qt, kt, vt, g=gt, initial_state=s0, output_final_state=True, cu_seqlens=cu,
+                             layout="bhsd", chunk_size=32)
+    (ro, rf), (lo, lf) = ref_pair(q, k, v, g, s0, torch.float32, cu=cu)
+    assert_close_rule(o.transpose(1, 2), lo, ro, torch.float32, what="o")
+    assert_close_rule(ht, lf, rf, torch.float32, what="final state")
