@@ -5,6 +5,7 @@
     attention-proto findings [--out DIR] [--study S] [--verdict V] [--gpu G] [--run ID] [--id ID] [--json]
     attention-proto analyze [--out DIR] [--run ID]
     attention-proto env [--no-ceilings]
+    attention-proto warmup --model llama|mistral|gemma2 [--dtype bf16] [--train] [--dry-run]
 """
 from __future__ import annotations
 
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("env", help="device facts and measured ceilings")
     e.add_argument("--no-ceilings", action="store_true", help="skip measuring the ceilings")
     e.set_defaults(fn=cmd_env)
+
+    from .warmup import add_warmup_args, cmd_warmup
+
+    w = sub.add_parser("warmup", help="precompile the kernel variants a model configuration needs")
+    add_warmup_args(w)
+    w.set_defaults(fn=cmd_warmup)
 
     for name, (help_, add_args, fn) in EXTRA_COMMANDS.items():
         x = sub.add_parser(name, help=help_)
