@@ -233,7 +233,7 @@ def _stub_forward(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap
     assert cu_seqlens_q is None
     o, lse = attention_reference(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                                  alibi_slopes=alibi_slopes, rope=rope)
-    return o.to(q.dtype), lse.float()
+    return o.to(device=q.device, dtype=q.dtype), lse.to(device=q.device, dtype=torch.float32)
 
 
 def _autograd_check(monkeypatch=None):
@@ -370,7 +370,7 @@ def test_gpu_bf16_large(N, D, causal):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("mod", list(MODS) + ["gqa_varlen"])
 def test_gpu_modifiers_compile_and_match(mod, dtype):
     if mod == "gqa_varlen":
