@@ -163,7 +163,8 @@ class IntegrationStudy(Study):
     def _tiny(self, ctx: StudyContext, arch: str, dtype: torch.dtype, **kw):
         from ..integrations import hf_models as hm
 
-        size = dict(layers=2, hidden=256, heads=4, kv_heads=2) if ctx.timing else {}
+        # interpreter: 2:1 heads of 16 (one interpreted kernel per layer and token is the cost)
+        size = dict(layers=2, hidden=256, heads=4, kv_heads=2) if ctx.timing else dict(hidden=32, heads=2, kv_heads=1)
         size.update(kw)
         return hm.build_model(arch, dtype=dtype, device=ctx.device, **size)
 
@@ -171,7 +172,7 @@ class IntegrationStudy(Study):
         from ..integrations import hf_models as hm
 
         dt = torch.bfloat16 if ctx.timing else torch.float32
-        model = self._tiny(ctx, arch, dt)
+        model = self._tiny(ctx, arch, dt, **({} if ctx.timing else dict(hidden=64, heads=4, kv_heads=2)))
         N = 96 if ctx.timing else 20
         ids, _ = hm.random_batch(2, N, model.config.vocab_size, device=ctx.device, seed=3)
         chk, _ = hm.logits_check(model, ids)
