@@ -2,6 +2,7 @@
 # The GPU run inside the device sandbox (no internet): carried wheels, GPU tests, the studies.
 #   bash scripts/gpu_run.sh tests            # pytest -m gpu
 #   bash scripts/gpu_run.sh studies [args]   # attention-proto run [args] --out /tmp/ap --results $OUT/results
+#   AP_KB=kb.sqlite bash scripts/gpu_run.sh studies --resume RUN_ID --study X   # continue one run
 # Everything written under $OUT is packed into $OUT/results.tgz (the sandbox returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ case "$what" in
   tests)
     python3 -m pytest -q -m gpu -x -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
   studies)
+    # AP_KB=path/to/attention_proto.sqlite continues a KB brought from an earlier command (with --resume RUN_ID)
+    mkdir -p /tmp/ap
+    if [ -n "${AP_KB:-}" ] && [ -f "$AP_KB" ]; then cp "$AP_KB" /tmp/ap/attention_proto.sqlite; fi
     python3 -m attention_proto run --out /tmp/ap --results "$OUT/results" --no-progress "$@" 2>&1 | tee "$OUT/run.log" | grep -v "^W1\|dynamo" | tail -60
     cp /tmp/ap/attention_proto.sqlite "$OUT/" 2>/dev/null
     cp /tmp/ap/dense_fwd_configs.json "$OUT/" 2>/dev/null

@@ -37,3 +37,17 @@ def test_env_prints_facts(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "triton" in out and "mode" in out
+
+
+def test_resume_adds_studies_to_one_run(tmp_path, capsys):
+    from attention_proto.kb.store import KB
+
+    assert main(["run", "--study", "ceilings", "--out", str(tmp_path), "--no-progress"]) == 0
+    kb = KB.in_dir(tmp_path)
+    rid = kb.latest_run_id()
+    kb.close()
+    assert main(["run", "--study", "codegen", "--out", str(tmp_path), "--no-progress", "--resume", rid]) == 0
+    kb = KB.in_dir(tmp_path)
+    assert len(kb.runs()) == 1
+    assert kb.run(rid)["studies"] == ["ceilings", "codegen"]
+    assert {f["study"] for f in kb.findings(run_id=rid)} >= {"ceilings", "codegen"}

@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("No CUDA GPU: running Triton's interpreter at small sizes; every result is marked "
               "mode: interpreter (correctness, not performance).", file=sys.stderr)
     out = Path(args.out)
-    run_id = run_studies(names, out, quick=args.quick, progress=not args.no_progress)
+    run_id = run_studies(names, out, quick=args.quick, progress=not args.no_progress, resume=args.resume)
     kb = KB.in_dir(out)
     folder = export_run(kb, run_id, Path(args.results) if args.results else out / "results")
     n_f = len(kb.findings(run_id=run_id))
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=str(DEFAULT_OUT), help=f"KB folder (default: {DEFAULT_OUT}/)")
     r.add_argument("--results", default=None, help="export folder (default: OUT/results)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--resume", metavar="RUN_ID", help="add these studies to an existing run of the KB in --out")
     r.set_defaults(fn=cmd_run)
 
     rp = sub.add_parser("report", help="export a run: jsonl files, REPORT.md and plots")

@@ -126,6 +126,14 @@ class KB:
         with self._lock, self._conn:
             self._conn.execute("UPDATE runs SET ceilings=? WHERE run_id=?", (dumps(ceilings), run_id))
 
+    def add_studies(self, run_id: str, names: Sequence[str]) -> List[str]:
+        """Append study names to a run (a run may be measured in several sittings); returns the new list."""
+        studies = self.run(run_id)["studies"]
+        studies += [n for n in names if n not in studies]
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE runs SET studies=?, finished_at=NULL WHERE run_id=?", (dumps(studies), run_id))
+        return studies
+
     def finish_run(self, run_id: str) -> None:
         with self._lock, self._conn:
             self._conn.execute("UPDATE runs SET finished_at=? WHERE run_id=?", (_now(), run_id))

@@ -35,16 +35,31 @@ def analyze_run(kb: KB, run_id: str, names: Optional[Sequence[str]] = None,
 
 
 def run_studies(names: Sequence[str], out: Path, quick: bool = False, progress: bool = True,
-                log: Callable[[str], None] | None = None, run_id: str | None = None) -> str:
-    """Measure and analyze ``names`` into the KB under ``out``; returns the run id."""
+                log: Callable[[str], None] | None = None, run_id: str | None = None,
+                resume: str | None = None) -> str:
+    """Measure and analyze ``names`` into the KB under ``out``; returns the run id.
+
+    ``resume``: add the studies to an existing run of the same KB (same GPU and mode), reusing its
+    ceilings, so that one run may be measured in several sittings (each GPU command is time-limited).
+    Findings of every study of the run are recomputed at the end.
+    """
     log = log or (lambda m: print(m, file=sys.stderr))
     for n in names:
         load_study(n)  # unknown names fail before anything runs
     env = device_facts()
     kb = KB.in_dir(out)
-    run_id = kb.start_run(env, names, quick=quick, run_id=run_id)
     ceilings: Dict = {}
-    if not interpreter_mode():
+    if resume:
+        prev = kb.run(resume)
+        if prev["gpu"] != env["gpu"] or prev["mode"] != env["mode"]:
+            raise ValueError(f"cannot resume run {resume}: it was measured on {prev['gpu']} ({prev['mode']}), "
+                             f"this is {env['gpu']} ({env['mode']})")
+        run_id = resume
+        kb.add_studies(run_id, names)
+        ceilings = prev["ceilings"]
+    else:
+        run_id = kb.start_run(env, names, quick=quick, run_id=run_id)
+    if not interpreter_mode() and not ceilings:
         log("measuring the matmul and copy ceilings ...")
         ceilings = measure_ceilings()
         kb.set_ceilings(run_id, ceilings)
@@ -60,7 +75,7 @@ def run_studies(names: Sequence[str], out: Path, quick: bool = False, progress: 
         if ctx.errors:
             failures[name] = ctx.errors
         log(f"  {name} measured in {time.perf_counter() - t0:.1f} s ({len(ctx.errors)} failures)")
-    analyze_run(kb, run_id, names, log=log)
+    analyze_run(kb, run_id, kb.run(run_id)["studies"], log=log)
     kb.finish_run(run_id)
     for name, errs in failures.items():
         log(f"{name}: {len(errs)} parts failed: " + "; ".join(errs[:3]))
