@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 
+import os
+
 import pytest
-import torch
 
 import attention_proto  # noqa: F401
 from attention_proto import cli
@@ -60,8 +61,6 @@ def test_warmup_lengths_and_errors():
 def test_reset_and_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
     with triton_cache_dir(str(tmp_path)):
-        import os
-
         assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path)
     assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else"
     reset_compiled_kernels()

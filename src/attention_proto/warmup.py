@@ -308,7 +308,8 @@ def plan_calls(cfg: ModelAttentionConfig, opts: WarmupOptions, dry_run: bool = F
 
                 def packed(a=a, b=b, mods=mods):
                     cu = torch.tensor([0, a, a + b], device=dev, dtype=torch.int32)
-                    q, k, v = rnd(a + b, H, D, grad=opts.train), rnd(a + b, Hkv, D, grad=opts.train), rnd(a + b, Hkv, D, grad=opts.train)
+                    q = rnd(a + b, H, D, grad=opts.train)
+                    k, v = rnd(a + b, Hkv, D, grad=opts.train), rnd(a + b, Hkv, D, grad=opts.train)
                     out = attention_varlen(q, k, v, cu, cu, causal=True, rope=rope, **mods)
                     if opts.train:
                         out.backward(rnd(*out.shape))

@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
-from ...runtime.validation import describe, require_dtype, require_rank, require_same_device, require_same_dtype, require_tensor
+from ...runtime.validation import (describe, require_dtype, require_rank, require_same_device, require_same_dtype,
+                                   require_tensor)
 from .common import WINDOW_UNBOUNDED, apply_mask, kv_block_range, load_tile, tanh_f32
 from .configs import FwdConfig, block_d, pick_forward_config
 from .forward import _next_pow2, normalize_window_arg, resolve_alibi

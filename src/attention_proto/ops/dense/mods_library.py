@@ -43,7 +43,8 @@ from attention_proto.ops.dense.common import tanh_f32
 
 
 def _folder() -> Path:
-    base = os.environ.get("ATTENTION_PROTO_HOOK_DIR") or os.path.join(tempfile.gettempdir(), f"attention_proto_hooks_{os.getuid() if hasattr(os, 'getuid') else 'u'}")
+    user = os.getuid() if hasattr(os, "getuid") else "u"
+    base = os.environ.get("ATTENTION_PROTO_HOOK_DIR") or os.path.join(tempfile.gettempdir(), f"attention_proto_hooks_{user}")
     p = Path(base)
     p.mkdir(parents=True, exist_ok=True)
     return p

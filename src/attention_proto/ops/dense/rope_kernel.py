@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
-from ...runtime.validation import describe, require_dtype, require_rank, require_same_device, require_same_dtype, require_tensor
+from ...runtime.validation import (describe, require_dtype, require_rank, require_same_device, require_same_dtype,
+                                   require_tensor)
 from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile
 from .configs import block_d
 from .forward import rope_tables
