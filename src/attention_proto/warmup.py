@@ -21,6 +21,7 @@ shrunk):
 
 ``dry_run=True`` records which variants the calls would launch without compiling or running
 any kernel (host code only): the variant count of a configuration in milliseconds.
+``threads > 1`` runs the calls concurrently so that their compiles overlap (the CLI's default).
 """
 from __future__ import annotations
 
@@ -108,6 +109,7 @@ class WarmupOptions:
     max_seq_len: Optional[int] = None  # default: the model's max_position_embeddings, capped at 16k
     page_size: int = 16
     seq_lens: Optional[Sequence[int]] = None  # explicit prefill lengths instead of the buckets
+    threads: int = 1               # > 1: run the calls (their compiles) concurrently
 
     def lengths(self, cfg: ModelAttentionConfig) -> List[int]:
         if self.seq_lens is not None:
@@ -364,7 +366,7 @@ def warmup(config: ModelAttentionConfig | str, options: Optional[WarmupOptions] 
 
     ``config``: a :class:`ModelAttentionConfig` or a preset name (``llama``, ``mistral``,
     ``gemma2``); ``options``/``overrides``: :class:`WarmupOptions` fields (dtype, train,
-    fused_rope, decode, varlen, ragged, min_seq_len, max_seq_len, page_size, seq_lens).
+    fused_rope, decode, varlen, ragged, min_seq_len, max_seq_len, page_size, seq_lens, threads).
     Failures of single calls are collected in ``report.errors``, not raised.
     """
     if isinstance(config, str):
@@ -381,21 +383,33 @@ def warmup(config: ModelAttentionConfig | str, options: Optional[WarmupOptions] 
     comp0 = KERNEL_CACHE.stats.compile_seconds
     cuda = not interpreter_mode() and torch.cuda.is_available()
     t_all = time.perf_counter()
+    def run(label: str, fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        try:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
+            report.errors.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return time.perf_counter() - t0
+
+    calls = plan_calls(config, opts, dry_run)
     with _LaunchRecorder(dry_run) as rec:
-        for label, fn in plan_calls(config, opts, dry_run):
-            n0, b0 = len(rec.keys), triton_binaries(kernels)
-            t0 = time.perf_counter()
-            try:
-                fn()
-                if cuda:
-                    torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
-                report.errors.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            dt = time.perf_counter() - t0
-            rec_ = CallRecord(label, dt, len(rec.keys) - n0, triton_binaries(kernels) - b0)
-            report.calls.append(rec_)
-            if log:
-                log(f"  {label:<36} {dt:7.2f} s  +{rec_.new_variants} variants  +{rec_.new_binaries} binaries")
+        if opts.threads > 1 and not dry_run and not interpreter_mode():  # the interpreter is not thread-safe
+            # compiles overlap (ptxas runs outside the GIL); per-call variant counts are not attributable
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=opts.threads) as ex:
+                secs = list(ex.map(lambda c: run(*c), calls))
+            report.calls = [CallRecord(label, dt, 0, 0) for (label, _), dt in zip(calls, secs)]
+        else:
+            for label, fn in calls:
+                n0, b0 = len(rec.keys), triton_binaries(kernels)
+                dt = run(label, fn)
+                rec_ = CallRecord(label, dt, len(rec.keys) - n0, triton_binaries(kernels) - b0)
+                report.calls.append(rec_)
+                if log:
+                    log(f"  {label:<36} {dt:7.2f} s  +{rec_.new_variants} variants  +{rec_.new_binaries} binaries")
         report.variants = list(rec.keys.values())
     report.seconds = time.perf_counter() - t_all
     report.compile_seconds = max(0.0, KERNEL_CACHE.stats.compile_seconds - comp0)
@@ -413,6 +427,7 @@ def add_warmup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="longest prefill bucket (default: min(model, 16k))")
     p.add_argument("--no-decode", action="store_true", help="skip the decode kernels (paged and dense Nq = 1)")
     p.add_argument("--no-varlen", action="store_true", help="skip packed (varlen) prefill")
+    p.add_argument("--threads", type=int, default=8, help="calls compiled concurrently (default 8; 1 = one by one)")
     p.add_argument("--cache-dir", default=None, help="Triton disk cache to fill (TRITON_CACHE_DIR); ship it with the model")
     p.add_argument("--dry-run", action="store_true", help="list the variants without compiling anything")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -421,15 +436,19 @@ def add_warmup_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_warmup(args: argparse.Namespace) -> int:
     opts = WarmupOptions(dtype=DTYPES[args.dtype], train=args.train, fused_rope=args.fused_rope,
-                         decode=not args.no_decode, varlen=not args.no_varlen, max_seq_len=args.max_seq_len)
+                         decode=not args.no_decode, varlen=not args.no_varlen, max_seq_len=args.max_seq_len,
+                         threads=max(1, args.threads) if not args.verbose else 1)
     log = (lambda m: print(m, file=sys.stderr)) if args.verbose else None
     ctx = triton_cache_dir(args.cache_dir) if args.cache_dir else contextlib.nullcontext()
     if args.cache_dir:
         os.makedirs(args.cache_dir, exist_ok=True)
-    if interpreter_mode() and not args.dry_run:
-        print("No CUDA GPU: the calls run under Triton's interpreter and nothing is compiled.", file=sys.stderr)
+    dry = args.dry_run
+    if interpreter_mode() and not dry:
+        # real model shapes under the interpreter would take hours and compile nothing
+        print("No CUDA GPU: nothing to compile here; listing the variants instead (--dry-run).", file=sys.stderr)
+        dry = True
     with ctx:
-        rep = warmup(args.model, opts, dry_run=args.dry_run, log=log)
+        rep = warmup(args.model, opts, dry_run=dry, log=log)
     if args.json:
         print(json.dumps(rep.as_dict(), indent=1, default=str))
     else:

@@ -171,6 +171,10 @@ class ConstantsStudy(Study):
             ("flash_attention_forward", lambda: flash_attention_forward(q, k, v, causal=True)),
             ("attention()", lambda: attention(q, k, v, causal=True)),
         ]
+        if hasattr(KERNEL_CACHE, "direct"):  # the compiled kernel's own launcher, without Triton's binding
+            dl = KERNEL_CACHE.direct(kernel, KERNEL_CACHE.launch(kernel, grid, *args, **kw), args, kw)
+            if dl is not None:
+                layers.insert(0, ("direct launch", lambda: dl(grid, args)))
         for label, fn in layers:
             with ctx.guard(f"launch overhead {label}"):
                 us = wall_time_per_call(fn, calls=self.overhead_calls, sync=sync)
@@ -234,7 +238,7 @@ class ConstantsStudy(Study):
 
         cfg = PRESETS[self.warm_model] if isinstance(self.warm_model, str) else self.warm_model
         name = self.warm_model if isinstance(self.warm_model, str) else cfg.name
-        kw: Dict[str, Any] = dict(dtype=self.dtype)
+        kw: Dict[str, Any] = dict(dtype=self.dtype, threads=8)  # as the CLI runs it: compiles overlap
         if ctx.quick:
             kw.update(max_seq_len=1024, ragged=False, varlen=False)
         kw.update(self.warm_options)
