@@ -19,8 +19,19 @@ __version__ = "0.1.0"
 # Public names, imported on first use so that `import attention_proto` stays cheap and a CLI
 # command that needs no kernel compiles none.
 _EXPORTS = {
-    "attention": "attention_proto.ops.dense.interface",
-    "attention_varlen": "attention_proto.ops.dense.interface",
+    "attention": "attention_proto.api",
+    "attention_varlen": "attention_proto.api",
+    "explain": "attention_proto.api",
+    "Attention": "attention_proto.api",
+    "DenseAttention": "attention_proto.api",
+    "VarlenAttention": "attention_proto.api",
+    "PagedDecodeAttention": "attention_proto.api",
+    "LinearAttention": "attention_proto.api",
+    "DenseTensor": "attention_proto.api",
+    "PackedTensor": "attention_proto.api",
+    "PagedKV": "attention_proto.api",
+    "scaled_dot_product_attention": "attention_proto.sdpa",
+    "NoBackendError": "attention_proto.dispatch",
     "paged_attention": "attention_proto.ops.paged.interface",
     "PagedKVCache": "attention_proto.ops.paged.cache",
     "linear_attention": "attention_proto.ops.linear.interface",
