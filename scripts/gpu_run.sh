@@ -21,7 +21,10 @@ case "$what" in
     # AP_KB=path/to/attention_proto.sqlite continues a KB brought from an earlier command (with --resume RUN_ID)
     mkdir -p /tmp/ap
     if [ -n "${AP_KB:-}" ] && [ -f "$AP_KB" ]; then cp "$AP_KB" /tmp/ap/attention_proto.sqlite; fi
-    python3 -m attention_proto run --out /tmp/ap --results "$OUT/results" --no-progress "$@" 2>&1 | tee "$OUT/run.log" | grep -v "^W1\|dynamo" | tail -60
+    # stop in time to bring the KB back: rows are committed as they are measured, so a study cut
+    # short keeps what it measured; `attention-proto analyze` and `report` finish the job off the GPU
+    timeout --signal=INT "${AP_BUDGET_S:-540}" python3 -m attention_proto run --out /tmp/ap --results "$OUT/results" \
+      --no-progress "$@" 2>&1 | tee "$OUT/run.log" | grep -v "^W1\|dynamo\|^  warnings.warn\|UserWarning" | tail -60
     cp /tmp/ap/attention_proto.sqlite "$OUT/" 2>/dev/null
     cp /tmp/ap/dense_fwd_configs.json "$OUT/" 2>/dev/null
     python3 -m attention_proto findings --out /tmp/ap | cut -c1-220 ;;
