@@ -86,3 +86,14 @@ def test_rope_kernel_validation():
     cos, sin = rope_cos_sin(torch.arange(4), 16)
     with pytest.raises(ValueError, match="positions up to"):
         apply_rope(q, k, RopeSpec(cos=cos.float().to(DEV), sin=sin.float().to(DEV)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_rope_kernel_bf16(layout, D):
+    dtype = torch.bfloat16
+    q, k = rand(2, 8, 1000, D, dtype=dtype), rand(2, 2, 1031, D, dtype=dtype)
+    spec = RopeSpec(layout, theta=500000.0)
+    qr, kr = apply_rope(q, k, spec)
+    check(q, k, spec, qr, kr, dtype)

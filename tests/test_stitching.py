@@ -173,3 +173,30 @@ def test_hook_factory_caches_and_validates():
         ML.score_mod(alibi_heads=4, alibi_slopes=[1.0] * 4)
     with pytest.raises(ValueError, match="needs a window or causal"):
         ML.mask_mod()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runtime_head_dim", [False, True], ids=["D-constexpr", "D-runtime"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_runtime_kernel_bf16(D, runtime_head_dim):
+    """bf16 with the GPU tiles the studies use (dense picker's portable config), every combination."""
+    dtype = torch.bfloat16
+    q, k, v = qkv(2, 8, 2, 300, 333, D, dtype, scale=2.0)
+    for mods in MOD_CASES:
+        o, l = run_rt(q, k, v, runtime_head_dim=runtime_head_dim, **mods)
+        check(o, l, q, k, v, dtype, **mods)
+
+
+@pytest.mark.gpu
+def test_gpu_hooks_bf16():
+    dtype = torch.bfloat16
+    q, k, v = qkv(1, 16, 16, 513, 513, 128, dtype, scale=2.0)
+    sm, mm = ML.score_mod(softcap=50.0, alibi_heads=16), ML.mask_mod(window=100)
+    for path in ("portable", None):  # portable tile, then what dispatch picks (TMA on Hopper)
+        from attention_proto.ops.dense.configs import pick_forward_config
+
+        cfg = pick_forward_config(128, dtype, True, 1024, "portable") if path else None
+        out, lse = flash_attention_forward(q, k, v, causal=True, score_mod=sm, mask_mod=mm, config=cfg)
+        check(out, lse, q, k, v, dtype, causal=True, softcap=50.0, alibi_slopes=True, window=100)

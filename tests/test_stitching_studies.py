@@ -20,6 +20,8 @@ from attention_proto.studies.stitching import StitchingStudy
 from attention_proto.warmup import ModelAttentionConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
+#: the dry runs put CPU tensors through the kernels (the interpreter); a GPU machine runs the real studies
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run; on a GPU run the studies themselves")
 
 
 def _ctx(tmp_path, study, quick=True, ceilings=None):
@@ -49,6 +51,7 @@ def _fake_bench(ctx, monkeypatch):
     monkeypatch.setattr(ctx, "bench", bench)
 
 
+@cpu_only
 def test_interpreter_runs_of_the_three_studies(tmp_path):
     run_id = run_studies(["stitching", "constants", "modifiers"], tmp_path, progress=False, log=lambda m: None)
     kb = KB.in_dir(tmp_path)
@@ -66,6 +69,7 @@ def _no_analysis_errors(findings):
     assert not bad, [(f.id, f.claim) for f in bad]
 
 
+@cpu_only
 def test_stitching_gpu_dry_run(tmp_path, monkeypatch):
     kb, run_id, ctx = _ctx(tmp_path, "stitching")
     _fake_bench(ctx, monkeypatch)
@@ -86,6 +90,7 @@ def test_stitching_gpu_dry_run(tmp_path, monkeypatch):
     assert len(rt) == 2
 
 
+@cpu_only
 def test_constants_gpu_dry_run(tmp_path, monkeypatch):
     kb, run_id, ctx = _ctx(tmp_path, "constants")
     _fake_bench(ctx, monkeypatch)
@@ -107,6 +112,7 @@ def test_constants_gpu_dry_run(tmp_path, monkeypatch):
     _no_analysis_errors(findings)
 
 
+@cpu_only
 def test_modifiers_gpu_dry_run(tmp_path, monkeypatch):
     kb, run_id, ctx = _ctx(tmp_path, "modifiers")
     _fake_bench(ctx, monkeypatch)
