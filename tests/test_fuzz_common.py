@@ -1,0 +1,246 @@
+"""Shared pieces of the reliability suite (fuzz settings, NaN-padded inputs, canaries, the fuzz log).
+
+The fuzz tests import this module (``from test_fuzz_common import ...``; pytest puts ``tests/`` on
+``sys.path``). Its own tests check the helpers themselves.
+
+Fuzz budget: ``ATTENTION_PROTO_FUZZ_EXAMPLES`` sets the number of hypothesis examples per
+operation. Unset, the CPU tests (Triton interpreter, tiny shapes) run :data:`CPU_DEFAULT_EXAMPLES`
+each and the ``gpu``-marked tests :data:`GPU_DEFAULT_EXAMPLES`; ``scripts/fuzz_gpu.py`` sets it
+to >= 1000 for the recorded GPU run. Examples are derandomized (the same cases every run) and
+hypothesis keeps no example database.
+
+Fuzz log: when ``ATTENTION_PROTO_FUZZ_LOG`` names a file, every executed case appends one JSON
+line ``{"op", "ok", "case", "error"}`` to it (``scripts/fuzz_gpu.py`` aggregates them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Callable, Optional, Sequence
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import attention_proto  # noqa: F401  - interpreter switch before any kernel module
+from attention_proto.runtime.device import kernel_device
+
+DEV = kernel_device()
+ON_GPU = DEV == "cuda"
+CPU_DEFAULT_EXAMPLES = 12
+GPU_DEFAULT_EXAMPLES = 50
+#: dtypes the kernels can compute here (the interpreter has no bf16 arithmetic)
+CPU_DTYPES = (torch.float16, torch.float32)
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+gpu = pytest.mark.gpu
+
+
+def n_examples(cpu_default: int = CPU_DEFAULT_EXAMPLES, *, big: bool = False) -> int:
+    """Examples per fuzz test: the env var if set, else the CPU (or GPU, ``big``) default."""
+    env = os.environ.get("ATTENTION_PROTO_FUZZ_EXAMPLES", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError as e:
+            raise ValueError(f"ATTENTION_PROTO_FUZZ_EXAMPLES must be a positive int; got {env!r}") from e
+        if n < 1:
+            raise ValueError(f"ATTENTION_PROTO_FUZZ_EXAMPLES must be a positive int; got {env!r}")
+        return n
+    return GPU_DEFAULT_EXAMPLES if big else cpu_default
+
+
+def fuzz_settings(cpu_default: int = CPU_DEFAULT_EXAMPLES, *, big: bool = False):
+    """Hypothesis settings of every fuzz test: bounded, derandomized, no deadline, no database."""
+    return settings(
+        max_examples=n_examples(cpu_default, big=big),
+        derandomize=True,
+        deadline=None,
+        database=None,
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+                               HealthCheck.function_scoped_fixture],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# fuzz log
+# ------------------------------------------------------------------------------------------------
+
+_LOG_LOCK = threading.Lock()
+
+
+def record(op: str, ok: bool, case: dict, error: str = "") -> None:
+    path = os.environ.get("ATTENTION_PROTO_FUZZ_LOG")
+    if not path:
+        return
+    line = json.dumps({"op": op, "ok": bool(ok), "case": {k: _plain(v) for k, v in case.items()},
+                       "error": error[:500]})
+    with _LOG_LOCK, open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def _plain(v):
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return str(v)
+
+
+def run_case(op: str, case: dict, fn: Callable[[], None]) -> None:
+    """Run one fuzz case, log it, re-raise its failure with the case attached.
+
+    With a log, the case is first written to ``<log>.current``: when a case kills the process
+    (a segfault under the interpreter, an illegal address on the GPU) that file names it.
+    """
+    path = os.environ.get("ATTENTION_PROTO_FUZZ_LOG")
+    if path:
+        with _LOG_LOCK, open(path + ".current", "w") as f:
+            f.write(json.dumps({"op": op, "case": {k: _plain(v) for k, v in case.items()}}) + "\n")
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - logged, then re-raised with the case
+        record(op, False, case, f"{type(e).__name__}: {e}")
+        raise AssertionError(f"{op} failed for case {case}: {type(e).__name__}: {e}") from e
+    record(op, True, case)
+
+
+# ------------------------------------------------------------------------------------------------
+# poisoned allocations and NaN-padded inputs
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def nan_empty():
+    """While a test runs, torch.empty / empty_like return NaN-filled float memory.
+
+    The kernels allocate their outputs with ``torch.empty``: anything they fail to write stays
+    NaN and the comparison with the reference fails. (warn_only: no PyTorch op may raise for
+    lacking a deterministic implementation.)
+    """
+    import torch.utils.deterministic as det
+
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        det.fill_uninitialized_memory = old_fill
+
+
+def nan_padded(x: torch.Tensor, front: Sequence[int], back: Sequence[int]) -> torch.Tensor:
+    """A view of ``x``'s values inside a larger NaN-filled buffer (same dtype, device, dim order).
+
+    ``front[i]``/``back[i]`` extra entries before/after dim i; the last dim keeps stride 1. A
+    kernel that reads outside the logical tensor (past a length, before a start, another head,
+    the padding of D) reads NaN and its output shows it.
+    """
+    assert len(front) == len(back) == x.dim()
+    big_shape = [n + f + b for n, f, b in zip(x.shape, front, back)]
+    big = torch.full(big_shape, float("nan"), dtype=x.dtype, device=x.device)
+    idx = tuple(slice(f, f + n) for f, n in zip(front, x.shape))
+    big[idx] = x
+    return big[idx]
+
+
+def canary_view(shape: Sequence[int], dtype: torch.dtype, device, pad: int = 2):
+    """``(view, buffer, index)``: a NaN-filled output view inside a NaN buffer padded by ``pad``
+    on every side. After a kernel writes the view, :func:`assert_canary` checks that nothing
+    outside it changed (an out-of-bounds write would)."""
+    big = torch.full([n + 2 * pad for n in shape], float("nan"), dtype=dtype, device=device)
+    idx = tuple(slice(pad, pad + n) for n in shape)
+    return big[idx], big, idx
+
+
+def assert_canary(buffer: torch.Tensor, idx) -> None:
+    outside = torch.ones(buffer.shape, dtype=torch.bool, device=buffer.device)
+    outside[idx] = False
+    vals = buffer[outside]
+    bad = int((~torch.isnan(vals)).sum())
+    if bad:
+        raise AssertionError(f"{bad} entries outside the output were written (out-of-bounds store)")
+
+
+def layout_view(x: torch.Tensor, layout: str, pad: bool) -> torch.Tensor:
+    """The BHSD tensor ``x`` [B, H, N, D] handed to a kernel in ``layout``.
+
+    - "bhsd": as is (or NaN-padded in every dim when ``pad``);
+    - "bshd": stored [B, N, H, D], returned as that storage (callers pass ``layout="bshd"``);
+    - "dstride": BHSD values whose D axis is not unit-stride (stored [B, H, D, N]).
+    """
+    if layout == "bhsd":
+        return nan_padded(x, (0, 1, 2, 0), (1, 0, 3, 3)) if pad else x.contiguous()
+    if layout == "bshd":
+        y = x.transpose(1, 2)
+        return nan_padded(y, (1, 2, 0, 0), (0, 1, 1, 5)) if pad else y.contiguous()
+    if layout == "dstride":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(layout)
+
+
+def gen(seed: int, device: Optional[str] = None) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def randn(shape, seed_gen: torch.Generator, dtype, device=DEV, scale: float = 1.0) -> torch.Tensor:
+    """Random normal values drawn on the CPU (same values on every device), then moved."""
+    return (torch.randn(*shape, generator=seed_gen) * scale).to(dtype=dtype).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# tests of the helpers
+# ------------------------------------------------------------------------------------------------
+
+def test_n_examples_reads_the_env(monkeypatch):
+    monkeypatch.delenv("ATTENTION_PROTO_FUZZ_EXAMPLES", raising=False)
+    assert n_examples(7) == 7
+    assert n_examples(7, big=True) == GPU_DEFAULT_EXAMPLES
+    monkeypatch.setenv("ATTENTION_PROTO_FUZZ_EXAMPLES", "1000")
+    assert n_examples(7) == 1000 and n_examples(big=True) == 1000
+    monkeypatch.setenv("ATTENTION_PROTO_FUZZ_EXAMPLES", "lots")
+    with pytest.raises(ValueError, match="ATTENTION_PROTO_FUZZ_EXAMPLES must be a positive int; got 'lots'"):
+        n_examples()
+
+
+def test_nan_padded_view_and_canary():
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    y = nan_padded(x, (1, 0, 2), (0, 2, 1))
+    assert torch.equal(y, x) and not y.is_contiguous() and y.stride(-1) == 1
+    assert torch.isnan(y.as_strided((1,), (1,), y.storage_offset() - 1)).all()  # just before: NaN
+    view, buf, idx = canary_view((2, 3), torch.float32, "cpu")
+    view.fill_(1.0)
+    assert_canary(buf, idx)
+    buf[0, 0] = 0.0
+    with pytest.raises(AssertionError, match="1 entries outside the output were written"):
+        assert_canary(buf, idx)
+
+
+def test_layout_views_keep_values():
+    x = torch.randn(2, 3, 5, 8)
+    for layout in ("bhsd", "dstride"):
+        for pad in (False, True):
+            assert torch.equal(layout_view(x, layout, pad), x)
+    for pad in (False, True):
+        assert torch.equal(layout_view(x, "bshd", pad).transpose(1, 2), x)
+    assert layout_view(x, "dstride", False).stride(3) != 1
+
+
+def test_fuzz_log_records_cases(tmp_path, monkeypatch):
+    log = tmp_path / "fuzz.jsonl"
+    monkeypatch.setenv("ATTENTION_PROTO_FUZZ_LOG", str(log))
+    run_case("toy", {"n": 1, "dtype": torch.float16}, lambda: None)
+    with pytest.raises(AssertionError, match="toy failed for case"):
+        run_case("toy", {"n": 2}, lambda: (_ for _ in ()).throw(ValueError("boom")))
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(r["op"], r["ok"]) for r in rows] == [("toy", True), ("toy", False)]
+    assert rows[0]["case"]["dtype"] == "torch.float16" and "boom" in rows[1]["error"]
+
+
+def test_nan_empty_fixture(nan_empty):
+    assert torch.isnan(torch.empty(5)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(3, dtype=torch.float16))).all()
