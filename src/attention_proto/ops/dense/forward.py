@@ -28,7 +28,7 @@ nothing else: block skipping still follows only the built-in masks.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, Optional, Tuple
 
 import torch
 import triton
@@ -38,7 +38,7 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
                      load_tile)
-from .configs import FwdConfig, block_d, pick_forward_config
+from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
 from .rope import RopeSpec
 
 _LOG2E = 1.4426950408889634
@@ -55,6 +55,11 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
 
     ``m_i`` is the running row max in log2 units, ``l_i`` the running row sum, ``acc`` the
     unnormalised output. Shared by the portable and the TMA kernels.
+
+    Plain scores (not USE_NATURAL) stay unscaled: the row max is taken on ``qk`` and scaled once
+    per row, and ``exp2(qk * qk_scale2 - m)`` is one FFMA per element (scaling first costs an
+    extra FMUL per element: the scaled tile feeds both the max and the exponent). This needs
+    ``qk_scale2 > 0``; the host sends other scales through USE_NATURAL.
     """
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if USE_NATURAL:
@@ -64,18 +69,24 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
             s = SCORE_MOD(s, b, h, offs_m[:, None], offs_n[None, :])
         s = s * 1.4426950408889634
     else:
-        s = qk * qk_scale2
+        s = qk
     if MASKED:
         s = apply_mask(s, offs_m, offs_n, seqlen_k, off, win_left, win_right, IS_CAUSAL, HAS_WINDOW, True)
     if MASK_MOD is not None:
         s = tl.where(MASK_MOD(b, h, offs_m[:, None], offs_n[None, :]), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if USE_NATURAL:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale2)
     if MASKED or HAS_HOOKS:
         # rows with no allowed key yet: exponentiate against 0, not -inf (-inf - -inf = NaN)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+    if USE_NATURAL:
+        p = tl.math.exp2(s - m_use[:, None])
+    else:
+        p = tl.math.exp2(s * qk_scale2 - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -192,24 +203,27 @@ def _fwd_kernel(
             USE_NATURAL, HAS_HOOKS, DOT_PREC)
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
     offs_d = tl.arange(0, BLOCK_D)
     o_ptrs = O + b64 * sob + h64 * soh + q_start * som + offs_m[:, None] * som + offs_d[None, :] * sod
-    l_ptrs = LSE + b64 * slb + h64 * slh + q_start * slm + offs_m * slm
     out = out.to(O.dtype.element_ty)
     if CHECK_M:
         if BLOCK_D != HEAD_DIM:
             tl.store(o_ptrs, out, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
         else:
             tl.store(o_ptrs, out, mask=offs_m[:, None] < seqlen_q)
-        tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
     else:
         if BLOCK_D != HEAD_DIM:
             tl.store(o_ptrs, out, mask=offs_d[None, :] < HEAD_DIM)
         else:
             tl.store(o_ptrs, out)
-        tl.store(l_ptrs, lse)
+    if LSE is not None:  # None (a constexpr): the caller needs no LSE
+        lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        l_ptrs = LSE + b64 * slb + h64 * slh + q_start * slm + offs_m * slm
+        if CHECK_M:
+            tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+        else:
+            tl.store(l_ptrs, lse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +232,7 @@ def _fwd_kernel(
 
 _ROPE_TABLES: dict = {}
 _ALIBI: dict = {}
+_NO_WINDOW = (-1, -1)
 
 
 def _next_pow2(n: int) -> int:
@@ -289,6 +304,106 @@ def _tma_path_usable(q, k, v, out) -> bool:
     return not supports(q, k, v, out=out)
 
 
+# ----------------------------------------------------------------------------------------------
+# launch plans: the host work of a call signature, done once
+# ----------------------------------------------------------------------------------------------
+
+class _Plan:
+    """Everything one call signature launches except tensors and float values.
+
+    Keyed by shapes, strides, dtypes, device, modifier flags, integer modifier values, config and
+    whether every pointer is 16-byte aligned (see :func:`flash_attention_forward`), so the integer
+    kernel arguments, the constexprs and the path/config choice are fixed per plan. That is what
+    makes a :class:`~attention_proto.runtime.cache.DirectLaunch` valid for it.
+    """
+
+    __slots__ = ("kernel", "grid", "ints_a", "ints_b", "consts", "specs", "aligned", "direct")
+
+    def __init__(self, kernel, grid, ints_a, ints_b, consts, specs, aligned):
+        self.kernel, self.grid, self.ints_a, self.ints_b, self.consts = kernel, grid, ints_a, ints_b, consts
+        # TMA: descriptor (shape, strides, block) of q, k, v, out, then make_descriptor; None: portable
+        self.specs = specs
+        self.aligned = aligned
+        self.direct = None
+
+
+_PLANS: Dict[Hashable, _Plan] = {}
+_MAX_PLANS = 4096  # distinct call signatures kept (cleared when full: shapes of a long-running server)
+
+
+def clear_launch_plans() -> None:
+    """Forget every cached launch plan (tests; :func:`.configs.reload_table` calls it too)."""
+    _PLANS.clear()
+
+
+RELOAD_HOOKS.append(clear_launch_plans)
+
+
+def _launch(plan: _Plan, args: tuple) -> None:
+    d = plan.direct
+    if d is not None and d(plan.grid, args):
+        return
+    compiled = KERNEL_CACHE.launch(plan.kernel, plan.grid, *args, **plan.consts)
+    if plan.aligned and (d is None or d.generation != KERNEL_CACHE.generation):
+        plan.direct = KERNEL_CACHE.direct(plan.kernel, compiled, args, plan.consts)
+
+
+def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left, right, has_softcap, has_alibi,
+               rope_mode, rope_args, score_mod, mask_mod, config, aligned, positive_scale) -> _Plan:
+    """Pick the path and config and compute the integer arguments and constexprs of a launch."""
+    if config is None:
+        path = "portable"
+        small = B * H * Nq * Nk <= SMALL_PROBLEM_SCORES
+        if not varlen and rope_mode == 0 and not small and _tma_path_usable(q, k, v, out):
+            path = "auto"
+        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path, rope_mode != 0)
+    if config.path != "portable":
+        if varlen or rope_mode != 0:
+            raise ValueError(f"config.path={config.path!r}: the TMA path supports neither varlen nor fused RoPE; "
+                             f"use a portable config")
+        from . import forward_tma
+
+        reasons = forward_tma.supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
+        if reasons:
+            raise ValueError("the TMA forward path does not apply: " + "; ".join(reasons))
+        grid, specs, ints_a, ints_b, consts = forward_tma.tma_launch_parts(
+            q, k, v, out, lse, causal=causal, window=(left, right), has_softcap=has_softcap, has_alibi=has_alibi,
+            score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale)
+        specs = specs + (forward_tma.make_descriptor,)  # kept with the specs: no import per call
+        return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned)
+
+    BM, BN = config.BLOCK_M, config.BLOCK_N
+    num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
+    if varlen:
+        strides = (0, q.stride(1), q.stride(0), q.stride(2), 0, k.stride(1), k.stride(0), k.stride(2),
+                   0, v.stride(1), v.stride(0), v.stride(2), 0, out.stride(1), out.stride(0), out.stride(2),
+                   0) + (lse.stride() if lse is not None else (0, 0))
+    else:
+        strides = q.stride() + k.stride() + v.stride() + out.stride() + (lse.stride() if lse is not None else (0, 0, 0))
+    ints_a = tuple(strides) + (Nq, Nk, H, H // Hkv, num_m)
+    ints_b = (left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED) + rope_args
+    use_natural = has_softcap or has_alibi or score_mod is not None or not positive_scale
+    consts = dict(
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=BM, BLOCK_N=BN,
+        IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi,
+        ROPE=rope_mode, SCORE_MOD=score_mod, MASK_MOD=mask_mod, USE_NATURAL=use_natural,
+        HAS_HOOKS=score_mod is not None or mask_mod is not None,
+        IS_VARLEN=varlen, CHECK_M=varlen or (Nq % BM != 0), REVERSE_M=bool(causal),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return _Plan(_fwd_kernel, (num_m, B * H), ints_a, ints_b, consts, None, aligned)
+
+
+def _output_keys(out, lse, return_lse) -> Tuple[Any, Any]:
+    """Plan-key entries of the outputs: None where we allocate (strides, dtype and alignment are
+    then fixed by q's), the facts of a caller's tensor, False for an LSE nobody wants."""
+    out_key = None if out is None else (out.stride(), out.dtype, out.data_ptr() & 15)
+    if lse is not None:
+        return out_key, (lse.stride(), lse.dtype, lse.data_ptr() & 15)
+    return out_key, (None if return_lse else False)
+
+
 def flash_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -309,7 +424,8 @@ def flash_attention_forward(
     config: Optional[FwdConfig] = None,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_lse: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Low-level dense attention forward. Returns ``(out, lse)``.
 
     Shapes: q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (any strides; a BSHD tensor is passed as
@@ -321,10 +437,16 @@ def flash_attention_forward(
     score_mod, then masks; bottom-right causal/window; LSE natural log, -inf and output 0 on
     fully masked rows). ``window``: (left, right), -1 = unbounded. ``alibi_slopes``: True or a
     float tensor [H]. ``rope``: a :class:`RopeSpec` (q positions default to Nk - Nq + i, per
-    sequence for varlen). ``config``: a :class:`FwdConfig`; None picks one, and on Hopper the TMA
-    path when it applies. ``out``/``lse``: optional preallocated outputs of the shapes above (tests
-    poison them with NaN). Inputs are checked only lightly here: :func:`.interface.attention` is
-    the validating entry point.
+    sequence for varlen). ``config``: a :class:`FwdConfig`; None picks one: on Hopper the TMA path
+    when it applies and the problem is not tiny (:data:`.configs.SMALL_PROBLEM_SCORES`), else the
+    portable kernel. ``out``/``lse``: optional preallocated outputs of the shapes above (tests
+    poison them with NaN). ``return_lse=False`` (and no ``lse`` given): the kernel writes no LSE
+    and None is returned in its place (inference: one allocation and one store fewer). Inputs are
+    checked only lightly here: :func:`.interface.attention` is the validating entry point.
+
+    Host work is cached per call signature (shapes, strides, dtypes, device, modifier flags and
+    integer values, config, pointer alignment): a repeated call builds only its tensor arguments
+    and, on a GPU, launches the compiled kernel directly (``runtime.cache.DirectLaunch``).
     """
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -336,43 +458,38 @@ def flash_attention_forward(
         if max_seqlen_k is None:
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if B > 0 else 0
         Nq, Nk = int(max_seqlen_q), int(max_seqlen_k)
+        out_key, lse_key = _output_keys(out, lse, return_lse)
         out = torch.empty_like(q) if out is None else out
-        lse = torch.empty((H, Tq), device=q.device, dtype=torch.float32) if lse is None else lse
+        if lse_key is None:
+            lse = torch.empty((H, Tq), device=q.device, dtype=torch.float32)
         if Tq == 0 or B == 0:
             return out, lse
     else:
         B, H, Nq, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
+        out_key, lse_key = _output_keys(out, lse, return_lse)
         out = torch.empty_like(q) if out is None else out
-        lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32) if lse is None else lse
+        if lse_key is None:
+            lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
         if B == 0 or Nq == 0 or H == 0:
             return out, lse
     if v.shape[-1] != D:
         raise ValueError(f"v head dim {v.shape[-1]} != q head dim {D}: Dv != D is not supported")
     sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
-    left, right = normalize_window_arg(window)
-    has_window = left >= 0 or right >= 0
+    if window is None or window == _NO_WINDOW:
+        left = right = -1
+    else:
+        left, right = normalize_window_arg(window)
     has_softcap = softcap is not None and float(softcap) > 0.0
-    slopes = resolve_alibi(alibi_slopes, H, q.device)
+    slopes = None if alibi_slopes is None else resolve_alibi(alibi_slopes, H, q.device)
 
-    checked = False
-    if config is None:
-        path = "portable"
-        if not varlen and rope is None and _tma_path_usable(q, k, v, out):
-            path, checked = "auto", True
-        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path)
-    if config.path != "portable":
-        if varlen or rope is not None:
-            raise ValueError(f"config.path={config.path!r}: the TMA path supports neither varlen nor fused RoPE; "
-                             f"use a portable config")
-        from .forward_tma import flash_attention_forward_tma
-
-        return flash_attention_forward_tma(
-            q, k, v, out=out, lse=lse, causal=causal, sm_scale=sm_scale, window=(left, right),
-            softcap=float(softcap) if has_softcap else None, alibi_slopes=slopes, score_mod=score_mod,
-            mask_mod=mask_mod, config=config, checked=checked,
-        )
-
+    ptrs = q.data_ptr() | k.data_ptr() | v.data_ptr()
+    if out_key is not None:
+        ptrs |= out_key[2]
+    if lse_key:
+        ptrs |= lse_key[2]
+    if slopes is not None:
+        ptrs |= slopes.data_ptr()
     if rope is not None:
         if D % 2:
             raise ValueError(f"rope needs an even head dim; got D={D}")
@@ -384,38 +501,39 @@ def flash_attention_forward(
         cos, sin = rope_tables(rope, D, needed, q.device)
         rope_mode = 1 if rope.layout == "half" else 2
         rope_args = (cos.stride(0), cos.shape[0], q_off, int(q_auto), int(rope.k_offset))
+        ptrs |= cos.data_ptr() | sin.data_ptr()
     else:
-        cos = sin = lse
+        cos = sin = None  # unused pointers go in as None: a constexpr, nothing for the launcher to convert
         rope_mode = 0
         rope_args = (0, 0, 0, 0, 0)
-
-    BM, BN = config.BLOCK_M, config.BLOCK_N
-    num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
     if varlen:
-        qs = (0, q.stride(1), q.stride(0), q.stride(2))
-        ks = (0, k.stride(1), k.stride(0), k.stride(2))
-        vs = (0, v.stride(1), v.stride(0), v.stride(2))
-        os_ = (0, out.stride(1), out.stride(0), out.stride(2))
-        ls = (0, lse.stride(0), lse.stride(1))
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+        ptrs |= cu_q.data_ptr() | cu_k.data_ptr()
+        vkey = (B, Nq, Nk, cu_q.dtype, cu_k.dtype)  # the grid spans B sequences; the shapes hold tokens
     else:
-        qs, ks, vs, os_, ls = q.stride(), k.stride(), v.stride(), out.stride(), lse.stride()
-        cu_q = cu_k = lse
-    KERNEL_CACHE.launch(
-        _fwd_kernel, (num_m, B * H),
-        q, k, v, out, lse, slopes if slopes is not None else lse, cos, sin, cu_q, cu_k,
-        *qs, *ks, *vs, *os_, *ls,
-        Nq, Nk, H, H // Hkv, num_m,
-        sm_scale, sm_scale * _LOG2E, float(softcap) if has_softcap else 0.0,
-        left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED,
-        *rope_args,
-        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=BM, BLOCK_N=BN,
-        IS_CAUSAL=bool(causal), HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_ALIBI=slopes is not None,
-        ROPE=rope_mode, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
-        USE_NATURAL=has_softcap or slopes is not None or score_mod is not None,
-        HAS_HOOKS=score_mod is not None or mask_mod is not None,
-        IS_VARLEN=varlen, CHECK_M=varlen or (Nq % BM != 0), REVERSE_M=bool(causal),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        cu_q = cu_k = None
+        vkey = None
+    aligned = (ptrs & 15) == 0
+    # every integer argument, constexpr and path/config choice is a function of this key
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+           out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
+           rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,
+                          left=left, right=right, has_softcap=has_softcap, has_alibi=slopes is not None,
+                          rope_mode=rope_mode, rope_args=rope_args, score_mod=score_mod, mask_mod=mask_mod,
+                          config=config, aligned=aligned, positive_scale=sm_scale > 0.0)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    floats = (sm_scale, sm_scale * _LOG2E, float(softcap) if has_softcap else 0.0)
+    specs = plan.specs
+    if specs is None:
+        args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k) + plan.ints_a + floats + plan.ints_b
+    else:
+        make_descriptor = specs[4]
+        args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
+                make_descriptor(out, *specs[3]), lse, slopes) + plan.ints_a + floats + plan.ints_b
+    _launch(plan, args)
     return out, lse

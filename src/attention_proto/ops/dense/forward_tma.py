@@ -32,7 +32,7 @@ import triton.language as tl
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from .common import WINDOW_UNBOUNDED, kv_block_range
-from .configs import FwdConfig
+from .configs import FwdConfig, config_problems
 from .forward import attn_step
 
 try:
@@ -98,11 +98,12 @@ def _fwd_tma_kernel(
             HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
     desc_o.store([b, h, m0, 0], out.to(q.dtype).reshape([1, 1, BLOCK_M, HEAD_DIM]))
-    l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m * slm
-    tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+    if LSE is not None:  # None (a constexpr): the caller needs no LSE
+        lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m * slm
+        tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
 
 
 _CAPABILITY: dict = {}
@@ -131,13 +132,18 @@ def supports(
     varlen: bool = False,
     out: Optional[torch.Tensor] = None,
     check_device: bool = True,
+    config: Optional[FwdConfig] = None,
 ) -> List[str]:
     """Reasons the TMA path does not apply to these inputs (empty list: it applies).
 
     q [B, H, Nq, D], k/v [B, Hkv, Nk, D] as for :func:`.forward.flash_attention_forward`.
     ``check_device=False`` skips the GPU checks (the interpreter emulates descriptors).
+    ``config``: also the reasons this launch config cannot compile on Hopper
+    (:func:`.configs.config_problems`: warp specialization needs 8 warps).
     """
     reasons: List[str] = []
+    if config is not None:
+        reasons.extend(config_problems(config))
     if TensorDescriptor is None:
         reasons.append("triton has no triton.tools.tensor_descriptor (needs triton >= 3.3)")
     if check_device:
@@ -173,6 +179,54 @@ def supports(
     return reasons
 
 
+def make_descriptor(t: torch.Tensor, shape: List[int], strides: List[int], block_shape: List[int]) -> Any:
+    """A host ``TensorDescriptor`` over ``t`` without the constructor's checks.
+
+    The checks (16-byte aligned base and strides, unit last stride, positive shape) are what
+    :func:`supports` verified for the launch plan this descriptor belongs to; skipping them saves a
+    few microseconds per descriptor and call. ``shape``/``strides``/``block_shape`` are shared
+    with the plan and never mutated.
+    """
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block_shape, padding="zero")
+    return d
+
+
+def tma_launch_parts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+    causal: bool, window: Tuple[int, int], has_softcap: bool, has_alibi: bool, score_mod: Any, mask_mod: Any,
+    config: FwdConfig, positive_scale: bool = True,
+) -> Tuple[Tuple[int, int], tuple, tuple, tuple, dict]:
+    """What a TMA launch takes that depends on neither data pointers nor float values.
+
+    Returns ``(grid, desc_specs, ints_a, ints_b, constexprs)``; the kernel's positional arguments
+    are the four descriptors (``make_descriptor(t, *spec)`` over q, k, v, out), lse, the ALiBi
+    slopes (or None), ``ints_a``, the floats (sm_scale, sm_scale * log2(e),
+    softcap or 0), ``ints_b``. :func:`.forward.flash_attention_forward` caches these per call
+    signature (its launch plan). ``positive_scale``: sm_scale > 0 (else the scores take the
+    natural-units path, see :func:`.forward.attn_step`).
+    """
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    BM, BN = config.BLOCK_M, config.BLOCK_N
+    specs = tuple((list(t.shape), list(t.stride()), [1, 1, blk, D])
+                  for t, blk in ((q, BM), (k, BN), (v, BN), (out, BM)))
+    left, right = window
+    num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
+    ints_a = (lse.stride() if lse is not None else (0, 0, 0)) + (Nq, Nk, H, H // Hkv, num_m)
+    ints_b = (left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED)
+    consts = dict(
+        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
+        IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap,
+        HAS_ALIBI=has_alibi, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
+        USE_NATURAL=has_softcap or has_alibi or score_mod is not None or not positive_scale,
+        HAS_HOOKS=score_mod is not None or mask_mod is not None, REVERSE_M=bool(causal),
+        NUM_STAGES=config.num_stages, WARP_SPEC=config.path == "tma+ws",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return (num_m, B * H), specs, ints_a, ints_b, consts
+
+
 def flash_attention_forward_tma(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -192,37 +246,22 @@ def flash_attention_forward_tma(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the TMA kernel into ``out`` [B, H, Nq, D] and ``lse`` [B, H, Nq] (already allocated).
 
-    Called by :func:`.forward.flash_attention_forward` when ``config.path`` is "tma" or "tma+ws";
-    arguments are already normalized there (window as (left, right) with -1 unbounded, slopes as
-    an fp32 tensor or None). Raises ValueError listing the reasons when the path does not apply
-    (``checked=True``: the caller has just asked :func:`supports`).
+    :func:`.forward.flash_attention_forward` launches this path itself through its cached launch
+    plans (:func:`tma_launch_parts`); this entry runs one launch without a plan. Arguments are
+    normalized (window as (left, right) with -1 unbounded, slopes as an fp32 tensor or None).
+    Raises ValueError listing the reasons when the path does not apply (``checked=True``: the
+    caller has just asked :func:`supports`).
     """
     if not checked:
-        reasons = supports(q, k, v, out=out, check_device=not interpreter_mode())
+        reasons = supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
         if reasons:
             raise ValueError("the TMA forward path does not apply: " + "; ".join(reasons))
-    B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    BM, BN = config.BLOCK_M, config.BLOCK_N
-    dq = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BM, D])
-    dk = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BN, D])
-    dv = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BN, D])
-    do = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, BM, D])
-    left, right = window
-    has_softcap = softcap is not None
-    num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
-    KERNEL_CACHE.launch(
-        _fwd_tma_kernel, (num_m, B * H),
-        dq, dk, dv, do, lse, alibi_slopes if alibi_slopes is not None else lse,
-        lse.stride(0), lse.stride(1), lse.stride(2), Nq, Nk, H, H // Hkv, num_m,
-        sm_scale, sm_scale * 1.4426950408889634, float(softcap) if has_softcap else 0.0,
-        left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED,
-        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
-        IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap,
-        HAS_ALIBI=alibi_slopes is not None, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
-        USE_NATURAL=has_softcap or alibi_slopes is not None or score_mod is not None,
-        HAS_HOOKS=score_mod is not None or mask_mod is not None, REVERSE_M=bool(causal),
-        NUM_STAGES=config.num_stages, WARP_SPEC=config.path == "tma+ws",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    grid, specs, ints_a, ints_b, consts = tma_launch_parts(
+        q, k, v, out, lse, causal=causal, window=window, has_softcap=softcap is not None,
+        has_alibi=alibi_slopes is not None, score_mod=score_mod, mask_mod=mask_mod, config=config,
+        positive_scale=sm_scale > 0.0)
+    descs = tuple(TensorDescriptor(t, *spec) for t, spec in zip((q, k, v, out), specs))
+    floats = (sm_scale, sm_scale * 1.4426950408889634, float(softcap) if softcap is not None else 0.0)
+    KERNEL_CACHE.launch(_fwd_tma_kernel, grid, *descs, lse, alibi_slopes,
+                        *ints_a, *floats, *ints_b, **consts)
     return out, lse

@@ -44,7 +44,20 @@ def _is_jit_function(fn: Any) -> bool:
 # validation
 # ----------------------------------------------------------------------------------------------
 
+_Tensor = torch.Tensor
+
+
 def _check_tensors(names: Sequence[str], tensors: Sequence[Any], rank: int, what: str) -> None:
+    # hot path (every call): straight-line checks of the valid case; any failure re-checks in
+    # order below to raise the precise error
+    q, k, v = tensors
+    if isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor) \
+            and q.dim() == rank and k.dim() == rank and v.dim() == rank:
+        dt, dev = q.dtype, q.device
+        if dt in SUPPORTED_DTYPES and k.dtype == dt and v.dtype == dt and k.device == dev and v.device == dev:
+            kdev = _KERNEL_DEVICE[0] if _KERNEL_DEVICE else _kernel_device_type()
+            if dev.type == kdev and not (kdev == "cpu" and dt == torch.bfloat16):
+                return
     for n, t in zip(names, tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{n} must be a torch.Tensor; got {describe(t)}")
@@ -98,8 +111,16 @@ def _check_heads_dims(B: Tuple[int, int, int], H: int, Hkv: Tuple[int, int], D: 
         )
 
 
+_NO_WINDOW = (-1, -1)
+
+
 def _check_modifiers(D: int, H: int, device: torch.device, causal, scale, window, softcap, alibi_slopes, rope,
                      score_mod, mask_mod, return_lse, deterministic) -> Tuple[int, int]:
+    # hot path: plain attention (bools and None only)
+    if window is None and scale is None and softcap is None and alibi_slopes is None and rope is None \
+            and score_mod is None and mask_mod is None and (causal is True or causal is False) \
+            and (return_lse is True or return_lse is False) and (deterministic is True or deterministic is False):
+        return _NO_WINDOW
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool; got {describe(causal)}")
     if scale is not None:
@@ -220,7 +241,7 @@ def attention(
     else:
         out, lse = flash_attention_forward(
             q, k, v, causal=causal, scale=scale, window=win, softcap=softcap, alibi_slopes=alibi_slopes,
-            rope=rope, score_mod=score_mod, mask_mod=mask_mod,
+            rope=rope, score_mod=score_mod, mask_mod=mask_mod, return_lse=return_lse,
         )
     if layout == "bshd":
         out = out.transpose(1, 2)
@@ -311,6 +332,6 @@ def attention_varlen(
         out, lse = flash_attention_forward(
             q, k, v, causal=causal, scale=scale, window=win, softcap=softcap, alibi_slopes=alibi_slopes,
             rope=rope, score_mod=score_mod, mask_mod=mask_mod, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk, return_lse=return_lse,
         )
     return (out, lse) if return_lse else out
