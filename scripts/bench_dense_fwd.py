@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Dense forward benchmark: TFLOPS per path/config vs SDPA (cuDNN, FLASH), and host overhead.
+
+One GPU call, compact output (also written to $OUT/bench_dense_fwd.json when $OUT is set)::
+
+    python scripts/bench_dense_fwd.py                # GPU: TFLOPS table + host overhead + A/B
+    python scripts/bench_dense_fwd.py --quick        # GPU: D128 N4k/N16k only
+    python scripts/bench_dense_fwd.py --host         # GPU: host overhead only
+    python scripts/bench_dense_fwd.py --host-cpu [--src DIR]
+        # no GPU needed: the Python host work of attention() with the kernel launch emulated
+        # (Triton's argument binding is run, compile and the C launcher are not); --src points at
+        # another checkout's src/ to compare before/after in one process layout
+
+Shapes are the smoke run's: bf16, B*N = 16k tokens, H*D = 2048 (D64: H32, D128: H16, D256: H8),
+non-causal and causal. Each row is one config (``path BMxBN wW sS``); ``auto`` is what
+``attention()`` picks; ``x cuDNN`` is the ratio to SDPA's cuDNN backend in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="D128 at N4k and N16k only")
+    p.add_argument("--host", action="store_true", help="GPU host overhead only")
+    p.add_argument("--host-cpu", action="store_true", help="CPU: host overhead with the launch emulated")
+    p.add_argument("--src", default=None, help="--host-cpu: import attention_proto from this src/ folder")
+    p.add_argument("--calls", type=int, default=2000, help="calls per host-overhead sample")
+    return p.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: TFLOPS
+# ----------------------------------------------------------------------------------------------
+
+def _cfgs(D):
+    from attention_proto.ops.dense.configs import FwdConfig as C
+
+    rows = [C(64, 64, 4, 3, "tma"), C(64, 64, 4, 2, "tma"), C(128, 64, 8, 3, "tma"), C(128, 64, 8, 2, "tma"),
+            C(128, 128, 8, 2, "tma"), C(128, 128, 4, 2, "tma"), C(128, 64, 8, 3, "tma+ws"), C(128, 128, 8, 2, "tma+ws"),
+            C(64, 64, 4, 3, "portable"), C(128, 64, 8, 3, "portable")]
+    if D <= 64:
+        rows += [C(128, 128, 4, 3, "portable"), C(128, 64, 4, 3, "tma")]
+    if D >= 256:
+        rows = [C(128, 64, 8, 2, "tma"), C(64, 64, 4, 2, "tma"), C(64, 32, 4, 2, "tma"), C(128, 32, 8, 2, "tma"),
+                C(128, 64, 8, 2, "tma+ws"), C(64, 64, 4, 2, "portable"), C(128, 32, 8, 2, "portable")]
+    return rows
+
+
+def _label(cfg):
+    return f"{cfg.path} {cfg.BLOCK_M}x{cfg.BLOCK_N}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def _bench_ms(fn):
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median"))
+
+
+def gpu_tflops(quick: bool, results: dict) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attention_proto.ops.dense.configs import config_problems, pick_forward_config
+    from attention_proto.ops.dense.forward import flash_attention_forward
+    from attention_proto.ops.dense.interface import attention
+    from attention_proto.runtime.timing import attention_flops
+
+    shapes = [(128, 4096), (128, 16384)] if quick else [(64, 4096), (128, 4096), (128, 16384), (256, 4096), (256, 16384)]
+    for D, N in shapes:
+        H, B = 2048 // D, 16384 // N
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        for causal in (False, True):
+            flops = attention_flops(B, H, N, N, D, causal)
+            rows = []
+
+            def run(name, fn, ref=None):
+                try:
+                    out = fn()
+                    torch.cuda.synchronize()
+                    err = float((out.float() - ref.float()).abs().max()) if ref is not None else None
+                    ms = _bench_ms(fn)
+                    rows.append((name, flops / ms / 1e9, err, None))
+                except Exception as e:  # noqa: BLE001 - a failing config is a result
+                    rows.append((name, None, None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:90] if str(e).strip() else ''}"))
+
+            for impl, be in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
+                def sd(be=be):
+                    with sdpa_kernel([be]):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                run(impl, sd)
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            auto = pick_forward_config(D, q.dtype, causal, N, "auto")
+            run(f"auto ({_label(auto)})", lambda: attention(q, k, v, causal=causal), ref)
+            for cfg in _cfgs(D):
+                if config_problems(cfg):
+                    rows.append((_label(cfg), None, None, "; ".join(config_problems(cfg))[:90]))
+                    continue
+                run(_label(cfg), lambda cfg=cfg: flash_attention_forward(q, k, v, causal=causal, config=cfg)[0], ref)
+            cudnn = rows[0][1]
+            print(f"\n== bf16 D{D} N{N} B{B} H{H} causal={int(causal)}  (TFLOPS, x cuDNN, max|err| vs SDPA flash)")
+            for name, tf, err, why in rows:
+                if tf is None:
+                    print(f"  {name:28s}   ----  {why}")
+                else:
+                    ratio = f"{tf / cudnn:5.2f}x" if cudnn else "   - "
+                    e = f"{err:.4f}" if err is not None else ""
+                    print(f"  {name:28s} {tf:6.0f}  {ratio}  {e}")
+            results.setdefault("tflops", []).append(dict(D=D, N=N, B=B, H=H, causal=causal, rows=[
+                dict(name=n, tflops=t, err=e, error=w) for n, t, e, w in rows]))
+            sys.stdout.flush()
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: host overhead
+# ----------------------------------------------------------------------------------------------
+
+def _wall_us(fn, calls, sync):
+    for _ in range(100):
+        fn()
+    sync()
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls // 5):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
+    return statistics.median(samples)
+
+
+def gpu_host(calls: int, results: dict) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from attention_proto.ops.dense.configs import FwdConfig
+    from attention_proto.ops.dense.forward import flash_attention_forward
+    from attention_proto.ops.dense.interface import attention
+    from attention_proto.runtime.cache import KERNEL_CACHE
+
+    q, k, v = (torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    sync = torch.cuda.synchronize
+    tma = FwdConfig(64, 64, 4, 3, "tma")
+    cases = [
+        ("sdpa (default backend)", lambda: F.scaled_dot_product_attention(q, k, v)),
+        ("attention(q, k, v)", lambda: attention(q, k, v)),
+        ("attention(causal=True)", lambda: attention(q, k, v, causal=True)),
+        ("flash_fwd portable cfg", lambda: flash_attention_forward(q, k, v, config=FwdConfig(64, 64, 4, 2))),
+        ("flash_fwd tma 64x64w4s3", lambda: flash_attention_forward(q, k, v, config=tma)),
+    ]
+    print(f"\n== host overhead: bf16 B1 H8 N128 D64, wall us per call ({calls} calls, synchronized at the end)")
+    out = {}
+    for name, fn in cases:
+        h0 = KERNEL_CACHE.stats.hits
+        us = _wall_us(fn, calls, sync)
+        out[name] = us
+        print(f"  {name:28s} {us:7.1f} us   (kernel-cache hits {KERNEL_CACHE.stats.hits - h0})")
+    print(f"  bar: <= 1.5 x sdpa = {1.5 * out['sdpa (default backend)']:.1f} us")
+    results["host_gpu_us"] = out
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: host overhead with the launch emulated
+# ----------------------------------------------------------------------------------------------
+
+def cpu_host(calls: int, results: dict) -> None:
+    """Pretend to be on Hopper (interpreter checks off, CUDA-only checks answered as on a GPU) and
+    replace each kernel by a stub that runs what Triton's ``JITFunction.run`` does on a cache hit
+    (bind + specialize every argument, cache key, global check, launch metadata) but neither
+    compiles nor launches. A direct launch (runtime.cache.DirectLaunch), where the library has one,
+    runs as on a GPU up to the C launcher, which is a no-op here."""
+    import torch
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime import driver
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    import attention_proto  # noqa: F401
+    from attention_proto.ops.dense import configs as C, forward as F, forward_tma as FT, interface as I
+    from attention_proto.runtime import cache as RC
+
+    print(f"attention_proto from {os.path.dirname(attention_proto.__file__)}")
+
+    class FakeDriver:  # what DirectLaunch asks of triton's driver
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda dev: 0)
+
+    driver.set_active(FakeDriver())
+    no = lambda *a, **k: False  # noqa: E731
+    for m in (F, FT, C, RC):
+        if hasattr(m, "interpreter_mode"):
+            m.interpreter_mode = no
+    I._KERNEL_DEVICE[:] = ["cpu"]
+    FT._CAPABILITY[torch.device("cpu")] = (9, 0)
+    orig_supports = FT.supports
+
+    def supports(q, k, v, **kw):  # a CUDA tensor's answers, minus is_cuda (these are CPU tensors)
+        if kw.get("check_device", True):
+            FT._capability(q.device)
+        kw["check_device"] = False
+        return orig_supports(q, k, v, **kw)
+
+    FT.supports = supports
+    F._tma_path_usable = lambda q, k, v, out: not FT.supports(q, k, v, out=out)
+    C.pick_forward_config.cache_clear()
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+
+    class FakeCompiled:
+        function = 1
+        packed_metadata = None
+        run = staticmethod(lambda *a: None)
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+    class Stub:
+        def __init__(self, jf):
+            self.jf, self.params, self.__name__ = jf, jf.params, jf.__name__
+            self.binder = create_function_from_signature(jf.signature, jf.params, backend)
+            self.kkc = {}
+
+        def warmup(self, *a, grid=None, **kw):
+            return FakeCompiled()
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                kwargs["debug"] = kwargs.get("debug", self.jf.debug) or knobs.runtime.debug
+                kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+                bound, spec, opts = self.binder(*args, **kwargs)
+                compute_cache_key(self.kkc, spec, opts)
+                for (name, _), (val, gl) in self.jf.used_global_vals.items():
+                    pass
+                FakeCompiled().launch_metadata(grid, 0, *bound.values())
+                return FakeCompiled()
+            return run
+
+    F._fwd_kernel = Stub(F._fwd_kernel)
+    FT._fwd_tma_kernel = Stub(FT._fwd_tma_kernel)
+    if hasattr(F, "clear_launch_plans"):
+        F.clear_launch_plans()
+    if os.environ.get("BENCH_PROFILE"):  # cProfile of the first case instead of timings
+        import cProfile
+        import pstats
+
+        small = [torch.randn(1, 8, 128, 64, dtype=torch.float16) for _ in range(3)]
+        for _ in range(100):
+            I.attention(*small)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(calls):
+            I.attention(*small)
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+        return
+
+    def best_us(fn, n):
+        for _ in range(300):
+            fn()
+        best = float("inf")
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        return best
+
+    small = [torch.randn(1, 8, 128, 64, dtype=torch.float16) for _ in range(3)]
+    big = [torch.randn(1, 16, 1024, 128, dtype=torch.float16) for _ in range(3)]
+    cp, ct = C.FwdConfig(64, 64, 4, 2), C.FwdConfig(64, 64, 4, 3, "tma")
+    cases = [
+        ("attention() B1 H8 N128 D64", lambda: I.attention(*small)),
+        ("attention(causal) same", lambda: I.attention(*small, causal=True)),
+        ("attention() B1 H16 N1k D128", lambda: I.attention(*big)),
+        ("flash_fwd portable cfg", lambda: F.flash_attention_forward(*small, config=cp)),
+        ("flash_fwd tma cfg", lambda: F.flash_attention_forward(*small, config=ct)),
+        ("torch.empty_like x2 (floor)", lambda: (torch.empty_like(small[0]), torch.empty((1, 8, 128)))),
+    ]
+    print(f"\n== CPU host overhead (launch emulated), best-of-7 us per call, {calls} calls each")
+    out = {}
+    for name, fn in cases:
+        out[name] = best_us(fn, calls)
+        print(f"  {name:32s} {out[name]:7.1f} us")
+    results["host_cpu_us"] = out
+
+
+def main() -> None:
+    a = _args()
+    if a.host_cpu:
+        os.environ["TRITON_INTERPRET"] = "0"  # real JIT kernels, so Triton's binder can run
+        if a.src:
+            sys.path.insert(0, os.path.abspath(a.src))
+    results: dict = {}
+    if a.host_cpu:
+        cpu_host(a.calls, results)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA GPU: use --host-cpu")
+        import attention_proto  # noqa: F401
+
+        print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
+              f"triton {__import__('triton').__version__}")
+        if not a.host:
+            gpu_tflops(a.quick, results)
+        gpu_host(a.calls, results)
+    if os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], "bench_dense_fwd.json")
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
