@@ -52,6 +52,11 @@ def test_functional_append_with_counts(gen, device):
     assert torch.equal(kc[2, 6:8, 0], kn[0, 0, :2]) and torch.equal(kc[0, 0, 0], kn[0, 0, 2])
     assert torch.equal(kc[1, 0, 0], kn[1, 0, 0]) and torch.equal(vc[1, 0, 0], 2 * kn[1, 0, 0])
     assert int((kc != 0).any(-1).sum()) == 4  # nothing else written
+    # a page id outside the pool and a position past the table drop their tokens, nothing else moves
+    before = kc.clone()
+    bad = torch.tensor([[7, -1], [1, 3]], dtype=torch.int32, device=device)
+    paged_kv_append(kn, kn, kc, vc, bad, torch.tensor([0, 16], dtype=torch.int32, device=device), counts)
+    assert torch.equal(kc, before)
 
 
 def test_allocation_free_and_exhaustion(device):

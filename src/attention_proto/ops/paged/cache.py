@@ -41,10 +41,10 @@ class CacheFullError(RuntimeError):
     """No free page (or no free sequence slot) is left in the pool."""
 
 
-@triton.jit(do_not_specialize=["T", "max_pages"])
+@triton.jit(do_not_specialize=["T", "max_pages", "num_pages"])
 def _paged_append_kernel(
     KN, VN, KC, VC, BT, Start, Count,
-    T, max_pages,
+    T, max_pages, num_pages,
     s_knb, s_knh, s_knt, s_vnb, s_vnh, s_vnt,
     s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
     s_btb,
@@ -59,6 +59,7 @@ def _paged_append_kernel(
     pos = tl.load(Start + b).to(tl.int32) + t
     ok = (t < count) & (t < T) & (pos // PAGE_SIZE < max_pages)
     page = tl.load(BT + b * s_btb + pos // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
+    ok = ok & (page >= 0) & (page < num_pages)  # a bad page id drops the token: never a write outside the pool
     slot = pos % PAGE_SIZE
     d = tl.arange(0, BLOCK_D)
     m = ok[:, None] & (d[None, :] < HEAD_DIM)
@@ -87,8 +88,9 @@ def paged_kv_append(
         counts: ``[B]`` new tokens per sequence (<= T; the rest of row b is ignored);
             default T for every sequence.
 
-    The block table is not validated here (the manager fills it); positions past its
-    ``max_pages`` columns are dropped rather than written.
+    The block table is not validated here (the manager fills it); tokens whose position
+    lies past its ``max_pages`` columns or whose page id lies outside the pool are dropped
+    rather than written (never a write outside the pool).
     """
     B, Hkv, T, D = k_new.shape
     page_size = k_cache.shape[1]
@@ -104,7 +106,7 @@ def paged_kv_append(
     KERNEL_CACHE.launch(
         _paged_append_kernel, grid,
         k_new, v_new, k_cache, v_cache, block_table, start, counts,
-        T, block_table.shape[1],
+        T, block_table.shape[1], k_cache.shape[0],
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
