@@ -17,6 +17,16 @@ Design
   replaced by 0 in the exponent while it is still -inf.
 - Varlen: packed q [Tq, H, D], k/v [Tk, Hkv, D] with ``cu_seqlens``; the batch index selects a
   sequence whose own lengths define the bottom-right alignment; lse is [H, Tq].
+- Plain scores keep the softmax scale out of the tile: the row max is taken on raw ``q k^T`` and
+  ``exp2(qk * scale * log2(e) - m)`` is one FFMA per element (see :func:`attn_step`).
+
+Host side: a call's host work (path and config choice, TMA support checks, strides, integer
+arguments, constexprs) is cached in a launch plan keyed by everything it depends on but the data
+pointers and float values; a repeated call only builds its tensor arguments and, on a GPU, launches
+the compiled kernel through ``runtime.cache.DirectLaunch`` instead of Triton's argument binding.
+Unused pointer arguments (ALiBi, RoPE tables, cu_seqlens, an unwanted LSE) go in as None, which
+Triton treats as a constexpr (the launcher converts fewer pointers). Problems of at most
+:data:`.configs.SMALL_PROBLEM_SCORES` scores run the portable kernel (no descriptors to encode).
 
 Hooks: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` and ``mask_mod(b, h, q_idx, kv_idx) ->
 bool`` are ``@triton.jit`` functions applied to whole tiles: ``score`` is the [BLOCK_M, BLOCK_N]
