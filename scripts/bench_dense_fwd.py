@@ -42,14 +42,21 @@ def _args():
 def _cfgs(D):
     from attention_proto.ops.dense.configs import FwdConfig as C
 
-    rows = [C(64, 64, 4, 3, "tma"), C(64, 64, 4, 2, "tma"), C(128, 64, 8, 3, "tma"), C(128, 64, 8, 2, "tma"),
-            C(128, 128, 8, 2, "tma"), C(128, 128, 4, 2, "tma"), C(128, 64, 8, 3, "tma+ws"), C(128, 128, 8, 2, "tma+ws"),
+    # CTAs per SM from cross-compiled sm_90 kernels (regs, shared memory) in the comments
+    rows = [C(64, 64, 4, 3, "tma"),        # D64: 3/SM, D128: 2/SM (shared memory)
+            C(64, 64, 4, 2, "tma"),        # D64: 4/SM, D128: 2/SM
+            C(64, 32, 4, 3, "tma"),        # D128: 3/SM (114 regs)
+            C(64, 128, 4, 2, "tma"),
+            C(128, 64, 8, 3, "tma"),       # 1/SM at D128 (138 regs x 256 threads)
+            C(128, 64, 8, 2, "tma"),
+            C(128, 128, 8, 2, "tma"),      # 1/SM (189 regs): lost in the smoke run
+            C(128, 64, 8, 3, "tma+ws"),    # same cubin as tma 128x64w8s3 on sm_90 (WS does nothing here)
             C(64, 64, 4, 3, "portable"), C(128, 64, 8, 3, "portable")]
     if D <= 64:
-        rows += [C(128, 128, 4, 3, "portable"), C(128, 64, 4, 3, "tma")]
+        rows += [C(128, 128, 4, 3, "portable"), C(128, 64, 4, 3, "tma"), C(128, 128, 4, 2, "tma")]
     if D >= 256:
-        rows = [C(128, 64, 8, 2, "tma"), C(64, 64, 4, 2, "tma"), C(64, 32, 4, 2, "tma"), C(128, 32, 8, 2, "tma"),
-                C(128, 64, 8, 2, "tma+ws"), C(64, 64, 4, 2, "portable"), C(128, 32, 8, 2, "portable")]
+        rows = [C(128, 64, 8, 2, "tma"), C(64, 64, 4, 2, "tma"), C(64, 32, 4, 2, "tma"),  # 64x32: 2 CTAs/SM
+                C(128, 32, 8, 2, "tma"), C(64, 64, 4, 2, "portable"), C(128, 32, 8, 2, "portable")]
     return rows
 
 
