@@ -14,9 +14,13 @@ line ``{"op", "ok", "case", "error"}`` to it (``scripts/fuzz_gpu.py`` aggregates
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import pytest
@@ -244,3 +248,55 @@ def test_fuzz_log_records_cases(tmp_path, monkeypatch):
 def test_nan_empty_fixture(nan_empty):
     assert torch.isnan(torch.empty(5)).all()
     assert torch.isnan(torch.empty_like(torch.zeros(3, dtype=torch.float16))).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# the reliability scripts (smoke tests; the real runs are on the GPU)
+# ------------------------------------------------------------------------------------------------
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load_script(name):
+    """Import scripts/<name>.py; sanitize.py's PYTORCH_NO_CUDA_MEMORY_CACHING default is undone
+    (it must not leak into this test process)."""
+    key = "PYTORCH_NO_CUDA_MEMORY_CACHING"
+    before = os.environ.get(key)
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    return mod
+
+
+def test_sanitize_covers_every_kernel_in_the_source():
+    san = _load_script("sanitize")
+    found = san.discover_kernels()
+    assert {"_fwd_kernel", "_bwd_dkdv", "_paged_decode_kernel", "chunk_fwd_h_kernel"} <= set(found)
+    unmapped = [k for k in found if k not in san.KERNEL_CASES]
+    assert not unmapped, f"kernels without a sanitize case (add one to scripts/sanitize.py): {unmapped}"
+    assert set(san.KERNEL_CASES.values()) <= set(san.CASES)
+
+
+def test_sanitize_script_runs(tmp_path):
+    san = _load_script("sanitize")
+    out = tmp_path / "s.json"
+    assert san.main(["--only", "paged_append|dense_rope_kernel", "--summary", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert {r["status"] for r in d["cases"].values()} == {"ok"}
+    assert {"_paged_append_kernel", "_rope_kernel"} <= set(d["kernels_launched"])
+
+
+def test_fuzz_gpu_script_cpu_smoke(tmp_path):
+    out = tmp_path / "fuzz.json"
+    rc = subprocess.run([sys.executable, str(SCRIPTS / "fuzz_gpu.py"), str(out), "--examples", "2",
+                         "--ops", "linear_step", "--cpu"], capture_output=True, text=True, timeout=600)
+    d = json.loads(out.read_text())
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    assert d["schema"] == "attention-proto/fuzz-gpu/1" and d["ok"]
+    assert d["ops"]["linear_step"]["cases"] == 2 and d["ops"]["linear_step"]["failures"] == 0

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""The recorded GPU fuzz run: every operation's hypothesis test at >= 1000 examples, one JSON summary.
+
+Runs the ``gpu``-marked fuzz tests of ``tests/test_fuzz_*.py`` (larger shapes, bf16/fp16/fp32),
+one pytest process per operation (``--jobs`` at a time: Triton compiles are CPU-bound, the
+cases are small), with ``ATTENTION_PROTO_FUZZ_EXAMPLES`` examples each. Every executed case is
+logged by the tests (``ATTENTION_PROTO_FUZZ_LOG``); this script counts them per operation. A
+process that dies (a fault, an illegal address) is reported with the case it was running; one
+that runs past ``--timeout`` is stopped and reported with the cases it finished.
+
+Usage::
+
+    python scripts/fuzz_gpu.py OUT.json [--examples 1000] [--ops dense_fwd,paged_decode] [--jobs 4]
+                               [--timeout 540] [--cpu]
+
+``--cpu`` runs the CPU variants instead (a smoke test of this script without a GPU).
+
+Summary JSON (schema ``attention-proto/fuzz-gpu/1``)::
+
+    {"schema": ..., "examples_requested": 1000, "started": ISO time, "wall_seconds": float,
+     "environment": {gpu, gpu_slug, torch, triton, cuda, driver, git_commit, hypothesis, ...},
+     "ops": {"dense_fwd": {"test": node id, "status": "passed" | "failed" | "timeout" | "crashed"
+                                                       | "skipped" | "error",
+                           "cases": executed cases, "passed": cases that passed,
+                           "failures": failing executions (hypothesis shrinking repeats a failure),
+                           "seconds": float, "returncode": int,
+                           "first_failures": [{"case": {...}, "error": "..."}] (up to 5),
+                           "crash_case": the case running when the process died, or null,
+                           "pytest_tail": last lines of pytest's output (when not passed)}, ...},
+     "total_cases": int, "total_failures": int,
+     "ok": true iff every op ran >= examples_requested cases with 0 failures}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: operation -> (GPU test node id, CPU test node id)
+OPS = {
+    "dense_fwd": ("tests/test_fuzz_dense.py::test_fuzz_dense_forward_gpu", "tests/test_fuzz_dense.py::test_fuzz_dense_forward"),
+    "dense_bwd": ("tests/test_fuzz_dense.py::test_fuzz_dense_backward_gpu", "tests/test_fuzz_dense.py::test_fuzz_dense_backward"),
+    "dense_varlen_fwd": ("tests/test_fuzz_dense.py::test_fuzz_dense_varlen_forward_gpu",
+                         "tests/test_fuzz_dense.py::test_fuzz_dense_varlen_forward"),
+    "dense_varlen_bwd": ("tests/test_fuzz_dense.py::test_fuzz_dense_varlen_backward_gpu",
+                         "tests/test_fuzz_dense.py::test_fuzz_dense_varlen_backward"),
+    "paged_decode": ("tests/test_fuzz_paged.py::test_fuzz_paged_decode_gpu", "tests/test_fuzz_paged.py::test_fuzz_paged_decode"),
+    "paged_append": ("tests/test_fuzz_paged.py::test_fuzz_paged_cache_append_gpu",
+                     "tests/test_fuzz_paged.py::test_fuzz_paged_cache_append"),
+    "linear_chunk_fwd": ("tests/test_fuzz_linear.py::test_fuzz_linear_chunk_forward_gpu",
+                         "tests/test_fuzz_linear.py::test_fuzz_linear_forward"),
+    "linear_recurrent_fwd": ("tests/test_fuzz_linear.py::test_fuzz_linear_recurrent_forward_gpu",
+                             "tests/test_fuzz_linear.py::test_fuzz_linear_forward"),
+    "linear_bwd": ("tests/test_fuzz_linear.py::test_fuzz_linear_backward_gpu", "tests/test_fuzz_linear.py::test_fuzz_linear_backward"),
+    "linear_step": ("tests/test_fuzz_linear.py::test_fuzz_linear_step_gpu", "tests/test_fuzz_linear.py::test_fuzz_linear_step"),
+}
+
+
+def environment() -> dict:
+    sys.path.insert(0, str(ROOT / "src"))
+    env = {}
+    try:
+        from attention_proto.runtime.device import device_facts
+
+        env.update(device_facts())
+    except Exception as e:  # noqa: BLE001 - the summary still gets written
+        env["device_facts_error"] = f"{type(e).__name__}: {e}"
+    try:
+        import hypothesis
+
+        env["hypothesis"] = hypothesis.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path) -> dict:
+    log = workdir / f"{op}.jsonl"
+    for p in (log, Path(str(log) + ".current")):
+        p.unlink(missing_ok=True)
+    env = dict(os.environ, ATTENTION_PROTO_FUZZ_EXAMPLES=str(examples), ATTENTION_PROTO_FUZZ_LOG=str(log),
+               PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "pytest", node, "-q", "-x", "-p", "no:cacheprovider", "-rA",
+           "-W", "ignore::DeprecationWarning"]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out, timed_out = proc.returncode, proc.stdout + proc.stderr, False
+    except subprocess.TimeoutExpired as e:
+        rc, timed_out = -9, True
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    secs = time.perf_counter() - t0
+    rows = []
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    rows = [r for r in rows if r.get("op") == op] or rows
+    fails = [r for r in rows if not r["ok"]]
+    skipped = " skipped" in out and " passed" not in out and not rows
+    if timed_out:
+        status = "timeout"
+    elif rc == 0:
+        status = "skipped" if skipped else "passed"
+    elif rc == 1:
+        status = "failed"
+    elif rc < 0 or rc > 5:
+        status = "crashed"
+    else:
+        status = "error"  # pytest usage/collection errors (rc 2-5)
+    crash_case = None
+    current = Path(str(log) + ".current")
+    if status in ("crashed", "timeout") and current.exists():
+        try:
+            crash_case = json.loads(current.read_text())
+        except json.JSONDecodeError:
+            crash_case = current.read_text()[:2000]
+    res = {
+        "test": node, "status": status, "cases": len(rows), "passed": len(rows) - len(fails),
+        "failures": len(fails), "seconds": round(secs, 1), "returncode": rc,
+        "first_failures": [{"case": r["case"], "error": r["error"]} for r in fails[:5]],
+        "crash_case": crash_case,
+    }
+    if status != "passed":
+        res["pytest_tail"] = out[-4000:]
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="where to write the summary JSON")
+    ap.add_argument("--examples", type=int, default=1000, help="hypothesis examples per operation (default 1000)")
+    ap.add_argument("--ops", default="", help=f"comma-separated subset of: {', '.join(OPS)}")
+    ap.add_argument("--jobs", type=int, default=4, help="operations fuzzed at once (default 4)")
+    ap.add_argument("--timeout", type=float, default=540.0, help="seconds per operation before it is stopped")
+    ap.add_argument("--cpu", action="store_true", help="run the CPU variants (smoke test of this script)")
+    args = ap.parse_args(argv)
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] or list(OPS)
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        ap.error(f"unknown ops {unknown}; known: {', '.join(OPS)}")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="fuzz-gpu-") as tmp:
+        work = Path(tmp)
+
+        def one(op):
+            node = OPS[op][1 if args.cpu else 0]
+            r = run_op(op, node, args.examples, args.timeout, work)
+            print(f"{op:22s} {r['status']:8s} cases={r['cases']:5d} failures={r['failures']} ({r['seconds']} s)",
+                  flush=True)
+            return op, r
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for op, r in pool.map(one, ops):
+                results[op] = r
+    summary = {
+        "schema": "attention-proto/fuzz-gpu/1",
+        "examples_requested": args.examples,
+        "mode": "cpu-variants" if args.cpu else "gpu",
+        "started": started,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "environment": environment(),
+        "ops": results,
+        "total_cases": sum(r["cases"] for r in results.values()),
+        "total_failures": sum(r["failures"] for r in results.values()),
+    }
+    summary["ok"] = all(r["status"] == "passed" and r["failures"] == 0 and r["cases"] >= args.examples
+                        for r in results.values())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"{summary['total_cases']} cases, {summary['total_failures']} failures, ok={summary['ok']} -> {args.out}")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
