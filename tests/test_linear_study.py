@@ -106,8 +106,9 @@ def test_gpu_path_dry_run_on_cpu(tmp_path, monkeypatch):
     env = {"mode": "gpu", "gpu": "dry run", "triton": "3.6.0"}
     run_id = kb.start_run(env, ["linear"], quick=True)
     kb.set_ceilings(run_id, {"copy_gbps": 3000.0})
+    logs = []
     ctx = StudyContext(kb, run_id, "linear", quick=True, ceilings={"copy_gbps": 3000.0}, progress=False,
-                       log=lambda m: None)
+                       log=logs.append)
     ctx.mode, ctx.device, ctx.gpu = "gpu", "cpu", "dry run"
     calls = []
 
@@ -131,4 +132,138 @@ def test_gpu_path_dry_run_on_cpu(tmp_path, monkeypatch):
     ids = {f.id for f in findings}
     assert {"linear-gated-backward-hopper", "linear-crossover-fwd-attention_proto", "linear-chunk-size",
             "linear-decode-new-state", "linear-vs-fla-fwd-ungated"} <= ids, ids
+    # every part of the run logs its seconds (the study has a time budget)
+    for part in ("prewarm", "first calls of ours", "gradient checks", "fla-core autotune", "N32", "N64",
+                 "chunk sweep N64", "decode"):
+        assert any(m.startswith(f"[linear] {part}") and " s (total " in m for m in logs), (part, logs)
     kb.close()
+
+
+def test_plan_and_prewarm_jobs():
+    """Quick and full plans keep the bar lengths and the crossover points; the prewarm covers every
+    variant the run calls, and its jobs travel as JSON."""
+    import json
+
+    from attention_proto.studies import linear as L
+
+    quick, full = L._plan(True), L._plan(False)
+    assert set(L.BAR_NS) <= set(full.ns) and set(L.BAR_NS[:1]) <= set(quick.ns)
+    assert {1024, 2048, 4096, 8192, 16384, 32768} <= set(full.ns)
+    assert len(quick.checks) == 3 and len(full.checks) == 5
+    for plan in (quick, full):
+        jobs = L._jobs(plan)
+        assert json.loads(json.dumps(jobs)) == jobs
+        ours = {tuple(j[1:]) for j in jobs if j[0] == "ours"}
+        for C, gated, backward in plan.variants:   # a backward job also compiles the forward
+            assert (C, gated, backward) in ours or (C, gated, True) in ours
+        assert {(j[1], j[2], j[3]) for j in jobs if j[0] == "check"} == {(C, g, d) for g, C, d in plan.checks}
+        assert {j[1] for j in jobs if j[0] == "dense"} == set(plan.ns)
+    # quick mode times the gated sweep forward only: no gated backward compiles at C32/C128
+    assert ("ours", 32, True, True) not in {tuple(j) for j in L._jobs(quick)}
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    import torch
+
+    import attention_proto.studies.linear as L
+
+    for name, val in dict(TOKENS=64, H=2, D=16, DECODE_B=2, DTYPE=torch.float16, DEVICE="cpu",
+                          FLA_TUNE_N=32).items():
+        monkeypatch.setattr(L, name, val)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    return L
+
+
+def test_prewarm_worker_runs_every_job_kind(toy, capsys):
+    import json
+
+    toy._prewarm_worker(json.dumps({"index": 0, "workers": 2, "fla": False, "fla_gated_bwd": False,
+                                    "jobs": [["ours", 32, True, True], ["ours", 32, False, False],
+                                             ["check", 32, True, 1], ["dense", 32, True], ["decode"],
+                                             ["noop"], ["nonsense"]]}))
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("PREWARM ")][-1]
+    jobs = json.loads(line[len("PREWARM "):])["jobs"]
+    assert [j[0] for j in jobs][-2:] == ["noop", "nonsense"]
+    assert all(j[2] is None for j in jobs[:-1]), jobs
+    assert "unknown prewarm job" in jobs[-1][2]
+
+
+def test_spawn_workers_reports_and_kills_late_ones():
+    from attention_proto.studies import linear as L
+
+    spec = {"index": 0, "workers": 1, "fla": False, "fla_gated_bwd": False, "jobs": [["noop"], ["nonsense"]]}
+    (ok,) = L._spawn_workers([spec], timeout_s=120)
+    assert [j[0] for j in ok["jobs"]] == ["noop", "nonsense"] and ok["jobs"][0][2] is None, ok
+    (late,) = L._spawn_workers([spec], timeout_s=0.05)   # Python cannot even start in 50 ms
+    assert "timed out" in late["error"], late
+
+
+def test_fla_autotuners_sliced_compiled_and_tuned(toy, monkeypatch):
+    """fla's autotune handling against a stand-in fla module with a real (interpreted) Triton autotuner."""
+    import sys
+    import types
+
+    import torch
+    import triton
+    import triton.language as tl
+    import triton.testing
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32, 64)], key=["n"])
+    @triton.jit
+    def plus_one(x, y, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y + i, tl.load(x + i, mask=i < n) + 1, mask=i < n)
+
+    def fake_fla(q, k, v, g=None):
+        x = q.detach().reshape(-1)
+        y = torch.empty_like(x)
+        plus_one[lambda m: (triton.cdiv(x.numel(), m["BLOCK"]),)](x, y, x.numel())
+        return q * 2 + (y.view_as(q) - y.view_as(q)), None
+
+    monkeypatch.setitem(sys.modules, "fla.ops.stand_in", types.SimpleNamespace(plus_one=plus_one))
+    monkeypatch.setattr(toy, "_fla", lambda: (fake_fla, None))
+    (at,) = [a for a in toy._fla_autotuners() if a is plus_one]   # found through sys.modules
+    timed = []
+
+    def fake_bench(fn, quantiles=None, **kw):
+        fn()
+        timed.append(kw)
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    info = toy.STUDY._fla_tune(types.SimpleNamespace(log=lambda m: None), fake_fla, refusal="RuntimeError: #640")
+    assert timed and timed[0] == toy.FLA_TUNE_BENCH and "do_bench" not in vars(at)
+    assert info["fla_configs"]["plus_one"] and info["fla_tuned_at"] == "B2 N32"
+    configs = list(at.configs)
+    at.cache.clear()
+    toy._fla_compile_slice(0, 2, gated_bwd=False)   # worker 0 of 2: configs 0 and 2, "tuned" without timing
+    assert [c.kwargs["BLOCK"] for c in at.configs] == [16, 64] and at.cache and not at.cache_results
+    assert vars(at)["do_bench"] is toy._compile_only
+    for index, want in ((1, [32]), (4, [32])):      # one config: Triton compiles it without a candidate loop
+        at.configs = configs
+        toy._fla_compile_slice(index, 5 if index == 4 else 2, gated_bwd=False)
+        assert [c.kwargs["BLOCK"] for c in at.configs] == want
+
+
+def test_fla_gated_bwd_refusal_asks_fla(monkeypatch):
+    import sys
+    import types
+
+    from attention_proto.studies import linear as L
+
+    monkeypatch.setattr(L, "DEVICE", "cpu")
+    assert L._fla_gated_bwd_refusal() is None or "fla" in sys.modules   # no fla here: no answer
+
+    def install(exc):
+        def chunk_bwd_dqkwg(**kw):
+            raise exc
+        for name in ("fla", "fla.ops", "fla.ops.common"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, "fla.ops.common.chunk_o",
+                            types.SimpleNamespace(chunk_bwd_dqkwg=chunk_bwd_dqkwg))
+
+    install(RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs ... (see #640). Please upgrade"))
+    assert L._fla_gated_bwd_refusal().startswith("RuntimeError: Triton >= 3.4.0")
+    install(IndexError("tuple index out of range"))
+    assert L._fla_gated_bwd_refusal() is None

@@ -15,15 +15,38 @@ Under the interpreter: small correctness checks of every form against float64.
 Linear "flops" are the executed matmul flops of the chunked algorithm at chunk C,
 per head and token 4KV + 2C(K+V) forward and 12KV + 2C(4K+3V) forward+backward; they
 are context only, comparisons use times.
+
+Time budget on an H100: full <= 200 s, quick <= 60 s; measure() logs each part's seconds.
+Estimates, quick / full (kernel times from ~700 TFLOPS bf16 and ~3 TB/s; compile times
+cross-compiled for sm_90 on a 2-core CPU):
+- prewarm ~30 / ~34 s. Compiles dominate the run. fla-core autotunes once per kernel key (its
+  keys: BT, K, V, the gates and the argument dtypes, never N), 48 configs for each of chunk_h
+  (ungated, gated, fp32 states in its backward) and chunk_dh: ~214 compiles of 0.4-1.2 s. Its
+  gated backward is refused up front (Triton < 3.7.1 on Hopper, #640): we ask fla's own check
+  (_fla_gated_bwd_refusal) instead of tuning two more keys (96 compiles) just to see it raise.
+  Ours ~35-40 kernels, the dense peers ~10-30. Triton compiles hold the GIL (threads do not
+  overlap them), so worker processes make every compile once at toy sizes and fill Triton's
+  disk cache: ~8 s to start, then ~20 fla candidates and 1-3 jobs per worker (12 workers);
+- first calls of ours (disk-cache loads) ~2 s; gradient checks (3 / 5, float64 references on
+  the GPU, ~4 GFLOP a case) ~2 / ~3 s;
+- fla-core autotune at B*N = 32k, N = FLA_TUNE_N, FLA_TUNE_BENCH per candidate: 214 x ~50 ms = ~11 s;
+- N parts: 7 linear benches (0.4-1.5 ms kernels, ~55 ms each at BENCH), 4 dense benches (causal
+  forward 0.3 ms at N 1k to 18 ms at 64k, fwd+bwd ~4.5x that; 10 runs each past 30 ms) and
+  cuDNN plan builds: ~6 s for 1k/4k/16k, ~17 s for 512..64k;
+- chunk sweep (6 / 16 benches) ~0.5 / ~1.2 s; decode (2 benches) ~0.2 s.
+Total ~52 s quick, ~69 s full (before: 282 s quick, measured; ~250 s of it fla's in-process
+autotune of 6 keys at Triton's 25/100 ms benchmark). Without the prewarm (ATTENTION_PROTO_PREWARM=0,
+or failing workers) the compiles run in-process: ~+150 s.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,7 +66,12 @@ DECODE_B = 64
 CHECK_N = 1000             # gradient checks: one sequence of this length, partial last chunk
 DTYPE = torch.bfloat16     # the GPU runs' dtype (a dry run on the CPU swaps in float16)
 DEVICE = "cuda"
-BENCH = dict(warmup_ms=10.0, rep_ms=60.0)
+BENCH = dict(warmup_ms=5.0, rep_ms=30.0)   # ~20-75 samples of the 0.3-1.5 ms kernels timed here
+FLA_TUNE_N = 4096          # fla-core autotunes on its first call per key: at a bar length
+FLA_TUNE_BENCH = dict(warmup=5, rep=20)    # ms per fla autotune candidate (Triton's default: 25/100)
+PREWARM_ENV = "ATTENTION_PROTO_PREWARM"    # "0": no worker processes, compile in-process
+PREWARM_WORKERS = 12
+PREWARM_TIMEOUT_S = 60.0      # a killed worker keeps what it compiled (disk cache)
 
 
 def linear_flops(B: int, N: int, Hh: int, K: int, V: int, C: int, mode: str) -> float:
@@ -61,42 +89,53 @@ def _short(dtype: torch.dtype) -> str:
 
 # ---- correctness (both modes) ---------------------------------------------------------------
 
-def _check(ctx: StudyContext, *, dtype, B, N, Hh, K, V, gated, C, mode="chunk", cu=None, backward=False,
-           op="linear_fwd", variant="", dst=None):
-    """One check of ours against float64 (error rule; factor 3 for gradients); records a row."""
+def _ours(C: int, mode: str = "chunk", cu_t=None):
+    """Ours as fn(q, k, v, g, s0) -> (o, final state)."""
     from ..ops.linear import linear_attention
-    from ..ops.linear.reference import linear_attention_parallel, random_inputs
-    from ..testing import check_error
 
-    dev = ctx.device
+    return lambda q, k, v, g, s0: linear_attention(q, k, v, g=g, initial_state=s0, output_final_state=True,
+                                                   chunk_size=C, cu_seqlens=cu_t, mode=mode)
+
+
+def _loss_run(fn, ins, do, dht, backward: bool) -> List[torch.Tensor]:
+    """[o, final] of fn(*ins), then the inputs' gradients of sum(o * do) + sum(final * dht) when ``backward``."""
+    ins = [None if x is None else x.detach().clone().requires_grad_(backward) for x in ins]
+    with torch.set_grad_enabled(backward):
+        o, ht = fn(*ins)
+        if backward:
+            ((o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()).backward()
+    outs = [o.detach(), ht.detach()]
+    if backward:
+        outs += [x.grad for x in ins if x is not None]
+    return outs
+
+
+def _check_inputs(dtype, B, N, Hh, K, V, gated, dev, cu=None):
+    from ..ops.linear.reference import random_inputs
+
     gen = torch.Generator(device=dev).manual_seed(N * 31 + K)
     ns = B if cu is None else len(cu) - 1
     inputs = list(random_inputs(B, N, Hh, K, V, dtype, dev, gated=gated, h0=True, generator=gen, num_seqs=ns))
-    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=dev)
     do = torch.randn(B, N, Hh, V, generator=gen, device=dev).to(dtype)
     dht = torch.randn(ns, Hh, K, V, generator=gen, device=dev)
+    return inputs, do, dht
 
-    def run(fn, ins):
-        ins = [None if x is None else x.detach().clone().requires_grad_(backward) for x in ins]
-        with torch.set_grad_enabled(backward):
-            o, ht = fn(*ins)
-            if backward:
-                ((o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()).backward()
-        outs = [o.detach(), ht.detach()]
-        if backward:
-            outs += [x.grad for x in ins if x is not None]
-        return outs
 
-    def ours(q, k, v, g, s0):
-        return linear_attention(q, k, v, g=g, initial_state=s0, output_final_state=True, chunk_size=C,
-                                cu_seqlens=cu_t, mode=mode)
+def _check(ctx: StudyContext, *, dtype, B, N, Hh, K, V, gated, C, mode="chunk", cu=None, backward=False,
+           op="linear_fwd", variant="", dst=None):
+    """One check of ours against float64 (error rule; factor 3 for gradients); records a row."""
+    from ..ops.linear.reference import linear_attention_parallel
+    from ..testing import check_error
+
+    inputs, do, dht = _check_inputs(dtype, B, N, Hh, K, V, gated, ctx.device, cu)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=ctx.device)
 
     def ref(cd):
         return lambda q, k, v, g, s0: linear_attention_parallel(q, k, v, g, None, s0, True, cu_t, compute_dtype=cd)
 
-    a = run(ours, inputs)
-    r = run(ref(torch.float64), [None if x is None else x.double() for x in inputs])
-    lo = run(ref(dtype), inputs)
+    a = _loss_run(_ours(C, mode, cu_t), inputs, do, dht, backward)
+    r = _loss_run(ref(torch.float64), [None if x is None else x.double() for x in inputs], do, dht, backward)
+    lo = _loss_run(ref(dtype), inputs, do, dht, backward)
     names = ["o", "final"] + (["dq", "dk", "dv"] + (["dg"] if gated else []) + ["dh0"] if backward else [])
     worst, worst_name, ok = None, "", True
     for i, name in enumerate(names):
@@ -148,27 +187,42 @@ class LinearStudy(Study):
         if not ctx.timing:
             self._interpreter(ctx)
             return
-        ns = NS_QUICK if ctx.quick else NS_FULL
-        sweep_ns = BAR_NS[:1] if ctx.quick else BAR_NS
-        chunks = (DEFAULT_CHUNK,) + tuple(c for c in CHUNKS if c != DEFAULT_CHUNK)
-        bar = ctx.progress(len(ns) + len(sweep_ns) + 3, "linear")
-        with ctx.guard("compile"):
-            self._warm_compile(ctx, chunks)
-        bar.update(1, "compile")
-        self._gpu_checks(ctx)
-        bar.update(1, "gradient checks")
+        plan = _plan(ctx.quick)
+        clock = _Clock(ctx)
+        bar = ctx.progress(len(plan.ns) + len(plan.sweep_ns) + 5, "linear")
         fla, fla_why = _fla()
-        for N in ns:
+        refusal = _fla_gated_bwd_refusal() if fla is not None else None
+        with ctx.guard("prewarm"):
+            _prewarm(ctx, plan, fla is not None, refusal is None)
+        clock.part("prewarm")
+        bar.update(1, "prewarm")
+        with ctx.guard("compile"):
+            for job in _our_jobs(plan):
+                _run_job(job)
+        clock.part(f"first calls of ours ({len(plan.variants)} timed variants)")
+        bar.update(1, "compile")
+        self._gpu_checks(ctx, plan.checks)
+        clock.part(f"gradient checks ({len(plan.checks)})")
+        bar.update(1, "gradient checks")
+        fla_info: Dict = {}
+        with ctx.guard("fla autotune"):
+            fla_info = self._fla_tune(ctx, fla, refusal)
+        clock.part("fla-core autotune")
+        bar.update(1, "fla autotune")
+        for N in plan.ns:
             with ctx.guard(f"N{N}"):
-                self._one_length(ctx, N, fla, fla_why)
+                self._one_length(ctx, N, fla, fla_why, refusal, fla_info)
+            clock.part(f"N{N}: linear, fla, dense")
             bar.update(1, f"N{N}")
             _empty_cache()
-        for N in sweep_ns:
+        for N in plan.sweep_ns:
             with ctx.guard(f"chunk sweep N{N}"):
-                self._chunk_sweep(ctx, N, [c for c in chunks if c != DEFAULT_CHUNK], quick=ctx.quick)
+                self._chunk_sweep(ctx, N, plan.sweep_chunks, quick=ctx.quick)
+            clock.part(f"chunk sweep N{N}")
             bar.update(1, f"sweep N{N}")
         with ctx.guard("decode"):
             self._decode(ctx)
+        clock.part("decode")
         bar.update(1, "decode")
 
     def _interpreter(self, ctx: StudyContext) -> None:
@@ -195,42 +249,53 @@ class LinearStudy(Study):
             with ctx.guard(f"decode {_gates(gated)}"):
                 _check_decode(ctx, torch.float16, gated)
 
-    def _gpu_checks(self, ctx: StudyContext) -> None:
+    def _gpu_checks(self, ctx: StudyContext, cases: Sequence[Tuple[bool, int, int]]) -> None:
         """bf16 fwd+bwd against float64 at the sweep's head shape (H16, K = V = 128: the kernels compiled for
-        the sweep; the dq/dk kernel runs 64-wide K tiles, the width fla #640 miscompiles). K = 64 heads
-        and other shapes are in tests/test_linear_gpu.py."""
-        cases = [(False, 64, 0), (True, 64, 0), (True, 64, 1)]   # DST 1: the fallback form of dk
-        if not ctx.quick:
-            cases += [(True, 32, 0), (True, 128, 0)]
+        the sweep, H and K being constexprs; the dq/dk kernel runs 64-wide K tiles, the width fla #640
+        miscompiles). The references run on the GPU (float64 there: ~4 GFLOP a case). K = 64 heads and
+        other shapes are in tests/test_linear_gpu.py."""
         for gated, C, dst in cases:
             with ctx.guard(f"gradient check {_gates(gated)} C{C} DST{dst}"), _dqk_form(dst):
                 _check(ctx, dtype=DTYPE, B=1, N=CHECK_N, Hh=H, K=D, V=D, gated=gated, C=C, backward=True,
                        op="linear_grad_check", variant=f"bf16 K{D} {_gates(gated)} C{C} DST{dst}", dst=dst)
 
-    def _warm_compile(self, ctx: StudyContext, chunks: Sequence[int]) -> None:
-        """Compile every variant the sweep times once, several at a time (Triton compiles overlap in threads)."""
-        from ..ops.linear import linear_attention
+    def _fla_tune(self, ctx: StudyContext, fla, refusal: Optional[str]) -> Dict:
+        """fla-core's first calls, where it autotunes (once per kernel key: its keys are BT, K, V, the gates
+        and the argument dtypes, never N), at B*N = TOKENS, N = FLA_TUNE_N, with a shorter benchmark per
+        candidate; returns what its rows record about that (configs chosen, seconds)."""
+        if fla is None:
+            return {}
+        from triton.testing import do_bench
 
-        def one(C: int, gated: bool) -> float:
-            t0 = time.perf_counter()
-            q, k, v, g = _inputs(1, 512, gated, grad=True)
-            o, _ = linear_attention(q, k, v, g=g, chunk_size=C)
-            o.backward(torch.randn_like(o))
-            linear_attention(q.detach(), k.detach(), v.detach(), g=None if g is None else g.detach(), chunk_size=C)
-            _sync()
-            return time.perf_counter() - t0
-
-        jobs = [(C, gt) for C in chunks for gt in (False, True)]
+        tuners = _fla_autotuners()
+        mine = [at for at in tuners if "do_bench" not in vars(at)]
+        for at in mine:   # Autotuner.do_bench is a cached_property: an instance attribute overrides it
+            vars(at)["do_bench"] = functools.partial(do_bench, **FLA_TUNE_BENCH)
         t0 = time.perf_counter()
-        from ..runtime.device import interpreter_mode
+        B, N = max(1, TOKENS // FLA_TUNE_N), FLA_TUNE_N
+        try:
+            for gated in (False, True):
+                q, k, v, g = _inputs(B, N, gated)
+                for backward in (False, True):
+                    if not (backward and gated and refusal):
+                        _linear_peer(lambda q, k, v, g: fla(q, k, v, g=g)[0], q, k, v, g, backward)
+                del q, k, v, g
+            _sync()
+        finally:
+            for at in mine:
+                vars(at).pop("do_bench", None)
+        chosen: Dict[str, Dict[str, str]] = {}   # kernel -> autotune key -> config
+        for at in tuners:
+            for key, cfg in getattr(at, "cache", {}).items():
+                chosen.setdefault(getattr(getattr(at, "base_fn", None), "__name__", "?"), {})[str(key)] = str(cfg)
+        info = {"fla_tune_s": round(time.perf_counter() - t0, 2), "fla_tuned_at": f"B{B} N{N}",
+                "fla_tune_bench_ms": [FLA_TUNE_BENCH["warmup"], FLA_TUNE_BENCH["rep"]], "fla_configs": chosen}
+        ctx.log(f"fla-core tuned {sum(map(len, chosen.values()))} kernel keys at B{B} N{N}: "
+                + "; ".join(f"{k} {list(v.values())}" for k, v in chosen.items())[:600])
+        return info
 
-        # Triton's interpreter keeps its grid in globals: one thread there (the CPU dry run)
-        with ThreadPoolExecutor(max_workers=1 if interpreter_mode() else len(jobs)) as ex:
-            times = list(ex.map(lambda j: one(*j), jobs))
-        ctx.log(f"compiled {len(jobs)} linear variants in {time.perf_counter() - t0:.1f} s "
-                f"(slowest {max(times):.1f} s)")
-
-    def _one_length(self, ctx: StudyContext, N: int, fla, fla_why: Optional[str]) -> None:
+    def _one_length(self, ctx: StudyContext, N: int, fla, fla_why: Optional[str], refusal: Optional[str] = None,
+                    fla_info: Optional[Dict] = None) -> None:
         from ..ops.linear import linear_attention
 
         B = max(1, TOKENS // N)
@@ -250,7 +315,9 @@ class LinearStudy(Study):
                                       "configs": _configs(DEFAULT_CHUNK), **({"unsupported": why} if why else {})})
                 with ctx.guard(f"fla {op} {_gates(gated)} N{N}"):
                     t, why, first = None, fla_why, None
-                    if fla is not None:
+                    if fla is not None and backward and gated and refusal:
+                        why = refusal   # fla's own up-front refusal (#640), asked without running its kernels
+                    elif fla is not None:
                         t0 = time.perf_counter()
                         fn, why = _linear_peer(lambda q, k, v, g: fla(q, k, v, g=g)[0], q, k, v, g, backward)
                         first = time.perf_counter() - t0
@@ -258,7 +325,8 @@ class LinearStudy(Study):
                     ctx.record(op=op, impl="fla", variant=f"chunk_simple_gla {_gates(gated)}", mods=mods, B=B, H=H,
                                N=N, D=D, dtype="bfloat16", causal=True, timing=t, flops=flops,
                                extra={"chunk_size": 64, "gated": gated, "K": D, "V": D, "first_call_s": first,
-                                      "fla_version": _fla_version(), **({"unsupported": why} if why else {})})
+                                      "fla_version": _fla_version(), **(fla_info or {}),
+                                      **({"unsupported": why} if why else {})})
             del q, k, v, g
         self._dense(ctx, B, N)
 
@@ -286,7 +354,7 @@ class LinearStudy(Study):
         for gated in (False, True):
             q, k, v, g = _inputs(B, N, gated)
             for C in chunks:
-                for backward in ((False,) if quick and gated else (False, True)):
+                for backward in _sweep_modes(quick, gated):
                     op = "linear_fwd_bwd" if backward else "linear_fwd"
                     with ctx.guard(f"sweep {op} {_gates(gated)} C{C} N{N}"):
                         fn, why = _linear_peer(lambda q, k, v, g, C=C: linear_attention(q, k, v, g=g, chunk_size=C)[0],
@@ -303,10 +371,7 @@ class LinearStudy(Study):
         from ..ops.linear import linear_attention_step
 
         B, K, V = DECODE_B, D, D
-        q, k = (torch.randn(B, H, K, device=DEVICE, dtype=DTYPE) for _ in range(2))
-        v = torch.randn(B, H, V, device=DEVICE, dtype=DTYPE)
-        g = torch.nn.functional.logsigmoid(torch.randn(B, H, device=DEVICE) + 3.0)
-        state = torch.randn(B, H, K, V, device=DEVICE, dtype=torch.float32)
+        q, k, v, g, state = _decode_inputs()
         state_bytes = state.numel() * 4
         io_bytes = (q.numel() + k.numel() + 2 * v.numel()) * 2 + g.numel() * 4
         for inplace in (False, True):
@@ -537,6 +602,45 @@ def _xtxt(x: Dict) -> str:
     return "n/a"
 
 
+class _Plan(NamedTuple):
+    ns: Tuple[int, ...]                       # lengths of the main sweep
+    sweep_ns: Tuple[int, ...]                 # lengths of the chunk sweep
+    sweep_chunks: Tuple[int, ...]
+    checks: List[Tuple[bool, int, int]]       # gradient checks: (gated, chunk, DST form of dk)
+    variants: List[Tuple[int, bool, bool]]    # every (chunk, gated, backward) of ours that is timed
+
+
+def _sweep_modes(quick: bool, gated: bool) -> Tuple[bool, ...]:
+    return (False,) if quick and gated else (False, True)
+
+
+def _plan(quick: bool) -> _Plan:
+    sweep_chunks = tuple(c for c in CHUNKS if c != DEFAULT_CHUNK)
+    checks = [(False, 64, 0), (True, 64, 0), (True, 64, 1)]   # DST 1: the fallback form of dk
+    if not quick:
+        checks += [(True, 32, 0), (True, 128, 0)]
+    variants = [(DEFAULT_CHUNK, gt, bw) for gt in (False, True) for bw in (False, True)]
+    variants += [(C, gt, bw) for C in sweep_chunks for gt in (False, True) for bw in _sweep_modes(quick, gt)]
+    return _Plan(NS_QUICK if quick else NS_FULL, BAR_NS[:1] if quick else BAR_NS, sweep_chunks, checks, variants)
+
+
+class _Clock:
+    """Logs the seconds of each part of measure() and the running total (the study has a time budget)."""
+
+    def __init__(self, ctx: StudyContext) -> None:
+        self.ctx, self.t0 = ctx, time.perf_counter()
+        self.t = self.t0
+
+    def part(self, label: str) -> None:
+        now = time.perf_counter()
+        self.ctx.log(f"{label}: {now - self.t:.1f} s (total {now - self.t0:.1f} s)")
+        self.t = now
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
 def _inputs(B: int, N: int, gated: bool, grad: bool = False):
     q, k, v = (torch.randn(B, N, H, D, device=DEVICE, dtype=DTYPE, requires_grad=grad) for _ in range(3))
     g = None
@@ -544,6 +648,15 @@ def _inputs(B: int, N: int, gated: bool, grad: bool = False):
         g = torch.nn.functional.logsigmoid(torch.randn(B, N, H, device=DEVICE) + 3.0)
         g.requires_grad_(grad)
     return q, k, v, g
+
+
+def _decode_inputs():
+    B, K, V = DECODE_B, D, D
+    q, k = (torch.randn(B, H, K, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    v = torch.randn(B, H, V, device=DEVICE, dtype=DTYPE)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, H, device=DEVICE) + 3.0)
+    state = torch.randn(B, H, K, V, device=DEVICE, dtype=torch.float32)
+    return q, k, v, g, state
 
 
 def _sync() -> None:
@@ -565,8 +678,6 @@ def _linear_peer(call, q, k, v, g, backward: bool):
 @contextlib.contextmanager
 def _dqk_form(dst: int):
     """Run with chunk_dqk's DST form set (1: the fallback dk product), then restore the configs."""
-    import os
-
     from ..ops.linear import common
 
     if not dst:
@@ -603,6 +714,220 @@ def _fla():
     except Exception as e:  # noqa: BLE001 - not installed is a recorded fact
         return None, f"fla-core unavailable: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     return chunk_simple_gla, None
+
+
+def _fla_gated_bwd_refusal() -> Optional[str]:
+    """fla-core's own refusal of its gated backward (#640: Hopper with Triton 3.4 to 3.7.0), or None.
+
+    fla checks this first thing in chunk_bwd_dqkwg, after its backward has already autotuned two
+    state kernels (96 compiles) for nothing; asking the check directly costs no kernel: the probe's
+    1-element inputs fail on their shapes wherever fla lets them through.
+    """
+    try:
+        from fla.ops.common.chunk_o import chunk_bwd_dqkwg
+    except Exception:  # noqa: BLE001 - no fla, or another layout of it: no up-front answer
+        return None
+    x = torch.ones(1, device=DEVICE)
+    try:
+        chunk_bwd_dqkwg(q=x, k=x, v=x, do=x, h=x, dh=x, g=x)
+    except RuntimeError as e:
+        if "640" in str(e):
+            return _why(e)
+    except Exception:  # noqa: BLE001 - the shapes: fla did not refuse
+        pass
+    return None
+
+
+def _fla_autotuners() -> list:
+    """Every Triton Autotuner in fla-core's loaded op modules (also behind triton.heuristics wrappers)."""
+    import sys
+
+    from triton.runtime.autotuner import Autotuner
+
+    found = {}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("fla.ops") or mod is None:
+            continue
+        for obj in list(vars(mod).values()):
+            for _ in range(4):
+                if isinstance(obj, Autotuner):
+                    found[id(obj)] = obj
+                try:
+                    obj = getattr(obj, "fn", None)
+                except Exception:  # noqa: BLE001 - odd module attributes
+                    obj = None
+                if obj is None:
+                    break
+    return list(found.values())
+
+
+# ---- compile prewarm in worker processes --------------------------------------------------------
+# Triton compiles hold the GIL (two threads compile 48 fla configs no faster than one), and this
+# study compiles ~250 kernels, most of them fla-core's autotune candidates. Worker processes make
+# every compile once at toy sizes, with the constexprs and dtypes of the real calls (N is not
+# specialized: T is do_not_specialize in every linear kernel, ours and fla's; the dense peers run
+# at the study's shapes), which fills Triton's disk cache; the study's own first calls and fla's
+# autotune in this process then load binaries. Nothing is timed in a worker; a worker that fails
+# or runs late costs only the in-process compile it would have saved.
+
+def _our_jobs(plan: _Plan) -> List[list]:
+    """First calls of every timed variant of ours (a backward call covers the forward's kernels)."""
+    return [["ours", C, gt, bw] for C, gt, bw in plan.variants if bw or (C, gt, True) not in plan.variants]
+
+
+def _jobs(plan: _Plan) -> List[list]:
+    return (_our_jobs(plan) + [["check", C, gt, dst] for gt, C, dst in plan.checks]
+            + [["dense", N, bw] for N in plan.ns for bw in (False, True)] + [["decode"]])
+
+
+def _worker_count() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(PREWARM_WORKERS, cpus - 2))
+
+
+def _prewarm(ctx: StudyContext, plan: _Plan, with_fla: bool, fla_gated_bwd: bool) -> None:
+    from ..runtime.device import interpreter_mode
+
+    n = _worker_count()
+    if interpreter_mode() or not torch.cuda.is_available() or os.environ.get(PREWARM_ENV, "1") in ("0", "") or n < 2:
+        ctx.log(f"prewarm skipped (interpreter, no CUDA, {PREWARM_ENV}=0 or {n} usable cores): compiles in-process")
+        return
+    jobs = _jobs(plan)
+    specs = [{"index": i, "workers": n, "fla": with_fla, "fla_gated_bwd": fla_gated_bwd, "jobs": jobs[i::n]}
+             for i in range(n)]
+    results = _spawn_workers(specs, PREWARM_TIMEOUT_S)
+    failed = [f"worker {i}: {r['error']}" for i, r in enumerate(results) if r.get("error")]
+    failed += [f"{j[0]}: {j[2]}" for r in results for j in r.get("jobs", []) if j[2]]
+    busiest = max((sum(j[1] for j in r.get("jobs", [])) for r in results), default=0.0)
+    ctx.log(f"prewarm: {n} worker processes, {len(jobs)} jobs" + (f" + 1/{n} of fla's autotune candidates each"
+            if with_fla else "") + f"; busiest worker {busiest:.1f} s of compiles"
+            + (f"; {len(failed)} failed: {'; '.join(failed)[:400]}" if failed else ""))
+
+
+def _spawn_workers(specs: List[Dict], timeout_s: float) -> List[Dict]:
+    """Run ``_prewarm_worker(spec)`` in one new Python process per spec (not multiprocessing: a spawned
+    child would re-run ``python -m attention_proto``); returns each one's report or {"error": ...}."""
+    import subprocess
+    import sys
+    import tempfile
+
+    code = "import sys; from attention_proto.studies.linear import _prewarm_worker; _prewarm_worker(sys.argv[1])"
+    procs, results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for i, spec in enumerate(specs):
+                out, err = (open(os.path.join(tmp, f"{i}.{x}"), "w+") for x in ("out", "err"))
+                procs.append((subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=out, stderr=err,
+                                               stdin=subprocess.DEVNULL), out, err))
+            deadline = time.monotonic() + timeout_s
+            for p, out, err in procs:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                out.seek(0)
+                err.seek(0)
+                line = next((ln for ln in reversed(out.read().splitlines()) if ln.startswith("PREWARM ")), None)
+                if p.returncode == 0 and line:
+                    results.append(json.loads(line[len("PREWARM "):]))
+                else:
+                    tail = [ln for ln in err.read().splitlines() if ln.strip()][-1:] or [""]
+                    results.append({"error": f"exit {p.returncode}{' (timed out)' if p.returncode == -9 else ''}: "
+                                             f"{tail[0][:200]}"})
+        finally:
+            for p, out, err in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                out.close()
+                err.close()
+    return results
+
+
+def _prewarm_worker(spec_json: str) -> None:
+    """Worker process: fla's slice of autotune candidates, then the jobs; prints one PREWARM report line."""
+    spec = json.loads(spec_json)
+    work = ([["fla", spec["index"], spec["workers"], spec["fla_gated_bwd"]]] if spec.get("fla") else []) + spec["jobs"]
+    done = []
+    for job in work:
+        t0, err = time.perf_counter(), None
+        try:
+            _run_job(job)
+        except Exception as e:  # noqa: BLE001 - reported, the study compiles it in-process then
+            err = _why(e)
+        done.append([" ".join(map(str, job)), round(time.perf_counter() - t0, 2), err])
+    print("PREWARM " + json.dumps({"jobs": done}), flush=True)
+
+
+def _run_job(job: Sequence) -> None:
+    """One first call (toy sizes where N is not specialized): compiles what the study will run."""
+    from ..ops.linear import linear_attention, linear_attention_step
+
+    kind, args = job[0], list(job[1:])
+    if kind == "ours":
+        C, gated, backward = args
+        q, k, v, g = _inputs(1, 2 * C, gated, grad=backward)
+        with torch.set_grad_enabled(backward):
+            o, _ = linear_attention(q, k, v, g=g, chunk_size=C)
+            if backward:
+                o.backward(torch.randn_like(o))
+    elif kind == "check":
+        C, gated, dst = args
+        inputs, do, dht = _check_inputs(DTYPE, 1, 2 * C + 16, H, D, D, gated, DEVICE)
+        with _dqk_form(dst):
+            _loss_run(_ours(C), inputs, do, dht, True)
+    elif kind == "dense":
+        N, backward = args
+        q, k, v = peers.bhsd(max(1, TOKENS // N), H, N, D, dtype=DTYPE, device=DEVICE)
+        fn, why = peers.make_ours(q, k, v, True, backward=backward)
+        if fn is None:
+            raise RuntimeError(why)
+    elif kind == "decode":
+        q, k, v, g, state = _decode_inputs()
+        for inplace in (False, True):
+            linear_attention_step(q, k, v, state, g=g, inplace=inplace)
+    elif kind == "fla":
+        _fla_compile_slice(*args)
+    elif kind != "noop":
+        raise ValueError(f"unknown prewarm job {job!r}")
+    _sync()
+
+
+def _compile_only(kernel_call, quantiles=None):
+    kernel_call()
+    return [1.0, 1.0, 1.0]
+
+
+def _fla_compile_slice(index: int, workers: int, gated_bwd: bool) -> None:
+    """Compile this worker's share of each fla autotuner's candidates (no timing) through fla's own calls."""
+    fla, why = _fla()
+    if fla is None:
+        return
+    for at in _fla_autotuners():
+        cfgs = list(at.configs)
+        # an empty share keeps one config (a duplicate): the call must get through to fla's next kernels
+        at.configs = cfgs[index::workers] or cfgs[index % len(cfgs):][:1]
+        at.cache_results = False   # its fake timings must not land in Triton's autotune cache
+        vars(at)["do_bench"] = _compile_only
+    errors = []
+    for gated in (False, True):
+        for backward in (False, True):
+            if backward and gated and not gated_bwd:
+                continue
+            try:
+                q, k, v, g = _inputs(1, 256, gated, grad=backward)
+                with torch.set_grad_enabled(backward):
+                    o = fla(q, k, v, g=g)[0]
+                    if backward:
+                        o.backward(torch.randn_like(o))
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{_gates(gated)} {'fwd+bwd' if backward else 'fwd'}: {_why(e)}")
+    if errors:
+        raise RuntimeError("; ".join(errors))
 
 
 def _fla_version() -> Optional[str]:
