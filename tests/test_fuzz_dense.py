@@ -24,7 +24,7 @@ import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
-import attention_proto  # noqa: F401
+import attention_proto
 from attention_proto.ops.dense import backward as dense_backward
 from attention_proto.ops.dense.forward import flash_attention_forward
 from attention_proto.ops.dense.interface import attention, attention_varlen
@@ -136,7 +136,9 @@ def dense_cases(draw, big: bool = False, hooks: bool = True):
         B=draw(st.integers(1, 3 if big else 2)), H=Hkv * group, Hkv=Hkv, Nq=nq, Nk=nk, D=D,
         dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
         layout=draw(st.sampled_from(LAYOUTS)),
-        entry=draw(st.sampled_from(["public", "lowlevel"])),
+        # public: ops.dense.interface; api: the dispatching attention_proto.attention (custom ops);
+        # lowlevel: flash_attention_forward into canary-guarded outputs
+        entry=draw(st.sampled_from(["public", "api", "lowlevel"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
     case.update(draw(modifiers(nk, D, hooks)))
@@ -230,7 +232,8 @@ def check_dense_forward(case):
         assert_canary(lbuf, lidx)
     else:
         (qv, kv, vv), layout = _views(case, q, k, v)
-        o, l = attention(qv, kv, vv, layout=layout, return_lse=True, **mods)
+        fn = attention_proto.attention if case["entry"] == "api" else attention
+        o, l = fn(qv, kv, vv, layout=layout, return_lse=True, **mods)
         if layout == "bshd":
             o = o.transpose(1, 2)
     rd = "cpu" if DEV == "cpu" else DEV
@@ -258,7 +261,8 @@ def check_dense_backward(case):
     slopes_arg, _ = _slopes(case)
     (qv, kv, vv), layout = _views(case, q, k, v)
     leaves = [t.detach().requires_grad_() for t in (qv, kv, vv)]
-    out = attention(*leaves, layout=layout, causal=case["causal"], scale=case["scale"], window=case["window"],
+    fn = attention_proto.attention if case["entry"] == "api" else attention
+    out = fn(*leaves, layout=layout, causal=case["causal"], scale=case["scale"], window=case["window"],
                     softcap=case["softcap"], alibi_slopes=slopes_arg, rope=_rope(case["rope"]),
                     deterministic=case["deterministic"])
     dov = do.transpose(1, 2) if layout == "bshd" else do
@@ -281,7 +285,7 @@ def varlen_cases(draw, big: bool = False):
     lq = draw(st.lists(st.integers(0, lim), min_size=nseq, max_size=nseq))
     lk = draw(st.lists(st.integers(0, lim), min_size=nseq, max_size=nseq))
     D = draw(st.sampled_from([16, 40, 64, 96, 128, 256] if big else [8, 16, 24]))
-    case = dict(lq=lq, lk=lk, H=Hkv * group, Hkv=Hkv, D=D,
+    case = dict(lq=lq, lk=lk, H=Hkv * group, Hkv=Hkv, D=D, entry=draw(st.sampled_from(["public", "api"])),
                 dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
                 seed=draw(st.integers(0, 2**31 - 1)), slack=draw(st.integers(0, 3)),
                 deterministic=draw(st.booleans()))
@@ -311,14 +315,15 @@ def check_varlen(case, backward: bool):
     mods = dict(causal=case["causal"], scale=case["scale"], window=case["window"], softcap=case["softcap"],
                 alibi_slopes=slopes_arg, rope=_rope(case["rope"]))
     rmods = _ref_mods(case)
+    fn = attention_proto.attention_varlen if case["entry"] == "api" else attention_varlen
     if not backward:
-        o, l = attention_varlen(qv, kv, vv, cq, ck, mq, mk, return_lse=True, **mods)
+        o, l = fn(qv, kv, vv, cq, ck, mq, mk, return_lse=True, **mods)
         ro, rl = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), **rmods)
         to, tl_ = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), compute_dtype=dt, **rmods)
         _check_out_lse(o, l, ro, rl, to, tl_, dt, varlen=True)
         return
     leaves = [t.detach().requires_grad_() for t in (qv, kv, vv)]
-    out = attention_varlen(*leaves, cq, ck, mq, mk, deterministic=case["deterministic"], **mods)
+    out = fn(*leaves, cq, ck, mq, mk, deterministic=case["deterministic"], **mods)
     out.backward(do)
     ref = _ref_grads(q, k, v, do, torch.float64, varlen=(cq, ck), **rmods)
     low = _ref_grads(q, k, v, do, dt, varlen=(cq, ck), **rmods)
@@ -343,9 +348,9 @@ def test_fuzz_dense_forward(nan_empty, case):
 
 
 @fuzz_settings(10)
-@given(case=dense_cases(hooks=False), deterministic=st.booleans())
-def test_fuzz_dense_backward(nan_empty, poison_backward, case, deterministic):
-    case = dict(case, deterministic=deterministic, entry="public")
+@given(case=dense_cases(hooks=False), deterministic=st.booleans(), api=st.booleans())
+def test_fuzz_dense_backward(nan_empty, poison_backward, case, deterministic, api):
+    case = dict(case, deterministic=deterministic, entry="api" if api else "public")
     run_case("dense_bwd", case, lambda: check_dense_backward(case))
 
 
@@ -374,9 +379,9 @@ def test_fuzz_dense_forward_gpu(nan_empty, case):
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=dense_cases(big=True, hooks=False), deterministic=st.booleans())
-def test_fuzz_dense_backward_gpu(nan_empty, poison_backward, case, deterministic):
-    case = dict(case, deterministic=deterministic, entry="public")
+@given(case=dense_cases(big=True, hooks=False), deterministic=st.booleans(), api=st.booleans())
+def test_fuzz_dense_backward_gpu(nan_empty, poison_backward, case, deterministic, api):
+    case = dict(case, deterministic=deterministic, entry="api" if api else "public")
     run_case("dense_bwd", case, lambda: check_dense_backward(case))
 
 
