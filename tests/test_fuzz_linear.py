@@ -180,7 +180,7 @@ def check_linear_step(case):
 # CPU (interpreter)
 # ------------------------------------------------------------------------------------------------
 
-@fuzz_settings(16)
+@fuzz_settings(24)
 @given(case=linear_cases())
 def test_fuzz_linear_forward(nan_empty, case):
     run_case(f"linear_{case['mode']}_fwd", case, lambda: check_linear_forward(case))

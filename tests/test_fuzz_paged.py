@@ -49,6 +49,7 @@ def paged_cases(draw, big: bool = False):
         dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
         pool_layout=draw(st.sampled_from(["nhd", "hnd"])),
         q_padded=draw(st.booleans()),
+        index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),  # block_table / seq_lens
         extra_pages=draw(st.integers(0, 3)),  # block-table columns beyond the longest sequence
         bound=draw(st.sampled_from(["none", "exact", "loose"])),
         check_inputs=draw(st.booleans()),
@@ -70,6 +71,7 @@ def check_paged_case(case):
     if case["pool_layout"] == "hnd":  # head-major storage, read through the NHD view
         kc, vc = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kc, vc))
     qv = nan_padded(q, (0, 1, 0, 0), (1, 0, 2, 3)) if case["q_padded"] else q
+    bt, sl = bt.to(case["index_dtype"]), sl.to(case["index_dtype"])
     mods = dict(scale=case["scale"], softcap=case["softcap"], window=case["window"])
     if case["alibi"]:
         mods["alibi_slopes"] = torch.linspace(0.02, 0.6, case["Hq"], dtype=torch.float32).to(DEV)
@@ -156,7 +158,7 @@ def check_cache_case(case):
 # CPU (interpreter)
 # ------------------------------------------------------------------------------------------------
 
-@fuzz_settings(20)
+@fuzz_settings(30)
 @given(case=paged_cases())
 def test_fuzz_paged_decode(nan_empty, case):
     run_case("paged_decode", case, lambda: check_paged_case(case))
@@ -184,3 +186,25 @@ def test_fuzz_paged_decode_gpu(nan_empty, case):
 @given(case=cache_cases(big=True))
 def test_fuzz_paged_cache_append_gpu(nan_empty, case):
     run_case("paged_append", case, lambda: check_cache_case(case))
+
+
+# ------------------------------------------------------------------------------------------------
+# bugs the fuzzer found: minimal repros (xfail strict until fixed; remove the mark then)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "paged_attention ignores the column stride of block_table and the stride of seq_lens: the "
+    "decode kernel reads BT + b * stride(0) + page and SL + b (ops/paged/decode.py), and the "
+    "interface neither checks nor copies. A column-major block_table (bt.t().contiguous().t()) or "
+    "a strided seq_lens view (lens2d[:, 0]) gives silently wrong outputs. Fix: pass the strides "
+    "or .contiguous() them in interface.py (cheap: [B, max_pages] ints)."))
+@pytest.mark.parametrize("which", ["block_table", "seq_lens"])
+def test_paged_noncontiguous_block_table_and_lengths(which):
+    q, kc, vc, bt, sl = make_paged(3, 4, 2, 1, 16, 4, [5, 13, 9], torch.float32, DEV, gen(0))
+    if which == "block_table":
+        bt_arg, sl_arg = bt.t().contiguous().t(), sl
+    else:
+        bt_arg, sl_arg = bt, torch.stack([sl, torch.full_like(sl, 99)], 1)[:, 0]
+    out, lse = paged_attention(q, kc, vc, bt_arg, sl_arg, return_lse=True)
+    res = compare_paged(out, lse, q, kc, vc, bt, sl, torch.float32)
+    assert res.ok, str(res)
