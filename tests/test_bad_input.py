@@ -30,7 +30,8 @@ from attention_proto.ops.dense.rope import RopeSpec
 from attention_proto.ops.linear.interface import linear_attention, linear_attention_step
 from attention_proto.ops.paged.cache import PagedKVCache
 from attention_proto.ops.paged.interface import paged_attention
-from test_fuzz_common import DEV
+from attention_proto.runtime.device import interpreter_mode
+from test_fuzz_common import DEV, gen, randn
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
 
@@ -396,3 +397,103 @@ def test_validation_happens_before_any_launch():
         dense.attention(q, k, v, layout="nope")
     out = dense.attention(q, k, v)
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# side tensors with odd strides: accepted, so they must be read through their strides (or copied)
+# ------------------------------------------------------------------------------------------------
+
+def _strided(t, fill=0):
+    """``t``'s values as a view with stride 2 in its last dim (``fill`` in between)."""
+    return torch.stack([t, torch.full_like(t, fill)], -1)[..., 0]
+
+
+def _dense_varlen_cu():
+    from attention_proto.ops.dense.reference import attention_reference_varlen
+
+    cu = I32([0, 3, 10, 12])
+    g = gen(1)
+    q, k, v = randn((12, 2, 16), g, F32), randn((12, 1, 16), g, F32), randn((12, 1, 16), g, F32)
+    out = dense.attention_varlen(q, k, v, _strided(cu), _strided(cu), causal=True)
+    ref, _ = attention_reference_varlen(q, k, v, cu.cpu(), cu.cpu(), causal=True)
+    return out, ref
+
+
+def _dense_alibi():
+    from attention_proto.ops.dense.reference import attention_reference
+
+    q, k, v = (randn(s, gen(2), F32) for s in ((1, 4, 7, 16), (1, 2, 9, 16), (1, 2, 9, 16)))
+    slopes = torch.linspace(0.1, 1.0, 4).to(DEV)
+    out = dense.attention(q, k, v, alibi_slopes=_strided(slopes, 7.0), causal=True)
+    return out, attention_reference(q, k, v, alibi_slopes=slopes.cpu(), causal=True)[0]
+
+
+def _linear_cu():
+    from attention_proto.ops.linear.reference import linear_attention_parallel
+
+    cu = I32([0, 3, 10, 12])
+    g = gen(3)
+    q, k, v = (randn((1, 12, 2, 16), g, F32) for _ in range(3))
+    out, _ = linear_attention(q, k, v, cu_seqlens=_strided(cu))
+    return out, linear_attention_parallel(q, k, v, cu_seqlens=cu.cpu())[0]
+
+
+def _linear_state_and_gate():
+    from attention_proto.ops.linear.reference import linear_attention_parallel
+
+    g = gen(4)
+    q, k, v = (randn((2, 9, 2, 16), g, F32) for _ in range(3))
+    gate = torch.nn.functional.logsigmoid(torch.randn(2, 9, 2, generator=g)).to(DEV)
+    h0 = randn((2, 2, 16, 16), g, F32)
+    out, _ = linear_attention(q, k, v, g=_strided(gate, 5.0), initial_state=h0.transpose(2, 3).contiguous().transpose(2, 3))
+    return out, linear_attention_parallel(q, k, v, gate, None, h0)[0]
+
+
+def _paged(which):
+    from attention_proto.ops.paged.testing import make_paged
+    from attention_proto.ops.paged.reference import paged_attention_reference
+
+    q, kc, vc, bt, sl = make_paged(3, 4, 2, 1, 16, 4, [5, 13, 9], F32, DEV, gen(5))
+    slopes = torch.linspace(0.1, 1.0, 4).to(DEV)
+    args = dict(block_table=bt, seq_lens=sl, alibi_slopes=slopes)
+    if which == "block_table":
+        args["block_table"] = bt.t().contiguous().t()
+    elif which == "seq_lens":
+        args["seq_lens"] = _strided(sl, 0)
+    else:
+        args["alibi_slopes"] = _strided(slopes, 7.0)
+    out = paged_attention(q, kc, vc, **args)
+    ref, _ = paged_attention_reference(q.cpu(), kc.cpu(), vc.cpu(), bt.cpu(), sl.cpu(), alibi_slopes=slopes.cpu())
+    return out, ref
+
+
+_STRIDE_GAP = ("{}: the kernel reads it as if contiguous (pointer + index) and the interface neither checks "
+               "its strides nor copies it, so a strided view gives silently wrong outputs (or, with other "
+               "values between the entries, reads outside the sequences). Fix: .contiguous() it (a few ints/"
+               "floats) in {}.")
+STRIDED_CASES = {
+    "dense_varlen-cu_seqlens": (_dense_varlen_cu, _STRIDE_GAP.format(
+        "attention_varlen's cu_seqlens_q/k", "ops/dense/interface.py (the forward; the backward already copies)")),
+    "dense-alibi_slopes": (_dense_alibi, None),
+    "linear-cu_seqlens": (_linear_cu, _STRIDE_GAP.format("linear_attention's cu_seqlens", "ops/linear/interface.py")),
+    "linear-gate_and_state": (_linear_state_and_gate, None),
+    "paged-block_table": (lambda: _paged("block_table"), _STRIDE_GAP.format(
+        "paged_attention's block_table (column stride)", "ops/paged/interface.py")),
+    "paged-seq_lens": (lambda: _paged("seq_lens"), _STRIDE_GAP.format("paged_attention's seq_lens",
+                                                                      "ops/paged/interface.py")),
+    "paged-alibi_slopes": (lambda: _paged("alibi"), _STRIDE_GAP.format("paged_attention's alibi_slopes",
+                                                                       "ops/paged/interface.py")),
+}
+
+
+# only under the interpreter: a kernel that misreads index memory on a GPU could fault and poison the
+# CUDA context of the rest of the session; the bug and its fix are the same on both
+@pytest.mark.skipif(not interpreter_mode(), reason="misread index tensors: checked under the interpreter only")
+@pytest.mark.parametrize("case_id", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=why)) if why else c
+    for c, (_, why) in STRIDED_CASES.items()])
+def test_strided_side_tensors(case_id):
+    from attention_proto.testing import assert_close_rule
+
+    out, ref = STRIDED_CASES[case_id][0]()
+    assert_close_rule(out, ref.float(), ref, F32)

