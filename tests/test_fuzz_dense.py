@@ -37,7 +37,8 @@ from test_fuzz_common import (CPU_DTYPES, DEV, GPU_DTYPES, assert_canary, canary
 
 __all__ = ["nan_empty"]  # the fixture, imported for the tests of this module
 
-LAYOUTS = ("bhsd", "bshd", "bhsd_pad", "bshd_pad", "dstride")
+#: "bcast": every batch row is row 0 through an expand (stride 0 on B: overlapping reads)
+LAYOUTS = ("bhsd", "bshd", "bhsd_pad", "bshd_pad", "dstride", "bcast")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,12 +178,16 @@ def _inputs(case, with_do: bool = False):
     k = randn((B, Hkv, Nk, D), g, dt)
     v = randn((B, Hkv, Nk, D), g, dt)
     do = randn((B, H, Nq, D), g, dt) if with_do else None
+    if case["layout"] == "bcast":
+        q, k, v = (t[:1].expand_as(t) for t in (q, k, v))
     return q, k, v, do
 
 
 def _views(case, q, k, v):
     """Kernel inputs in the case's layout and the ``layout=`` argument that reads them."""
     lay = case["layout"]
+    if lay == "bcast":
+        return [q, k, v], "bhsd"
     base, pad = lay.replace("_pad", ""), lay.endswith("_pad")
     views = [layout_view(t, base, pad) for t in (q, k, v)]
     return views, ("bshd" if base == "bshd" else "bhsd")
