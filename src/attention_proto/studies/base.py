@@ -129,15 +129,21 @@ class StudyContext:
 class RunData:
     """Read access to one run's rows, for ``Study.analyze``."""
 
-    def __init__(self, kb: KB, run_id: str) -> None:
-        self.kb, self.run_id = kb, run_id
+    def __init__(self, kb: KB, run_id: str, scope: Optional[str] = None) -> None:
+        self.kb, self.run_id, self.scope = kb, run_id, scope
         self.run = kb.run(run_id)
         self.mode = self.run["mode"]
         self.ceilings = self.run["ceilings"]
         self.env = self.run["env"]
 
     def rows(self, **where: Any) -> List[Dict[str, Any]]:
-        """Rows of this run matching every field given; ``extra__key=value`` filters on extra."""
+        """Rows of this run matching every field given; ``extra__key=value`` filters on extra.
+
+        Scoped to one study (``scope``) unless ``study`` is given: op names repeat across studies
+        (the linear study times dense ``attn_fwd`` rows too), and a finding must read its own rows.
+        """
+        if self.scope is not None and "study" not in where:
+            where = dict(where, study=self.scope)
         extra_filters = {k[7:]: v for k, v in where.items() if k.startswith("extra__")}
         plain = {k: v for k, v in where.items() if not k.startswith("extra__")}
         mods = plain.pop("mods", None)
@@ -147,6 +153,9 @@ class RunData:
         for k, v in extra_filters.items():
             rows = [r for r in rows if r["extra"].get(k) == v]
         return rows
+
+    def scoped(self, study: str) -> "RunData":
+        return RunData(self.kb, self.run_id, scope=study)
 
     def one(self, **where: Any) -> Optional[Dict[str, Any]]:
         rows = [r for r in self.rows(**where) if r.get("ms_median") is not None or self.mode != "gpu"]

@@ -23,7 +23,7 @@ def analyze_run(kb: KB, run_id: str, names: Optional[Sequence[str]] = None,
         study = load_study(name)
         kb.delete_findings(run_id, name)
         try:
-            findings = study.analyze(data)
+            findings = study.analyze(data.scoped(name))
         except Exception as e:  # noqa: BLE001 - one study's analysis bug must not hide the others
             log(f"[{name}] analysis failed: {type(e).__name__}: {e}")
             continue
