@@ -4,6 +4,8 @@
 #   bash scripts/gpu_run.sh studies [args]   # attention-proto run [args] --out /tmp/ap --results $OUT/results
 #   AP_KB=kb.sqlite bash scripts/gpu_run.sh studies --resume RUN_ID --study X   # continue one run
 # Everything written under $OUT is packed into $OUT/results.tgz (the sandbox returns at most 8 files).
+# The device copy of the tree has no .git: pass the commit in, e.g.
+#   ATTENTION_PROTO_COMMIT=<hash from the local checkout> bash scripts/gpu_run.sh studies
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1

@@ -56,7 +56,8 @@ def git_commit(repo: Path | None = None) -> str:
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, timeout=5
         ).stdout.strip()
-        if commit:
+        # outside a repository some git versions echo the argument back: accept only a hash
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
             return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
