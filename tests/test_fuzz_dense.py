@@ -144,14 +144,7 @@ def dense_cases(draw, big: bool = False, hooks: bool = True):
         seed=draw(st.integers(0, 2**31 - 1)),
     )
     case.update(draw(modifiers(nk, D, hooks)))
-    return _avoid_negative_rope_positions(case, [nq], [nk])
-
-
-def _avoid_negative_rope_positions(case, lq, lk):
-    """Default RoPE query positions are Nk - Nq + i: negative when Nq > Nk, which the kernels
-    get wrong (test_rope_default_positions_with_nq_gt_nk, xfail). Fuzz such cases with q_offset=0."""
-    if case["rope"] is not None and case["rope"][1] is None and any(a > b for a, b in zip(lq, lk)):
-        case["rope"] = (case["rope"][0], 0, case["rope"][2])
+    # default RoPE query positions (Nk - Nq + i) go negative when Nq > Nk: fuzzed as they come
     return case
 
 
@@ -296,7 +289,7 @@ def varlen_cases(draw, big: bool = False):
                 seed=draw(st.integers(0, 2**31 - 1)), slack=draw(st.integers(0, 3)),
                 deterministic=draw(st.booleans()))
     case.update(draw(modifiers(max(lk), D, hooks=False)))
-    return _avoid_negative_rope_positions(case, lq, lk)
+    return case
 
 
 def _varlen_inputs(case, with_do=False):
@@ -409,12 +402,6 @@ def test_fuzz_dense_varlen_backward_gpu(nan_empty, poison_backward, case):
 # bugs the fuzzer found: minimal repros (xfail strict until fixed; remove the mark then)
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RoPE with the default q_offset (None -> Nk - Nq) and Nq > Nk: the kernels look up cos/sin "
-    "at negative positions (rows before the table: an out-of-bounds read) and return wrong values; "
-    "the reference rotates by the negative angles. Repro: q [1,1,12,16], k/v [1,1,4,16], "
-    "rope=RopeSpec('half'): max error ~1. Fix: handle negative positions (cos(-x)=cos x, "
-    "sin(-x)=-sin x) or reject Nq > Nk without an explicit q_offset in interface.py."))
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_rope_default_positions_with_nq_gt_nk(varlen):
     g = gen(5)
@@ -429,6 +416,24 @@ def test_rope_default_positions_with_nq_gt_nk(varlen):
     else:
         o = attention(q, k, v, rope=rope)
     assert_close_rule(o, ro.float(), ro, torch.float32)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_rope_given_tables_with_negative_default_positions_is_an_error(varlen):
+    """Given cos/sin tables have no rows for negative positions: a clear error, never a read before the table."""
+    from attention_proto.ops.dense.rope import rope_cos_sin
+
+    g = gen(6)
+    q, k, v = (randn(s, g, torch.float32) for s in ((1, 1, 12, 16), (1, 1, 4, 16), (1, 1, 4, 16)))
+    cos, sin = rope_cos_sin(torch.arange(64), 16)
+    rope = RopeSpec("half", cos=cos.float(), sin=sin.float())
+    with pytest.raises(ValueError, match="q_offset"):
+        if varlen:
+            cq = torch.tensor([0, 12], dtype=torch.int32, device=DEV)
+            ck = torch.tensor([0, 4], dtype=torch.int32, device=DEV)
+            attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cq, ck, rope=rope)
+        else:
+            attention(q, k, v, rope=rope)
 
 
 def _varlen_run(lq, lk, H=2, Hkv=1, D=16):

@@ -505,12 +505,27 @@ def flash_attention_forward(
             raise ValueError(f"rope needs an even head dim; got D={D}")
         q_auto = rope.q_offset is None
         q_off = 0 if q_auto else int(rope.q_offset)
-        if q_off < 0 or rope.k_offset < 0:
+        k_off = int(rope.k_offset)
+        if q_off < 0 or k_off < 0:
             raise ValueError(f"rope offsets must be >= 0; got q_offset={rope.q_offset}, k_offset={rope.k_offset}")
-        needed = max(Nk if q_auto else q_off + Nq, int(rope.k_offset) + Nk)
+        if q_auto:
+            # Default query positions are Nk - Nq + i (per sequence when varlen): negative where a
+            # sequence has more queries than keys, and a table has no negative rows. RoPE scores
+            # depend only on the difference of q and k positions, so every position is shifted by
+            # the same amount (the kernel adds q_off to the queries' positions, k_off to the keys').
+            shift = Nq if varlen else max(0, Nq - Nk)
+            if shift and rope.cos is not None:
+                # a user table need not be linear in the position: it is read at the true positions
+                raise ValueError(
+                    "rope: with the default q_offset the queries sit at positions Nk - Nq + i, negative "
+                    f"where a sequence has more queries than keys (Nq={Nq}, Nk={Nk}{', varlen' if varlen else ''}), "
+                    "and given cos/sin tables have no negative rows; pass RopeSpec(q_offset=...) explicitly "
+                    "(q_offset=0: positions restart at 0 in each sequence)")
+            q_off, k_off = shift, k_off + shift
+        needed = max(q_off + Nk if q_auto else q_off + Nq, k_off + Nk)
         cos, sin = rope_tables(rope, D, needed, q.device)
         rope_mode = 1 if rope.layout == "half" else 2
-        rope_args = (cos.stride(0), cos.shape[0], q_off, int(q_auto), int(rope.k_offset))
+        rope_args = (cos.stride(0), cos.shape[0], q_off, int(q_auto), k_off)
         ptrs |= cos.data_ptr() | sin.data_ptr()
     else:
         cos = sin = None  # unused pointers go in as None: a constexpr, nothing for the launcher to convert
