@@ -331,17 +331,7 @@ for _k, _v in varlen_cases(_api_varlen, "api_varlen").items():
         CATALOGUE[_k] = _v
 
 #: entries whose current behaviour falls short: (reason) -- xfail strict until fixed
-_API_VARLEN_GAP = (
-    "attention_proto.attention_varlen (api.py -> integrations/runners._run_triton_varlen -> "
-    "torch_ops.varlen_attention -> flash_attention_forward) does not validate cu_seqlens: cu_seqlens_k "
-    "[0, 4, 3] (a negative length), [1, 2, 5] (not starting at 0) or [0, 2, 4] with 5 tokens run "
-    "without an error and return garbage/NaN rows (the kernels read cu_seqlens as given). "
-    "Fix: run ops.dense.interface._check_cu_seqlens (or the same checks) on this path.")
-KNOWN_GAPS: dict = {
-    "api_varlen-cu_start": _API_VARLEN_GAP,
-    "api_varlen-negative_length": _API_VARLEN_GAP,
-    "api_varlen-wrong_total": _API_VARLEN_GAP,
-}
+KNOWN_GAPS: dict = {}  # case id -> reason; the api_varlen cu_seqlens gap is fixed (api.VarlenAttention)
 
 
 @pytest.mark.parametrize("case_id", [
@@ -467,22 +457,14 @@ def _paged(which):
     return out, ref
 
 
-_STRIDE_GAP = ("{}: the kernel reads it as if contiguous (pointer + index) and the interface neither checks "
-               "its strides nor copies it, so a strided view gives silently wrong outputs (or, with other "
-               "values between the entries, reads outside the sequences). Fix: .contiguous() it (a few ints/"
-               "floats) in {}.")
 STRIDED_CASES = {
-    "dense_varlen-cu_seqlens": (_dense_varlen_cu, _STRIDE_GAP.format(
-        "attention_varlen's cu_seqlens_q/k", "ops/dense/interface.py (the forward; the backward already copies)")),
+    "dense_varlen-cu_seqlens": (_dense_varlen_cu, None),
     "dense-alibi_slopes": (_dense_alibi, None),
-    "linear-cu_seqlens": (_linear_cu, _STRIDE_GAP.format("linear_attention's cu_seqlens", "ops/linear/interface.py")),
+    "linear-cu_seqlens": (_linear_cu, None),
     "linear-gate_and_state": (_linear_state_and_gate, None),
-    "paged-block_table": (lambda: _paged("block_table"), _STRIDE_GAP.format(
-        "paged_attention's block_table (column stride)", "ops/paged/interface.py")),
-    "paged-seq_lens": (lambda: _paged("seq_lens"), _STRIDE_GAP.format("paged_attention's seq_lens",
-                                                                      "ops/paged/interface.py")),
-    "paged-alibi_slopes": (lambda: _paged("alibi"), _STRIDE_GAP.format("paged_attention's alibi_slopes",
-                                                                       "ops/paged/interface.py")),
+    "paged-block_table": (lambda: _paged("block_table"), None),
+    "paged-seq_lens": (lambda: _paged("seq_lens"), None),
+    "paged-alibi_slopes": (lambda: _paged("alibi"), None),
 }
 
 

@@ -349,6 +349,13 @@ class VarlenAttention(Generic[Q, K, V]):
         if q.cu_seqlens.shape[0] != k.cu_seqlens.shape[0]:
             raise ValueError(f"q and k must hold the same number of sequences; got cu_seqlens of lengths "
                              f"{q.cu_seqlens.shape[0]} and {k.cu_seqlens.shape[0]}")
+        if not torch.compiler.is_compiling():
+            # the same checks as ops.dense.interface.attention_varlen (one host sync each); a traced
+            # graph cannot sync, so under torch.compile the eager call is where they run
+            from .ops.dense.interface import _check_cu_seqlens
+
+            _check_cu_seqlens("cu_seqlens_q", q.cu_seqlens, q.data.shape[0], q.data.device, "q")
+            _check_cu_seqlens("cu_seqlens_k", k.cu_seqlens, k.data.shape[0], q.data.device, "k")
         H, Hkv = q.data.shape[1], k.data.shape[1]
         if H % Hkv or q.data.shape[2] != k.data.shape[2]:
             raise ValueError(f"q heads must be a multiple of k heads and q/k head dims must match; got "

@@ -460,6 +460,8 @@ def flash_attention_forward(
     """
     varlen = cu_seqlens_q is not None
     if varlen:
+        # the kernels index cu_seqlens as contiguous arrays: a strided view is copied (B + 1 ints)
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
         Tq, H, D = q.shape
         Hkv = k.shape[1]
         B = cu_seqlens_q.shape[0] - 1

@@ -184,6 +184,7 @@ def linear_attention(
     lengths: List[int] = []
     if cu_seqlens is not None:
         lengths = check_cu_seqlens(cu_seqlens, N, B, q.device)
+        cu_seqlens = cu_seqlens.contiguous()  # the kernels index it as a contiguous array
     num_seqs = len(lengths) if cu_seqlens is not None else B
     if initial_state is not None:
         _check_state("initial_state", initial_state, (num_seqs, H, K, Vdim), q.device)

@@ -175,6 +175,10 @@ def paged_attention(
         TypeError / ValueError naming the argument, what was received and what is supported.
     """
     _check_shapes(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, softcap, scale)
+    # the kernels index these small side tensors as contiguous arrays: a strided view is copied
+    block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.contiguous()
     B, Hq, Nq, D = q.shape
     num_pages, page_size, Hkv, _ = k_cache.shape
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
