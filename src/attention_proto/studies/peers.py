@@ -6,6 +6,7 @@ are BHSD tensors; GQA is passed natively where the peer supports it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Optional, Tuple
@@ -56,7 +57,7 @@ def _maybe_backward(fwd: Callable[[], torch.Tensor], inputs, backward: bool) -> 
     else:
         fn = fwd
     try:
-        with torch.no_grad() if not backward else _null():
+        with torch.no_grad() if not backward else contextlib.nullcontext():
             fn()
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - a peer refusing a shape is a recorded fact
@@ -68,14 +69,6 @@ def _maybe_backward(fwd: Callable[[], torch.Tensor], inputs, backward: bool) -> 
 
         return nograd, None
     return fn, None
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @functools.lru_cache(maxsize=1)
