@@ -228,8 +228,7 @@ class FlashStudy(Study):
                                B=B, H=H, N=N, D=D, dtype="bfloat16", causal=causal, timing=t, flops=flops,
                                extra={"unsupported": why} if why else {})
                 bar.update(1, f"{impl} D{D} N{N}")
-        # the D=64 bar shape: H=32, N=4k (B*N = 16k -> B=4)
-        del q, k, v
+            del q, k, v  # the D=64 bar shape (H32 N4k, B4) is one of these
 
     def _host_overhead(self, ctx: StudyContext) -> None:
         from ..ops.dense.interface import attention
