@@ -50,6 +50,7 @@ def paged_cases(draw, big: bool = False):
         pool_layout=draw(st.sampled_from(["nhd", "hnd"])),
         q_padded=draw(st.booleans()),
         index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),  # block_table / seq_lens
+        index_strided=draw(st.booleans()),  # column-major block_table, seq_lens with stride 2
         extra_pages=draw(st.integers(0, 3)),  # block-table columns beyond the longest sequence
         bound=draw(st.sampled_from(["none", "exact", "loose"])),
         check_inputs=draw(st.booleans()),
@@ -72,6 +73,9 @@ def check_paged_case(case):
         kc, vc = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kc, vc))
     qv = nan_padded(q, (0, 1, 0, 0), (1, 0, 2, 3)) if case["q_padded"] else q
     bt, sl = bt.to(case["index_dtype"]), sl.to(case["index_dtype"])
+    if case["index_strided"]:
+        bt = bt.t().contiguous().t()
+        sl = torch.stack([sl, torch.zeros_like(sl)], 1)[:, 0]
     mods = dict(scale=case["scale"], softcap=case["softcap"], window=case["window"])
     if case["alibi"]:
         mods["alibi_slopes"] = torch.linspace(0.02, 0.6, case["Hq"], dtype=torch.float32).to(DEV)
