@@ -124,7 +124,7 @@ class Params:
     alibi_slopes: Any = None
     rope: Any = None
     return_lse: bool = False
-    deterministic: bool = False
+    deterministic: bool = True
     score_mod: Any = None
     mask_mod: Any = None
     key_padding_mask: Optional[Tensor] = None
@@ -160,7 +160,7 @@ class Params:
 
 
 def _params(causal=False, scale=None, window=None, softcap=None, alibi_slopes=None, rope=None, return_lse=False,
-            deterministic=False, score_mod=None, mask_mod=None, key_padding_mask=None, H: Optional[int] = None,
+            deterministic=True, score_mod=None, mask_mod=None, key_padding_mask=None, H: Optional[int] = None,
             device: Optional[torch.device] = None) -> Params:
     from .ops.dense.forward import normalize_window_arg
 
@@ -287,7 +287,7 @@ class DenseAttention(Generic[Q, K, V]):
 
     def __init__(self, *, causal: bool = False, scale: Optional[float] = None, window: Any = None,
                  softcap: Optional[float] = None, alibi_slopes: Any = None, rope: Any = None,
-                 layout: str = "bhsd", return_lse: bool = False, deterministic: bool = False,
+                 layout: str = "bhsd", return_lse: bool = False, deterministic: bool = True,
                  score_mod: Any = None, mask_mod: Any = None, backend: Any = "auto") -> None:
         if layout not in ("bhsd", "bshd"):
             raise ValueError(f"layout must be 'bhsd' or 'bshd'; got {layout!r}")
@@ -332,7 +332,7 @@ class VarlenAttention(Generic[Q, K, V]):
 
     def __init__(self, *, causal: bool = False, scale: Optional[float] = None, window: Any = None,
                  softcap: Optional[float] = None, alibi_slopes: Any = None, rope: Any = None,
-                 return_lse: bool = False, deterministic: bool = False, score_mod: Any = None,
+                 return_lse: bool = False, deterministic: bool = True, score_mod: Any = None,
                  mask_mod: Any = None, backend: Any = "auto") -> None:
         self.backend = backend
         self.kw = dict(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -459,7 +459,7 @@ class LinearAttention(Generic[Q, K, V]):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
               window: Any = None, softcap: Optional[float] = None, alibi_slopes: Any = None, rope: Any = None,
-              layout: str = "bhsd", return_lse: bool = False, deterministic: bool = False, score_mod: Any = None,
+              layout: str = "bhsd", return_lse: bool = False, deterministic: bool = True, score_mod: Any = None,
               mask_mod: Any = None, key_padding_mask: Optional[Tensor] = None, backend: Any = "auto"):
     """Dense attention through the backend registry (ours first, PyTorch SDPA where ours cannot).
 
