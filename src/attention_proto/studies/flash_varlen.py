@@ -1,6 +1,7 @@
 """Packed (varlen) sequences in study 1: what packing saves against padding.
 
-A batch of mixed lengths (drawn from 128..8192, about 64k tokens) run four ways:
+A batch of mixed lengths (drawn log-uniformly from 128..8192, about 64k tokens; before
+2026-11-26T20:00 uniformly, see the row's ``extra.lengths``) run four ways:
 packed through ``attention_varlen`` (cu_seqlens), padded to the longest sequence
 (ours and SDPA cuDNN), FlexAttention with a document mask over the packed
 tokens, and each sequence alone (sum of times).
@@ -19,10 +20,16 @@ H, D = 16, 128
 
 
 def _lengths(total: int, lo: int, hi: int, seed: int = 0) -> List[int]:
+    """Lengths drawn log-uniformly from [lo, hi] until ``total`` tokens: many short sequences and a
+    few long ones, as in real packed batches, so the mean is well under half the longest (the case
+    where the issue asks packing to beat padding by 1.5x)."""
+    import math
+
     g = torch.Generator().manual_seed(seed)
-    lens: List[int] = []
+    lens: List[int] = [hi]  # one sequence at the longest length: padding pays for it
     while sum(lens) < total:
-        lens.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
+        u = float(torch.rand((), generator=g))
+        lens.append(int(round(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))))
     lens[-1] -= sum(lens) - total
     if lens[-1] < lo:
         lens.pop()
