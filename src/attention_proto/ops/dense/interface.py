@@ -188,6 +188,22 @@ def _autograd_fn(score_mod, mask_mod):
 # public API
 # ----------------------------------------------------------------------------------------------
 
+def _forward(q, k, v, D: int, H: int, *, causal, scale, win, softcap, alibi_slopes, rope, score_mod, mask_mod,
+             return_lse, deterministic, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """The validated call: through the autograd Function when a gradient is needed, else the forward alone."""
+    if _needs_grad(q, k, v):
+        fn = _autograd_fn(score_mod, mask_mod)
+        sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
+        slopes = resolve_alibi(alibi_slopes, H, q.device)
+        return fn.apply(q, k, v, causal, sm_scale, win, softcap, slopes, rope,
+                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
+    return flash_attention_forward(
+        q, k, v, causal=causal, scale=scale, window=win, softcap=softcap, alibi_slopes=alibi_slopes,
+        rope=rope, score_mod=score_mod, mask_mod=mask_mod, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=return_lse,
+    )
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,17 +249,9 @@ def attention(
     _check_heads_dims((qs[0], ks[0], vs[0]), qs[1], (ks[1], vs[1]), qs[3], ks[3], vs[3], q, k, v, (ks[2], vs[2]))
     win = _check_modifiers(qs[3], qs[1], q.device, causal, scale, window, softcap, alibi_slopes, rope,
                            score_mod, mask_mod, return_lse, deterministic)
-    if _needs_grad(q, k, v):
-        fn = _autograd_fn(score_mod, mask_mod)
-        sm_scale = (1.0 / math.sqrt(qs[3])) if scale is None else float(scale)
-        slopes = resolve_alibi(alibi_slopes, qs[1], q.device)
-        out, lse = fn.apply(q, k, v, causal, sm_scale, win, softcap, slopes, rope,
-                            None, None, None, None, deterministic)
-    else:
-        out, lse = flash_attention_forward(
-            q, k, v, causal=causal, scale=scale, window=win, softcap=softcap, alibi_slopes=alibi_slopes,
-            rope=rope, score_mod=score_mod, mask_mod=mask_mod, return_lse=return_lse,
-        )
+    out, lse = _forward(q, k, v, qs[3], qs[1], causal=causal, scale=scale, win=win, softcap=softcap,
+                        alibi_slopes=alibi_slopes, rope=rope, score_mod=score_mod, mask_mod=mask_mod,
+                        return_lse=return_lse, deterministic=deterministic)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
@@ -323,16 +331,8 @@ def attention_varlen(
             raise ValueError(f"rope cos/sin tables have {rope.cos.shape[0]} positions; positions up to {need - 1} are needed")
     mq = true_q if max_seqlen_q is None else max_seqlen_q
     mk = true_k if max_seqlen_k is None else max_seqlen_k
-    if _needs_grad(q, k, v):
-        fn = _autograd_fn(score_mod, mask_mod)
-        sm_scale = (1.0 / math.sqrt(qs[2])) if scale is None else float(scale)
-        slopes = resolve_alibi(alibi_slopes, qs[1], q.device)
-        out, lse = fn.apply(q, k, v, causal, sm_scale, win, softcap, slopes, rope,
-                            cu_seqlens_q, cu_seqlens_k, mq, mk, deterministic)
-    else:
-        out, lse = flash_attention_forward(
-            q, k, v, causal=causal, scale=scale, window=win, softcap=softcap, alibi_slopes=alibi_slopes,
-            rope=rope, score_mod=score_mod, mask_mod=mask_mod, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk, return_lse=return_lse,
-        )
+    out, lse = _forward(q, k, v, qs[2], qs[1], causal=causal, scale=scale, win=win, softcap=softcap,
+                        alibi_slopes=alibi_slopes, rope=rope, score_mod=score_mod, mask_mod=mask_mod,
+                        return_lse=return_lse, deterministic=deterministic, cu_seqlens_q=cu_seqlens_q,
+                        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk)
     return (out, lse) if return_lse else out
