@@ -17,8 +17,6 @@ from typing import List, Optional
 
 from .kb.store import DEFAULT_OUT, KB, KB_FILENAME, VERDICTS
 
-EXTRA_COMMANDS: dict = {}
-
 
 def _kb_or_exit(out: Path) -> KB:
     path = out / KB_FILENAME
@@ -162,10 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_warmup_args(w)
     w.set_defaults(fn=cmd_warmup)
 
-    for name, (help_, add_args, fn) in EXTRA_COMMANDS.items():
-        x = sub.add_parser(name, help=help_)
-        add_args(x)
-        x.set_defaults(fn=fn)
     return p
 
 

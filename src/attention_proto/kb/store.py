@@ -12,7 +12,7 @@ import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 SCHEMA_VERSION = 1
 DEFAULT_OUT = Path("out")
@@ -25,10 +25,8 @@ MEASUREMENT_FIELDS = (
 )
 FINDING_FIELDS = ("id", "study", "title", "claim", "verdict", "metrics", "evidence", "run_id", "mode")
 VERDICTS = ("supported", "refuted", "inconclusive", "observation")
-IMPLS = ("attention_proto", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "fla", "reference",
-         "torch", "eager", "inductor", "cublas", "helion")
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT, mode TEXT NOT NULL,
@@ -39,7 +37,7 @@ CREATE TABLE IF NOT EXISTS measurements (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL REFERENCES runs(run_id),
     study TEXT NOT NULL, op TEXT NOT NULL, impl TEXT NOT NULL, variant TEXT NOT NULL DEFAULT '',
     mods TEXT NOT NULL DEFAULT '[]', B INTEGER, H INTEGER, Hkv INTEGER, N INTEGER, Nk INTEGER,
-    D INTEGER, dtype TEXT, causal INTEGER, extra TEXT NOT NULL DEFAULT '{{}}',
+    D INTEGER, dtype TEXT, causal INTEGER, extra TEXT NOT NULL DEFAULT '{}',
     ms_median REAL, ms_p20 REAL, ms_p80 REAL, tflops REAL, gbps REAL, gpu TEXT NOT NULL,
     mode TEXT NOT NULL, created_at TEXT NOT NULL
 );

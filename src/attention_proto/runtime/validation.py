@@ -55,12 +55,6 @@ def require_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor]) -
         raise ValueError(f"{', '.join(names)} must be on one device; got {got}")
 
 
-def require_positive(name: str, value: int, what: str = "") -> None:
-    if value <= 0:
-        extra = f" ({what})" if what else ""
-        raise ValueError(f"{name} must be positive{extra}; got {value}")
-
-
 def require_choice(name: str, value: object, choices: Iterable[object]) -> None:
     choices = tuple(choices)
     if value not in choices:

@@ -70,8 +70,6 @@ def _check_grads(ctx: StudyContext) -> None:
 
 
 def _fwd_bwd(ctx: StudyContext) -> None:
-    from ..ops.dense.interface import attention
-
     shapes = [(D, N, c) for D in (64, 128) for N in ((1024, 4096, 16384) if ctx.quick else NS) for c in (False, True)]
     impls = ("attention_proto", "attention_proto_det", "sdpa_cudnn", "sdpa_flash", "flex")  # ours: atomic, deterministic
     bar = ctx.progress(len(shapes) * len(impls), "flash train")

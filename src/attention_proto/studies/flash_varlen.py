@@ -14,7 +14,7 @@ import torch
 
 from ..runtime.timing import attention_flops
 from . import peers
-from .base import Finding, RunData, StudyContext, fmt, speedup_verdict
+from .base import Finding, RunData, StudyContext, fmt
 
 H, D = 16, 128
 

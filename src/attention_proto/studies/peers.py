@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -85,10 +84,6 @@ def compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def causal_mask_mod(b, h, q_idx, kv_idx, off: int = 0):
-    return kv_idx <= q_idx + off
-
-
 def make_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, score_mod=None, mask_mod=None,
               backward: bool = False) -> Peer:
     """Compiled FlexAttention with the same mask (bottom-right causal) and optional score_mod."""
@@ -126,12 +121,6 @@ def make_ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, b
     return _maybe_backward(fwd, (q, k, v), backward)
 
 
-def matmul_tflops_inputs(n: int, device: str = "cuda", dtype=torch.bfloat16):
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return a, b
-
-
 def bhsd(B: int, H: int, N: int, D: int, Hkv: int | None = None, Nk: int | None = None, dtype=torch.bfloat16,
          device: str = "cuda", seed: int | None = None):
     """Random q, k, v (never zeros), BHSD contiguous."""
@@ -144,6 +133,3 @@ def bhsd(B: int, H: int, N: int, D: int, Hkv: int | None = None, Nk: int | None 
     v = torch.randn(B, Hkv, Nk, D, device=device, dtype=dtype, generator=g)
     return q, k, v
 
-
-def scale_for(D: int) -> float:
-    return 1.0 / math.sqrt(D)

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..kb.store import KB
 from ..runtime.ceilings import measure_ceilings
 from ..runtime.device import device_facts, interpreter_mode
-from . import known_studies, load_study
+from . import load_study
 from .base import RunData, StudyContext
 
 
@@ -82,6 +82,3 @@ def run_studies(names: Sequence[str], out: Path, quick: bool = False, progress: 
     kb.close()
     return run_id
 
-
-def all_studies() -> List[str]:
-    return known_studies()
