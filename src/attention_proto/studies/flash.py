@@ -8,7 +8,8 @@ Forward (this module):
   registers are dropped up front (``configs.fits``), the grid runs at one N, and
   only the three leaders per (D, causal) are confirmed across N in {1k..16k}. Two
   tall-thin tiles (32 rows) test the research plan's "16-32 rows x 80-128 columns"
-  hypothesis directly. Compiles run in a thread pool before timing.
+  hypothesis directly. Each config compiles in its benchmark's warm-up (a thread pool did not
+  overlap compiles: Triton holds the GIL while compiling).
 - the generated table ``data/dense_fwd_configs.json`` that dispatch reads;
 - peers in the same run (SDPA cuDNN, SDPA FLASH, FlexAttention with the same mask)
   at B*N = 16k tokens, H*D = 2048, N in {1k..16k};
@@ -18,10 +19,8 @@ Training (``flash_train``) and packed sequences (``flash_varlen``) add their row
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -65,21 +64,6 @@ def check_forward(ctx: StudyContext, shapes) -> None:
                        B=B, H=H, Hkv=Hkv, N=Nq, Nk=Nk, D=D, dtype=str(dtype).replace("torch.", ""), causal=causal,
                        extra={"ok": chk.ok, "max_err": chk.ours, "bound": chk.bound,
                               "err_ratio": chk.ours / chk.bound if chk.bound else None, "check": "correctness"})
-
-
-def _compile_all(fns) -> None:
-    """Run each closure once, several at a time: Triton's compiles (ptxas) overlap in threads."""
-    workers = int(os.environ.get("ATTENTION_PROTO_COMPILE_THREADS", "8"))
-
-    def once(fn):
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - the timed pass records the error
-            pass
-
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        list(ex.map(once, fns))
-    torch.cuda.synchronize()
 
 
 class FlashStudy(Study):
@@ -147,7 +131,6 @@ class FlashStudy(Study):
             H, B = HD // D, TOKENS // SWEEP_N
             q, k, v = peers.bhsd(B, H, SWEEP_N, D)
             flops = attention_flops(B, H, SWEEP_N, SWEEP_N, D, causal)
-            _compile_all([lambda c=c: flash_attention_forward(q, k, v, causal=causal, config=c) for c in cands])
             scored = []
             for cfg in cands:
                 extra = dict(_cfg_dict(cfg), sweep="tiles")
@@ -277,7 +260,7 @@ class FlashStudy(Study):
                    f"The forward tile sweep tried {len(sweep)} configurations at N{SWEEP_N}; all compiled and ran."),
             verdict="observation", metrics={"configs": len(sweep), "failed": len(failed)},
             evidence=[r["id"] for r in sweep]))
-        tall_best, other_best = [], []
+        tall_best = []
         for D in sorted({r["D"] for r in sweep}):
             for causal in (False, True):
                 rows = [r for r in sweep if r["D"] == D and r["causal"] == causal and r["tflops"]]
