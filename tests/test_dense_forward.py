@@ -351,7 +351,11 @@ TMA_CFG = FwdConfig(16, 16, 4, 2, "tma")
     dict(Nq=45, Nk=13, causal=True), dict(Nq=30, Nk=41, window=(6, 3)), dict(Nq=33, Nk=33, softcap=3.0),
     dict(Nq=20, Nk=29, alibi_slopes=True, causal=True), dict(Nq=25, Nk=25, layout="bshd", causal=True),
     dict(Nq=21, Nk=21, mask_mod=causal_mask_mod), dict(Nq=29, Nk=29, score_mod=alibi_score_mod),
-], ids=["full", "causal", "nq<nk", "nq>nk", "window", "softcap", "alibi", "bshd", "mask_mod", "score_mod"])
+    dict(Nq=19, Nk=35, causal=True, rope=RopeSpec("half")), dict(Nq=35, Nk=19, causal=True, rope=RopeSpec("interleaved")),
+    dict(Nq=23, Nk=23, rope=RopeSpec("half", q_offset=5, k_offset=3), softcap=4.0),
+    dict(Nq=20, Nk=29, alibi_slopes=True),
+], ids=["full", "causal", "nq<nk", "nq>nk", "window", "softcap", "alibi", "bshd", "mask_mod", "score_mod",
+        "rope_half", "rope_interleaved_nq>nk", "rope_offsets_softcap", "alibi_noncausal"])
 def test_tma_kernel_logic(case, path):
     case = dict(case)
     cfg = FwdConfig(16, 16, 8 if path == "tma+ws" else 4, 2, path)  # warp specialization needs 8 warps
@@ -387,7 +391,7 @@ def test_tma_supports_reasons():
 
     q, k, v = qkv(1, 2, 2, 8, 8, 40, torch.float32)
     r = " | ".join(supports(q, k, v, rope=RopeSpec(), varlen=True))
-    for needle in ("float32", "head dim 40", "RoPE", "varlen"):
+    for needle in ("float32", "head dim 40", "varlen"):
         assert needle in r, (needle, r)
     if interpreter_mode():
         assert "interpreter" in r
@@ -398,8 +402,40 @@ def test_tma_supports_reasons():
     assert "16-byte aligned" in r
     r = " ".join(supports(q, k[:, :, :0], v[:, :, :0], check_device=False))
     assert "empty sequence" in r
-    with pytest.raises(ValueError, match="TMA path supports neither varlen nor fused RoPE"):
-        flash_attention_forward(q, k, v, rope=RopeSpec(), config=TMA_CFG)
+    from attention_proto.ops.dense import forward_tma_varlen
+
+    r = " | ".join(forward_tma_varlen.supports(q[0], k[0], v[0], rope=RopeSpec(), check_device=False,
+                                               config=FwdConfig(128, 64, 8, 2, "tma+ws")))
+    for needle in ("RoPE", "warp-specialized"):
+        assert needle in r, (needle, r)
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="varlen TMA forward path does not apply.*RoPE"):
+        flash_attention_forward(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), rope=RopeSpec(),
+                                cu_seqlens_q=cu, cu_seqlens_k=cu, config=TMA_CFG)
+
+
+@pytest.mark.parametrize("mods", [dict(causal=False), dict(causal=True), dict(causal=True, window=(5, 0)),
+                                  dict(window=(4, 6)), dict(causal=True, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 1.0])),
+                                  dict(softcap=3.0)],
+                         ids=["full", "causal", "window", "window2", "alibi", "softcap"])
+def test_tma_varlen_kernel_logic(mods):
+    """The varlen TMA kernel (descriptors emulated by the interpreter): per-sequence alignment, empty
+    sequences, tiles running into the next sequence -- whose V holds a NaN that must not leak."""
+    lq, lk = [5, 1, 0, 19, 3, 20], [7, 1, 4, 19, 0, 33]
+    q, k, v, cq, ck = _varlen_inputs(lq, lk, 4, 2, 32, torch.float16)
+    v[int(ck[4]) + 30] = float("nan")  # inside the last sequence only
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(4, q.shape[0], device=q.device))
+    flash_attention_forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, config=TMA_CFG, out=out, lse=lse, **mods)
+    last = int(cq[5])
+    ro, rl = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), **mods)
+    to, _ = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), compute_dtype=torch.float16, **mods)
+    assert not torch.isnan(out[:last]).any() and not torch.isnan(lse[:, :last]).any()
+    assert_close_rule(out[:last], to[:last], ro[:last], torch.float16)
+    assert torch.equal(torch.isinf(lse.cpu()[:, :last]), torch.isinf(rl[:, :last]))
+    live = torch.isfinite(rl[:, :last])
+    assert_close_rule(lse.cpu()[:, :last][live], rl[:, :last].float()[live], rl[:, :last][live], torch.float16,
+                      what="lse")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,8 +607,9 @@ def test_gpu_bf16(N, causal, D, path):
 @pytest.mark.parametrize("case", [
     dict(N=1000, Nk=1000, D=64), dict(N=333, Nk=1777, D=128), dict(N=1777, Nk=333, D=128),
     dict(N=2048, D=128, layout="bshd"), dict(N=1031, D=64, window=(256, 0)), dict(N=1024, D=128, softcap=30.0),
-    dict(N=1024, D=64, alibi_slopes=True),
-], ids=["ragged", "nq<nk", "nq>nk", "bshd", "window", "softcap", "alibi"])
+    dict(N=1024, D=64, alibi_slopes=True), dict(N=1000, Nk=1500, D=128, rope=RopeSpec("half")),
+    dict(N=777, D=64, rope=RopeSpec("interleaved", q_offset=3, k_offset=11), softcap=20.0),
+], ids=["ragged", "nq<nk", "nq>nk", "bshd", "window", "softcap", "alibi", "rope_half", "rope_interleaved_softcap"])
 def test_gpu_bf16_cases(case, path):
     case = dict(case)
     if case.get("alibi_slopes") is True:
@@ -582,6 +619,33 @@ def test_gpu_bf16_cases(case, path):
     N = case.pop("N")
     D = case.pop("D")
     _gpu_check(2, 8, 2, N, D, True, path, **case)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mods", [dict(causal=True), dict(), dict(causal=True, window=(300, 0)), dict(softcap=30.0),
+                                  dict(causal=True, alibi_slopes=True)], ids=["causal", "full", "window", "softcap", "alibi"])
+def test_gpu_varlen_tma_bf16(mods):
+    from attention_proto.ops.dense.configs import pick_forward_config
+    from attention_proto.ops.dense.reference import alibi_slopes
+
+    mods = dict(mods)
+    if mods.get("alibi_slopes") is True:
+        mods["alibi_slopes"] = alibi_slopes(8).cuda()
+    lq, lk = [1000, 1, 0, 777, 130], [1000, 5, 9, 2049, 0]
+    dtype = torch.bfloat16
+    q, k, v, cq, ck = _varlen_inputs(lq, lk, 8, 2, 128, dtype)
+    cfg = pick_forward_config(128, dtype, bool(mods.get("causal")), 2048, "tma")
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(8, q.shape[0], device=q.device))
+    flash_attention_forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, config=cfg, out=out, lse=lse, **mods)
+    ro, rl = attention_reference_varlen(q, k, v, cq, ck, **mods)
+    to, _ = attention_reference_varlen(q, k, v, cq, ck, compute_dtype=dtype, **mods)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close_rule(out, to, ro, dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+    live = torch.isfinite(rl)
+    assert_close_rule(lse[live], rl.float()[live], rl[live], dtype, what="lse")
 
 
 @pytest.mark.gpu

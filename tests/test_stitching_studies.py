@@ -153,8 +153,9 @@ def test_modifiers_bar_verdicts(tmp_path, monkeypatch, good):
     _row(ctx, "plain", "default", 10.0, mufu_ptx=_mufu(132, {"ex2": 68, "div": 64}), **hw)
     _row(ctx, "plain", "portable", 11.0)
     _row(ctx, "plain", "rope_tile", 11.0)
-    _row(ctx, "rope", "rope_tile", 11.3 if good else 12.5, mods=["rope"])
-    _row(ctx, "rope_separate", "default", 12.0 if good else 10.5, mods=["rope"])
+    _row(ctx, "rope", "rope_tile", 60.0, mods=["rope"], config={"BLOCK_M": 64, "BLOCK_N": 32})
+    _row(ctx, "rope", "default", 10.3 if good else 11.5, mods=["rope"])
+    _row(ctx, "rope_separate", "default", 10.5 if good else 10.4, mods=["rope"])
     _row(ctx, "alibi", "default", 10.4 if good else 11.0, mods=["alibi"])
     _row(ctx, "softcap", "default", 11.5 if good else 13.0, mods=["softcap:50"],
          mufu_ptx=_mufu(324, {"ex2": 132, "div": 192}), **hw)
@@ -171,6 +172,7 @@ def test_modifiers_bar_verdicts(tmp_path, monkeypatch, good):
     for fid in ("modifiers-rope-fused-overhead", "modifiers-rope-fused-vs-separate", "modifiers-alibi-overhead",
                 "modifiers-softcap-cost", "modifiers-window-speedup", "modifiers-gqa-native"):
         assert f[fid].verdict == want, (fid, f[fid].claim)
+    assert "64x32" in f["modifiers-rope-fused-overhead"].claim
     bound = f["modifiers-softcap-bound"]
     assert bound.metrics["mufu_ops_per_score"]["softcap"] == pytest.approx(4.0)
     assert "MUFU" in bound.claim

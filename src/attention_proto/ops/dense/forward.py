@@ -47,7 +47,7 @@ import triton.language as tl
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
-                     load_tile)
+                     load_tile, tanh_f32)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
 from .rope import RopeSpec
 
@@ -56,7 +56,7 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
-              sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+              sm_scale, qk_scale2, softcap, slope, alibi_c0, win_left, win_right,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr,
               MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
@@ -70,9 +70,26 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
     per row, and ``exp2(qk * qk_scale2 - m)`` is one FFMA per element (scaling first costs an
     extra FMUL per element: the scaled tile feeds both the max and the exponent). This needs
     ``qk_scale2 > 0``; the host sends other scales through USE_NATURAL.
+
+    Two modifiers have a cheaper form when alone (no hooks):
+
+    - softcap: ``c * log2(e) * tanh(qk * (scale / c))`` -- two FMULs and one ``tanh.approx``
+      per score (the general path: FMULs, a division and an exp2-based tanh).
+    - ALiBi under a causal mask (every visible key has ``j <= i + off``, so the bias is
+      ``slope * (j - i - off)``, no absolute value): the bias splits into a column term
+      ``slope * (j - alibi_c0)`` and a row term ``-slope * (i - m0)`` (``alibi_c0 = m0 + off``,
+      ``m0`` the program's first row). A per-row constant does not change the softmax, so the
+      tile adds only the column vector (one FFMA per score) and the kernel's epilogue subtracts
+      the row term from the LSE (:func:`alibi_lse_shift`). Both terms stay small (relative to
+      the block), so no precision is lost to large positions.
     """
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if USE_NATURAL:
+    if HAS_SOFTCAP and not HAS_ALIBI and SCORE_MOD is None:
+        s = tanh_f32(qk * (sm_scale / softcap)) * (softcap * 1.4426950408889634)
+    elif HAS_ALIBI and IS_CAUSAL and not HAS_SOFTCAP and SCORE_MOD is None:
+        cols = slope * 1.4426950408889634 * (offs_n - alibi_c0).to(tl.float32)
+        s = qk * qk_scale2 + cols[None, :]
+    elif USE_NATURAL:
         s = qk * sm_scale
         s = apply_score_mods(s, offs_m, offs_n, off, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
         if SCORE_MOD is not None:
@@ -105,8 +122,21 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
 
 
 @triton.jit
+def alibi_lse_shift(lse, offs_m, m0, slope, IS_CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr):
+    """The true LSE from the one :func:`attn_step`'s causal-ALiBi form leaves (natural units).
+
+    That form drops the row term ``-slope * (i - m0)`` from every score of row i, so the LSE it
+    accumulates is too large by ``slope * (i - m0)``; -inf (fully masked rows) stays -inf.
+    """
+    if HAS_ALIBI and IS_CAUSAL and not HAS_SOFTCAP and SCORE_MOD is None:
+        lse = lse - slope * (offs_m - m0).to(tl.float32)
+    return lse
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
-               skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+               skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, alibi_c0, win_left, win_right,
                COS, SIN, stride_cs, max_pos, rope_k_off,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -121,7 +151,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k
         k = load_tile(k_base, offs_n, seqlen_k, skn, skd, HEAD_DIM, BLOCK_D, MASKED)
     v = load_tile(v_base, offs_n, seqlen_k, svn, svd, HEAD_DIM, BLOCK_D, MASKED)
     return attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
-                     sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+                     sm_scale, qk_scale2, softcap, slope, alibi_c0, win_left, win_right,
                      MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD,
                      USE_NATURAL, HAS_HOOKS, DOT_PREC)
 
@@ -190,7 +220,7 @@ def _fwd_kernel(
         for start_n in range(lo, full_lo, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
-                skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+                skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right,
                 COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
                 IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
                 USE_NATURAL, HAS_HOOKS, DOT_PREC)
@@ -199,7 +229,7 @@ def _fwd_kernel(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
-            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right,
             COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, False,
             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
             USE_NATURAL, HAS_HOOKS, DOT_PREC)
@@ -207,7 +237,7 @@ def _fwd_kernel(
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
-            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, win_left, win_right,
+            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right,
             COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
             USE_NATURAL, HAS_HOOKS, DOT_PREC)
@@ -229,6 +259,7 @@ def _fwd_kernel(
             tl.store(o_ptrs, out)
     if LSE is not None:  # None (a constexpr): the caller needs no LSE
         lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        lse = alibi_lse_shift(lse, offs_m, m0, slope, IS_CAUSAL, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         l_ptrs = LSE + b64 * slb + h64 * slh + q_start * slm + offs_m * slm
         if CHECK_M:
             tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
@@ -306,10 +337,13 @@ def rope_tables(spec: RopeSpec, D: int, needed: int, device: torch.device) -> Tu
     return tabs
 
 
-def _tma_path_usable(q, k, v, out) -> bool:
+def _tma_path_usable(q, k, v, out, varlen: bool = False) -> bool:
     if interpreter_mode() or not q.is_cuda:
         return False
-    from .forward_tma import supports
+    if varlen:
+        from .forward_tma_varlen import supports
+    else:
+        from .forward_tma import supports
 
     return not supports(q, k, v, out=out)
 
@@ -327,14 +361,17 @@ class _Plan:
     makes a :class:`~attention_proto.runtime.cache.DirectLaunch` valid for it.
     """
 
-    __slots__ = ("kernel", "grid", "ints_a", "ints_b", "consts", "specs", "aligned", "direct")
+    __slots__ = ("kernel", "grid", "ints_a", "ints_b", "consts", "specs", "aligned", "direct", "rotate_k")
 
-    def __init__(self, kernel, grid, ints_a, ints_b, consts, specs, aligned):
+    def __init__(self, kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate_k=None):
         self.kernel, self.grid, self.ints_a, self.ints_b, self.consts = kernel, grid, ints_a, ints_b, consts
         # TMA: descriptor (shape, strides, block) of q, k, v, out, then make_descriptor; None: portable
         self.specs = specs
         self.aligned = aligned
         self.direct = None
+        # TMA with RoPE: (layout mode, first key position) of the keys' rotation into a scratch
+        # tensor before the launch (the kernel rotates the queries itself); None otherwise
+        self.rotate_k = rotate_k
 
 
 _PLANS: Dict[Hashable, _Plan] = {}
@@ -364,23 +401,44 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
     if config is None:
         path = "portable"
         small = B * H * Nq * Nk <= SMALL_PROBLEM_SCORES
-        if not varlen and rope_mode == 0 and not small and _tma_path_usable(q, k, v, out):
-            path = "auto"
-        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path, rope_mode != 0)
+        if not (varlen and rope_mode != 0) and not small and _tma_path_usable(q, k, v, out, varlen):
+            path = "tma" if varlen else "auto"  # varlen has no warp-specialized kernel
+        # the TMA path rotates the keys in a separate pass: its tiles are the plain kernel's
+        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path,
+                                     rope_mode != 0 and path == "portable")
+    if config.path != "portable" and varlen:
+        from . import forward_tma, forward_tma_varlen
+
+        reasons = forward_tma_varlen.supports(q, k, v, rope=None if rope_mode == 0 else rope_mode, out=out,
+                                              check_device=not interpreter_mode(), config=config)
+        if reasons:
+            raise ValueError("the varlen TMA forward path does not apply: " + "; ".join(reasons))
+        grid, specs, ints_a, ints_b, consts = forward_tma_varlen.varlen_launch_parts(
+            q, k, v, out, lse, batch=B, max_seqlen_q=Nq, causal=causal, window=(left, right), has_softcap=has_softcap,
+            has_alibi=has_alibi, score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale)
+        specs = specs + (None, forward_tma.make_descriptor)  # no output descriptor: pointer stores
+        return _Plan(forward_tma_varlen._fwd_tma_varlen_kernel, grid, ints_a, ints_b, consts, specs, aligned)
     if config.path != "portable":
-        if varlen or rope_mode != 0:
-            raise ValueError(f"config.path={config.path!r}: the TMA path supports neither varlen nor fused RoPE; "
-                             f"use a portable config")
         from . import forward_tma
 
+        rotate_k = None
+        if rope_mode != 0:
+            # the kernel reads the rotated keys from a scratch tensor allocated per call like this one
+            k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+            stride_cs, max_pos, q_off, q_auto, k_off = rope_args
+            rope_ints = (stride_cs, max_pos, q_off + q_auto * (Nk - Nq))
+            rotate_k = (rope_mode, k_off)
+        else:
+            rope_ints = (0, 0, 0)
         reasons = forward_tma.supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
         if reasons:
             raise ValueError("the TMA forward path does not apply: " + "; ".join(reasons))
         grid, specs, ints_a, ints_b, consts = forward_tma.tma_launch_parts(
             q, k, v, out, lse, causal=causal, window=(left, right), has_softcap=has_softcap, has_alibi=has_alibi,
-            score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale)
+            score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale,
+            rope_mode=rope_mode, rope_ints=rope_ints)
         specs = specs + (forward_tma.make_descriptor,)  # kept with the specs: no import per call
-        return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned)
+        return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate_k)
 
     BM, BN = config.BLOCK_M, config.BLOCK_N
     num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
@@ -558,9 +616,19 @@ def flash_attention_forward(
     specs = plan.specs
     if specs is None:
         args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k) + plan.ints_a + floats + plan.ints_b
-    else:
+    elif specs[3] is None:  # varlen TMA: descriptors over q, k, v; the output by pointer
         make_descriptor = specs[4]
         args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
-                make_descriptor(out, *specs[3]), lse, slopes) + plan.ints_a + floats + plan.ints_b
+                out, lse, slopes, cu_q, cu_k) + plan.ints_a + floats + plan.ints_b
+    else:
+        make_descriptor = specs[4]
+        if plan.rotate_k is not None:
+            from .rope_kernel import rotate_into
+
+            k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+            rotate_into(k, k_rot, cos, sin, plan.rotate_k[1], plan.rotate_k[0])
+            k = k_rot
+        args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
+                make_descriptor(out, *specs[3]), lse, slopes, cos, sin) + plan.ints_a + floats + plan.ints_b
     _launch(plan, args)
     return out, lse

@@ -17,8 +17,13 @@ Design
 
 Subset (see :func:`supports`): CUDA with compute capability >= 9, fp16/bf16, D a power of two in
 [16, 256], last dim contiguous, 16-byte aligned pointers and strides, Nq, Nk > 0, no RoPE (fused
-RoPE needs partner-column loads), no varlen. Causal, window, softcap, ALiBi, GQA/MQA and the
-score_mod/mask_mod hooks are supported. Triton's interpreter also runs this kernel (descriptors are
+varlen. Causal, window, softcap, ALiBi, GQA/MQA, RoPE and the score_mod/mask_mod hooks are
+supported. RoPE: the query tile is rotated in registers after its TMA load (:func:`.common.rope_rows`);
+the keys are rotated once per call by the standalone RoPE kernel into a scratch tensor that the K
+descriptor reads (``rope_kernel``). Rotating every K tile as it is loaded would redo each rotation
+once per query block (N / BLOCK_M times) and cannot keep the TMA -> wgmma path (the rotated tile
+must go back through registers): on the H100 that form cost 5.5x plain attention (finding
+modifiers-rope-fused-overhead of the first run). Triton's interpreter also runs this kernel (descriptors are
 emulated), which is how the CPU tests check its indexing; on a GPU it needs Hopper.
 """
 from __future__ import annotations
@@ -31,9 +36,9 @@ import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
-from .common import WINDOW_UNBOUNDED, kv_block_range
+from .common import WINDOW_UNBOUNDED, kv_block_range, rope_rows
 from .configs import FwdConfig, config_problems
-from .forward import attn_step
+from .forward import alibi_lse_shift, attn_step
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -46,10 +51,10 @@ TMA_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 @triton.jit
 def _fwd_tma_kernel(
-    desc_q, desc_k, desc_v, desc_o, LSE, ALIBI,
+    desc_q, desc_k, desc_v, desc_o, LSE, ALIBI, COS, SIN,
     slb, slh, slm, seqlen_q, seqlen_k, H, GROUP, num_m_blocks,
-    sm_scale, qk_scale2, softcap, win_left, win_right,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    sm_scale, qk_scale2, softcap, win_left, win_right, stride_cs, max_pos, rope_q_pos0,
+    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
     REVERSE_M: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
@@ -65,6 +70,9 @@ def _fwd_tma_kernel(
     off = seqlen_k - seqlen_q
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = desc_q.load([b, h, m0, 0]).reshape([BLOCK_M, HEAD_DIM])
+    if ROPE != 0:
+        # the query tile is rotated once, in registers; k arrives already rotated (see supports)
+        q = rope_rows(q, rope_q_pos0 + offs_m, COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + h)
@@ -79,7 +87,7 @@ def _fwd_tma_kernel(
             v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
             acc, l_i, m_i = attn_step(
                 acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
-                sm_scale, qk_scale2, softcap, slope, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
+                sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
                 HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
     for start_n in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -87,14 +95,14 @@ def _fwd_tma_kernel(
         v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
-            sm_scale, qk_scale2, softcap, slope, win_left, win_right, False, IS_CAUSAL, HAS_WINDOW,
+            sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right, False, IS_CAUSAL, HAS_WINDOW,
             HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
     for start_n in tl.range(full_hi, hi, BLOCK_N, num_stages=NUM_STAGES):
         k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
-            sm_scale, qk_scale2, softcap, slope, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
+            sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
             HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
@@ -102,6 +110,7 @@ def _fwd_tma_kernel(
     desc_o.store([b, h, m0, 0], out.to(q.dtype).reshape([1, 1, BLOCK_M, HEAD_DIM]))
     if LSE is not None:  # None (a constexpr): the caller needs no LSE
         lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        lse = alibi_lse_shift(lse, offs_m, m0, slope, IS_CAUSAL, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m * slm
         tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
 
@@ -157,8 +166,8 @@ def supports(
                 reasons.append(f"compute capability {major}.{minor}; TMA needs >= 9.0 (Hopper)")
     if varlen:
         reasons.append("varlen (cu_seqlens) is not supported by the TMA path")
-    if rope is not None:
-        reasons.append("fused RoPE is not supported by the TMA path (it needs partner-column loads)")
+    if rope is not None and q.shape[-1] % 2:
+        reasons.append(f"RoPE needs an even head dim; got D={q.shape[-1]}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         reasons.append(f"q/k/v must be 4-D BHSD views; got {q.dim()}-D/{k.dim()}-D/{v.dim()}-D")
         return reasons
@@ -195,14 +204,16 @@ def make_descriptor(t: torch.Tensor, shape: List[int], strides: List[int], block
 def tma_launch_parts(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
     causal: bool, window: Tuple[int, int], has_softcap: bool, has_alibi: bool, score_mod: Any, mask_mod: Any,
-    config: FwdConfig, positive_scale: bool = True,
+    config: FwdConfig, positive_scale: bool = True, rope_mode: int = 0, rope_ints: Tuple[int, int, int] = (0, 0, 0),
 ) -> Tuple[Tuple[int, int], tuple, tuple, tuple, dict]:
     """What a TMA launch takes that depends on neither data pointers nor float values.
 
     Returns ``(grid, desc_specs, ints_a, ints_b, constexprs)``; the kernel's positional arguments
     are the four descriptors (``make_descriptor(t, *spec)`` over q, k, v, out), lse, the ALiBi
-    slopes (or None), ``ints_a``, the floats (sm_scale, sm_scale * log2(e),
-    softcap or 0), ``ints_b``. :func:`.forward.flash_attention_forward` caches these per call
+    slopes (or None), the RoPE cos and sin tables (or None), ``ints_a``, the floats (sm_scale,
+    sm_scale * log2(e), softcap or 0), ``ints_b``. ``rope_mode`` (0 none, 1 half, 2 interleaved)
+    and ``rope_ints`` (table row stride, table rows, first query position): ``k`` must then be the
+    already rotated keys. :func:`.forward.flash_attention_forward` caches these per call
     signature (its launch plan). ``positive_scale``: sm_scale > 0 (else the scores take the
     natural-units path, see :func:`.forward.attn_step`).
     """
@@ -214,9 +225,9 @@ def tma_launch_parts(
     left, right = window
     num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
     ints_a = (lse.stride() if lse is not None else (0, 0, 0)) + (Nq, Nk, H, H // Hkv, num_m)
-    ints_b = (left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED)
+    ints_b = (left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED) + tuple(rope_ints)
     consts = dict(
-        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
+        ROPE=rope_mode, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
         IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=has_alibi, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
         USE_NATURAL=has_softcap or has_alibi or score_mod is not None or not positive_scale,
@@ -262,6 +273,6 @@ def flash_attention_forward_tma(
         positive_scale=sm_scale > 0.0)
     descs = tuple(TensorDescriptor(t, *spec) for t, spec in zip((q, k, v, out), specs))
     floats = (sm_scale, sm_scale * 1.4426950408889634, float(softcap) if softcap is not None else 0.0)
-    KERNEL_CACHE.launch(_fwd_tma_kernel, grid, *descs, lse, alibi_slopes,
+    KERNEL_CACHE.launch(_fwd_tma_kernel, grid, *descs, lse, alibi_slopes, None, None,
                         *ints_a, *floats, *ints_b, **consts)
     return out, lse

@@ -54,7 +54,12 @@ def _block_n(D: int) -> int:
     return 64 if block_d(D) <= 128 else 32  # ~16 KB of fp32 rotation work per program
 
 
-def _launch(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int, mode: int) -> None:
+def rotate_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int, mode: int) -> None:
+    """Write ``x`` [B, H, N, D] rotated at positions ``pos0 + j`` into ``y`` (same shape; no checks).
+
+    ``cos``/``sin``: fp32 tables [max_pos, D/2] covering the positions; ``mode`` 1 half, 2
+    interleaved. The dense forward's TMA path rotates its keys with this before the attention launch.
+    """
     B, H, N, D = x.shape
     if B == 0 or H == 0 or N == 0:
         return
@@ -108,6 +113,6 @@ def apply_rope(
     mode = ROPE_HALF if rope.layout == "half" else ROPE_INTERLEAVED
     out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out_q is None else out_q
     out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device) if out_k is None else out_k
-    _launch(q, out_q, cos, sin, q_off, mode)
-    _launch(k, out_k, cos, sin, int(rope.k_offset), mode)
+    rotate_into(q, out_q, cos, sin, q_off, mode)
+    rotate_into(k, out_k, cos, sin, int(rope.k_offset), mode)
     return out_q, out_k
