@@ -44,6 +44,18 @@ def test_rope_kernel_matches_reference(spec, dtype):
     check(q, k, spec, qr, kr, dtype)
 
 
+@pytest.mark.parametrize("spec", [RopeSpec("half", q_offset=2, k_offset=1), RopeSpec("interleaved", q_offset=0)], ids=["half", "interleaved"])
+def test_rope_kernel_pow2_register_path(spec):
+    """Power-of-two D takes the one-load kernel (partners by register shuffle); BSHD views, N not a
+    multiple of the row block, fp16."""
+    dtype = torch.float16
+    q = rand(1, 21, 3, 32, dtype=dtype).transpose(1, 2)
+    k = rand(2, 17, 1, 32, dtype=dtype).transpose(1, 2)
+    k = k[:1]
+    qr, kr = apply_rope(q, k, spec)
+    check(q, k, spec, qr, kr, dtype)
+
+
 def test_rope_kernel_tables_strided_and_out():
     """Given cos/sin tables, BSHD (strided) inputs, preallocated poisoned outputs, odd D = 2 * 13."""
     dtype = torch.float16

@@ -56,7 +56,7 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
-              sm_scale, qk_scale2, softcap, slope, alibi_c0, win_left, win_right,
+              sm_scale, qk_scale2, softcap, slope, alibi_rel, win_left, win_right,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr,
               MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
@@ -73,22 +73,29 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
 
     Two modifiers have a cheaper form when alone (no hooks):
 
-    - softcap: ``c * log2(e) * tanh(qk * (scale / c))`` -- two FMULs and one ``tanh.approx``
-      per score (the general path: FMULs, a division and an exp2-based tanh).
+    - softcap: the tile holds ``t = tanh(qk * (scale / c))`` (one FMUL and one ``tanh.approx``
+      per score) and, like plain scores, is scaled late: ``exp2(t * c * log2(e) - m)`` is one
+      FFMA (the general path: FMULs, a division and an exp2-based tanh).
     - ALiBi under a causal mask (every visible key has ``j <= i + off``, so the bias is
       ``slope * (j - i - off)``, no absolute value): the bias splits into a column term
-      ``slope * (j - alibi_c0)`` and a row term ``-slope * (i - m0)`` (``alibi_c0 = m0 + off``,
-      ``m0`` the program's first row). A per-row constant does not change the softmax, so the
-      tile adds only the column vector (one FFMA per score) and the kernel's epilogue subtracts
-      the row term from the LSE (:func:`alibi_lse_shift`). Both terms stay small (relative to
-      the block), so no precision is lost to large positions.
+      ``slope * (j - m0 - off)`` and a row term ``-slope * (i - m0)`` (``m0`` the program's
+      first row). A per-row constant does not change the softmax, so the kernel's epilogue takes
+      the row term off the LSE (:func:`alibi_lse_shift`). The column term is a per-tile scalar
+      ``slope * alibi_rel`` (``alibi_rel = start_n - m0 - off``) plus ``slope * c`` for column c
+      of the tile: the scalar goes into the row max (a per-row op), so a score costs one FFMA
+      (``qk * scale + slope * c``) and one FADD more than plain. Terms stay small (relative
+      to the block), so no precision is lost to large positions.
     """
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    late = qk_scale2  # scale applied in the exponent's FFMA (plain and fast-softcap tiles)
+    shift = 0.0  # per-tile scalar added to every score of the tile (fast ALiBi), in log2 units
     if HAS_SOFTCAP and not HAS_ALIBI and SCORE_MOD is None:
-        s = tanh_f32(qk * (sm_scale / softcap)) * (softcap * 1.4426950408889634)
+        s = tanh_f32(qk * (sm_scale / softcap))
+        late = softcap * 1.4426950408889634
     elif HAS_ALIBI and IS_CAUSAL and not HAS_SOFTCAP and SCORE_MOD is None:
-        cols = slope * 1.4426950408889634 * (offs_n - alibi_c0).to(tl.float32)
-        s = qk * qk_scale2 + cols[None, :]
+        slope2 = slope * 1.4426950408889634
+        s = qk * qk_scale2 + (slope2 * tl.arange(0, k.shape[0]).to(tl.float32))[None, :]
+        shift = slope2 * alibi_rel.to(tl.float32)
     elif USE_NATURAL:
         s = qk * sm_scale
         s = apply_score_mods(s, offs_m, offs_n, off, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
@@ -101,19 +108,19 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
         s = apply_mask(s, offs_m, offs_n, seqlen_k, off, win_left, win_right, IS_CAUSAL, HAS_WINDOW, True)
     if MASK_MOD is not None:
         s = tl.where(MASK_MOD(b, h, offs_m[:, None], offs_n[None, :]), s, float("-inf"))
-    if USE_NATURAL:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+    if (not USE_NATURAL) or (HAS_SOFTCAP and not HAS_ALIBI and SCORE_MOD is None):
+        m_new = tl.maximum(m_i, tl.max(s, 1) * late)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale2)
+        m_new = tl.maximum(m_i, tl.max(s, 1) + shift)
     if MASKED or HAS_HOOKS:
         # rows with no allowed key yet: exponentiate against 0, not -inf (-inf - -inf = NaN)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    if USE_NATURAL:
-        p = tl.math.exp2(s - m_use[:, None])
+    if (not USE_NATURAL) or (HAS_SOFTCAP and not HAS_ALIBI and SCORE_MOD is None):
+        p = tl.math.exp2(s * late - m_use[:, None])
     else:
-        p = tl.math.exp2(s * qk_scale2 - m_use[:, None])
+        p = tl.math.exp2(s - (m_use - shift)[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -151,7 +158,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k
         k = load_tile(k_base, offs_n, seqlen_k, skn, skd, HEAD_DIM, BLOCK_D, MASKED)
     v = load_tile(v_base, offs_n, seqlen_k, svn, svd, HEAD_DIM, BLOCK_D, MASKED)
     return attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
-                     sm_scale, qk_scale2, softcap, slope, alibi_c0, win_left, win_right,
+                     sm_scale, qk_scale2, softcap, slope, start_n - alibi_c0, win_left, win_right,
                      MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD,
                      USE_NATURAL, HAS_HOOKS, DOT_PREC)
 

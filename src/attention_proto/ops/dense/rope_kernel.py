@@ -23,7 +23,7 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from ...runtime.validation import (describe, require_dtype, require_rank, require_same_device, require_same_dtype,
                                    require_tensor)
-from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile
+from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rope_rows
 from .configs import block_d
 from .forward import rope_tables
 from .rope import RopeSpec
@@ -48,6 +48,25 @@ def _rope_kernel(X, Y, COS, SIN,
     tl.store(Y + b * syb + h * syh + rows[:, None] * syn + cols[None, :] * syd, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rope_rows_kernel(X, Y, COS, SIN,
+                      sxb, sxh, sxn, syb, syh, syn,
+                      N, H, pos0, stride_cs, max_pos,
+                      ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    # HEAD_DIM a power of two, unit last strides: one load of each row tile, the partner columns
+    # by a register shuffle (common.rope_rows), cos/sin [BLOCK_N, D/2] (half the table reads)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    mask = (rows < N)[:, None]
+    x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
+    y = rope_rows(x, pos0 + rows, COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM)
+    tl.store(Y + b * syb + h * syh + rows[:, None] * syn + cols[None, :], y, mask=mask)
+
+
 def _block_n(D: int) -> int:
     if interpreter_mode():
         return 16
@@ -62,6 +81,14 @@ def rotate_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.
     """
     B, H, N, D = x.shape
     if B == 0 or H == 0 or N == 0:
+        return
+    if D >= 16 and D & (D - 1) == 0 and x.stride(3) == 1 and y.stride(3) == 1 and x.dtype == y.dtype:
+        bn = 16 if interpreter_mode() else max(16, 8192 // D)  # ~8K elements (16 KB of bf16) per program
+        KERNEL_CACHE.launch(
+            _rope_rows_kernel, ((N + bn - 1) // bn, B * H),
+            x, y, cos, sin, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+            N, H, pos0, cos.stride(0), cos.shape[0], ROPE=mode, HEAD_DIM=D, BLOCK_N=bn, num_warps=4,
+        )
         return
     bn = _block_n(D)
     KERNEL_CACHE.launch(
