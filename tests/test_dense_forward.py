@@ -579,7 +579,8 @@ def _gpu_check(B, H, Hkv, N, D, causal, path, Nk=None, layout="bhsd", **mods):
     if path != "portable":
         reasons = supports(q, k, v, **{kk: vv for kk, vv in mods.items() if kk in ("rope", "score_mod", "mask_mod")})
         assert not reasons, reasons
-    cfg = pick_forward_config(D, dtype, causal, N, path)
+    # per-tile RoPE on the portable kernel needs the shrunk tile (partner-column loads)
+    cfg = pick_forward_config(D, dtype, causal, N, path, path == "portable" and mods.get("rope") is not None)
     out = poison_(torch.empty_like(q))
     lse = poison_(torch.empty(B, H, N, device=q.device, dtype=torch.float32))
     flash_attention_forward(q, k, v, causal=causal, config=cfg, out=out, lse=lse, **mods)
