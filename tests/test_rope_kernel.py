@@ -49,7 +49,7 @@ def test_rope_kernel_pow2_register_path(spec):
     """Power-of-two D takes the one-load kernel (partners by register shuffle); BSHD views, N not a
     multiple of the row block, fp16."""
     dtype = torch.float16
-    q = rand(1, 21, 3, 32, dtype=dtype).transpose(1, 2)
+    q = rand(1, 21, 5, 32, dtype=dtype).transpose(1, 2)  # 5 heads: a partial head group
     k = rand(2, 17, 1, 32, dtype=dtype).transpose(1, 2)
     k = k[:1]
     qr, kr = apply_rope(q, k, spec)

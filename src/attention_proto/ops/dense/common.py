@@ -13,7 +13,8 @@ Stable API (the backward kernels import these; change signatures only together):
 - :func:`load_tile` -- a [R, BLOCK_D] tile load with compile-time-optional row/column bounds.
 - :func:`load_rope_tile` -- the same load with RoPE (half-split or interleaved) fused in,
   cos/sin from fp32 tables [max_pos, D/2]; ``INVERSE=True`` rotates by the opposite angle.
-- :func:`rope_rows` -- RoPE on a tile already in registers (the TMA path's query tile).
+- :func:`rope_rows` / :func:`rotate_pairs` -- RoPE on a tile already in registers (the TMA path's
+  query tile, the standalone RoPE kernel), partners by register shuffle.
 
 Conventions (those of :mod:`attention_proto.ops.dense.reference`): query row ``i`` sits at key
 position ``i + off`` with ``off = Nk - Nq`` (bottom-right alignment); causal allows
@@ -226,14 +227,13 @@ def load_rope_tile(base, rows, n_rows, stride_row, stride_col, pos0,
 
 
 @triton.jit
-def rope_rows(x, pos, COS, SIN, stride_cs, max_pos, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rotate a register tile ``x`` [R, HEAD_DIM] (HEAD_DIM a power of two) by RoPE at ``pos`` [R].
+def rotate_pairs(x, c, s, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rotate a register tile ``x`` [R, HEAD_DIM] (HEAD_DIM a power of two) by cos/sin tiles [R, D/2].
 
-    The tile is already loaded (e.g. by TMA), so the partner columns come from a register shuffle
-    instead of a second load: the pairs are split out with reshape/permute + ``tl.split``, rotated
-    in fp32 and joined back. ROPE 1 = half-split pairs (d, d + D/2), 2 = interleaved (2i, 2i + 1);
-    cos/sin from fp32 tables [max_pos, D/2] (rows outside the table read as 0: the host checks
-    the positions). Same arithmetic as :func:`load_rope_tile`; the result has ``x``'s dtype.
+    The partner columns come from a register shuffle instead of a second load: the pairs are split
+    out with reshape/permute + ``tl.split``, rotated in fp32 and joined back. ROPE 1 = half-split
+    pairs (d, d + D/2), 2 = interleaved (2i, 2i + 1). Same arithmetic as :func:`load_rope_tile`;
+    the result has ``x``'s dtype.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     R: tl.constexpr = x.shape[0]
@@ -243,12 +243,22 @@ def rope_rows(x, pos, COS, SIN, stride_cs, max_pos, ROPE: tl.constexpr, HEAD_DIM
     else:
         pairs = tl.reshape(xf, [R, HALF, 2])  # (x[2f], x[2f + 1])
     a, b = tl.split(pairs)
-    freq = tl.arange(0, HALF)
-    ok = (pos >= 0) & (pos < max_pos)
-    cs_off = pos[:, None].to(tl.int64) * stride_cs + freq[None, :]
-    c = tl.load(COS + cs_off, mask=ok[:, None], other=0.0)
-    s = tl.load(SIN + cs_off, mask=ok[:, None], other=0.0)
     rot = tl.join(a * c - b * s, b * c + a * s)  # [R, HALF, 2]
     if ROPE == 1:
         rot = tl.permute(rot, (0, 2, 1))  # [R, 2, HALF]
     return tl.reshape(rot, [R, HEAD_DIM]).to(x.dtype)
+
+
+@triton.jit
+def rope_rows(x, pos, COS, SIN, stride_cs, max_pos, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rotate a register tile ``x`` [R, HEAD_DIM] (HEAD_DIM a power of two) by RoPE at ``pos`` [R].
+
+    cos/sin from fp32 tables [max_pos, D/2] (rows outside the table read as 0: the host checks
+    the positions); the rotation is :func:`rotate_pairs`.
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    ok = (pos >= 0) & (pos < max_pos)
+    cs_off = pos[:, None].to(tl.int64) * stride_cs + tl.arange(0, HALF)[None, :]
+    c = tl.load(COS + cs_off, mask=ok[:, None], other=0.0)
+    s = tl.load(SIN + cs_off, mask=ok[:, None], other=0.0)
+    return rotate_pairs(x, c, s, ROPE, HEAD_DIM)

@@ -23,7 +23,7 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from ...runtime.validation import (describe, require_dtype, require_rank, require_same_device, require_same_dtype,
                                    require_tensor)
-from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rope_rows
+from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rotate_pairs
 from .configs import block_d
 from .forward import rope_tables
 from .rope import RopeSpec
@@ -52,19 +52,28 @@ def _rope_kernel(X, Y, COS, SIN,
 def _rope_rows_kernel(X, Y, COS, SIN,
                       sxb, sxh, sxn, syb, syh, syn,
                       N, H, pos0, stride_cs, max_pos,
-                      ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+                      ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr):
     # HEAD_DIM a power of two, unit last strides: one load of each row tile, the partner columns
-    # by a register shuffle (common.rope_rows), cos/sin [BLOCK_N, D/2] (half the table reads)
+    # by a register shuffle; cos/sin [BLOCK_N, D/2] loaded once for HEADS heads (they share the
+    # positions), so the table costs a fraction of the tensor's own traffic
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    h0 = tl.program_id(2) * HEADS
+    HALF: tl.constexpr = HEAD_DIM // 2
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
+    pos = pos0 + rows
+    ok = (pos >= 0) & (pos < max_pos)
+    cs_off = pos[:, None].to(tl.int64) * stride_cs + tl.arange(0, HALF)[None, :]
+    c = tl.load(COS + cs_off, mask=ok[:, None], other=0.0)
+    s = tl.load(SIN + cs_off, mask=ok[:, None], other=0.0)
     mask = (rows < N)[:, None]
-    x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
-    y = rope_rows(x, pos0 + rows, COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM)
-    tl.store(Y + b * syb + h * syh + rows[:, None] * syn + cols[None, :], y, mask=mask)
+    for i in tl.static_range(HEADS):
+        h = (h0 + i).to(tl.int64)
+        hmask = mask & (h < H)
+        x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=hmask, other=0.0)
+        y = rotate_pairs(x, c, s, ROPE, HEAD_DIM)
+        tl.store(Y + b * syb + h * syh + rows[:, None] * syn + cols[None, :], y, mask=hmask)
 
 
 def _block_n(D: int) -> int:
@@ -83,11 +92,12 @@ def rotate_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.
     if B == 0 or H == 0 or N == 0:
         return
     if D >= 16 and D & (D - 1) == 0 and x.stride(3) == 1 and y.stride(3) == 1 and x.dtype == y.dtype:
-        bn = 16 if interpreter_mode() else max(16, 8192 // D)  # ~8K elements (16 KB of bf16) per program
+        bn = 16 if interpreter_mode() else max(16, 8192 // D)  # ~8K elements (16 KB of bf16) per head
+        heads = min(4, H)
         KERNEL_CACHE.launch(
-            _rope_rows_kernel, ((N + bn - 1) // bn, B * H),
+            _rope_rows_kernel, ((N + bn - 1) // bn, B, (H + heads - 1) // heads),
             x, y, cos, sin, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-            N, H, pos0, cos.stride(0), cos.shape[0], ROPE=mode, HEAD_DIM=D, BLOCK_N=bn, num_warps=4,
+            N, H, pos0, cos.stride(0), cos.shape[0], ROPE=mode, HEAD_DIM=D, BLOCK_N=bn, HEADS=heads, num_warps=4,
         )
         return
     bn = _block_n(D)
