@@ -90,19 +90,9 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
     late = qk_scale2  # scale applied in the exponent's FFMA (plain and fast-softcap tiles)
     shift = 0.0  # per-tile scalar added to every score of the tile (fast ALiBi), in log2 units
     if HAS_SOFTCAP and not HAS_ALIBI and SCORE_MOD is None:
-        # tanh is monotonic: the row max of tanh(x) is tanh(max x), so the max reduction runs on
-        # x beside the tanh ops instead of after them (off the softmax's critical path)
-        x = qk * (sm_scale / softcap)
-        if MASKED:
-            x = apply_mask(x, offs_m, offs_n, seqlen_k, off, win_left, win_right, IS_CAUSAL, HAS_WINDOW, True)
-        if MASK_MOD is not None:
-            x = tl.where(MASK_MOD(b, h, offs_m[:, None], offs_n[None, :]), x, float("-inf"))
+        # (taking the row max on tanh's input, beside the tanh ops, measured 4% slower on the H100)
+        s = tanh_f32(qk * (sm_scale / softcap))
         late = softcap * 1.4426950408889634
-        # a row with no allowed key in this tile gets max -late (tanh(-inf) = -1): finite, harmless
-        m_new = tl.maximum(m_i, tanh_f32(tl.max(x, 1)) * late)
-        s = tanh_f32(x)
-        if MASKED or MASK_MOD is not None:
-            s = tl.where(x == float("-inf"), float("-inf"), s)  # tanh(-inf) = -1: mask again
     elif HAS_ALIBI and IS_CAUSAL and not HAS_SOFTCAP and SCORE_MOD is None:
         slope2 = slope * 1.4426950408889634
         s = qk * qk_scale2 + (slope2 * tl.arange(0, k.shape[0]).to(tl.float32))[None, :]
@@ -115,15 +105,14 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
         s = s * 1.4426950408889634
     else:
         s = qk
-    if not (HAS_SOFTCAP and not HAS_ALIBI and SCORE_MOD is None):  # (the fast softcap did both above)
-        if MASKED:
-            s = apply_mask(s, offs_m, offs_n, seqlen_k, off, win_left, win_right, IS_CAUSAL, HAS_WINDOW, True)
-        if MASK_MOD is not None:
-            s = tl.where(MASK_MOD(b, h, offs_m[:, None], offs_n[None, :]), s, float("-inf"))
-        if not USE_NATURAL:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * late)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) + shift)
+    if MASKED:
+        s = apply_mask(s, offs_m, offs_n, seqlen_k, off, win_left, win_right, IS_CAUSAL, HAS_WINDOW, True)
+    if MASK_MOD is not None:
+        s = tl.where(MASK_MOD(b, h, offs_m[:, None], offs_n[None, :]), s, float("-inf"))
+    if (not USE_NATURAL) or (HAS_SOFTCAP and not HAS_ALIBI and SCORE_MOD is None):
+        m_new = tl.maximum(m_i, tl.max(s, 1) * late)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) + shift)
     if MASKED or HAS_HOOKS:
         # rows with no allowed key yet: exponentiate against 0, not -inf (-inf - -inf = NaN)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

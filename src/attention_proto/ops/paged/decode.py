@@ -1,4 +1,4 @@
-"""Paged decode kernels: V1 (one pass per sequence and KV head), V2 (split-KV) and its reduce.
+"""Paged decode kernels: one pass (V1), split-KV (V2) with a fused merge, and the separate reduce.
 
 One program handles one (sequence b, KV head, row block[, partition]). Its query
 tile packs the rows of the whole GQA group: row ``r`` is query head
@@ -12,6 +12,13 @@ BLOCK_N) one scalar lookup serves the tile, otherwise every row is gathered
 from its own page. Either way the tile, hence the shared memory of the
 pipeline, does not depend on the page size.
 
+Pipelining: the page ids are a load that the K/V loads depend on, so Triton's
+pipeliner spends pipeline stages on that indirection: ``num_stages`` 3 or 4
+leave ONE K/V buffer (each iteration waits for its own tile: load latency is not
+hidden), 5-6 give two buffers, 7 gives three (read from the compiled TTGIR with
+``codegen.cross``). :func:`kv_buffers` states the rule; the dispatch sizes
+occupancy with it.
+
 Safety: tokens at or past ``min(seq_len, max_pages * page_size)`` are masked,
 so no block-table entry past the sequence is read, and every page id read is
 clamped into ``[0, num_pages)``: even a corrupt block table (with
@@ -24,10 +31,25 @@ online softmax in base 2. P is cast to the K/V dtype for the second MMA
 (FlashAttention's choice). fp32 inputs use ``input_precision="ieee"`` (true
 fp32 products, no TF32) so that fp32 results are fp32-accurate.
 
-V2 programs write ``o_p = acc / l`` and ``lse_p`` (natural log) per partition;
-the reduce kernel computes ``out = sum_p exp(lse_p - M) o_p / sum_p exp(lse_p - M)``
-and ``lse = M + log(sum_p exp(lse_p - M))``. Empty partitions carry lse -inf and
-weigh nothing; a row that sees no key ends with out 0 and lse -inf.
+Modes (``MODE``):
+
+- ``SINGLE`` (V1): one program walks the whole sequence and writes the output.
+- ``SPLIT`` (V2, ``reduce="kernel"``): every partition writes ``o_p = acc / l``
+  and ``lse_p`` (natural log), empty ones lse -inf; a second kernel merges:
+  ``out = sum_p exp(lse_p - M) o_p / sum_p exp(lse_p - M)``, ``lse = M + log(sum ...)``.
+- ``FUSED`` (V2, ``reduce="fused"``): sequence b uses only
+  ``n_b = ceil((kv_end - lo) / tokens_per_part)`` partitions; the others exit at
+  once. With ``n_b == 1`` the program writes the output itself (short sequences
+  of a mixed batch cost what V1 costs). Otherwise each writes its partial, then
+  takes a ticket from an int32 counter per (sequence, KV head, row block)
+  (``atomic_add``, acq_rel, GPU scope, after a CTA barrier so that every
+  thread's partial stores are ordered before the release); the program that
+  draws the last ticket merges the partials in partition order (bitwise the
+  same whichever program is last) and resets the counter to 0 for the next
+  call. No second launch. The counters must be zero at launch
+  (:mod:`attention_proto.ops.paged.workspace`).
+
+A row that sees no key ends with out 0 and lse -inf in every mode.
 """
 from __future__ import annotations
 
@@ -42,27 +64,85 @@ from attention_proto.runtime.cache import KERNEL_CACHE
 
 from ..dense.common import tanh_f32
 from .dispatch import PagedPlan
+from .workspace import merge_counters
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 #: partitions the reduce kernel merges per loop step
 REDUCE_BLOCK_P = 16
+#: fp32 elements of partial output the fused merge holds per step (MERGE_P x MERGE_M x BLOCK_D)
+MERGE_ELEMS = 4096
+MODE_SINGLE, MODE_SPLIT, MODE_FUSED = 0, 1, 2
 
 
-@triton.jit(do_not_specialize=["tokens_per_part", "num_pages", "max_pages", "win_left"])
+def kv_buffers(num_stages: int) -> int:
+    """K/V shared-memory buffers Triton 3.6's pipeliner gives the decode loop at ``num_stages``.
+
+    One stage goes to the page-id load the K/V loads depend on: ``(num_stages - 1) // 2``
+    buffers, at least one (3-4 stages: 1, 5-6: 2, 7-8: 3; from the compiled TTGIR, sm_90).
+    """
+    return max(1, (int(num_stages) - 1) // 2)
+
+
+@triton.jit
+def _merge_partials(
+    PO, PL, Out, Lse, b, kvh, rb, n_act, num_parts, rows_per_kvh, Hkv, Nq, G,
+    s_ob, s_oh, s_on, s_lb, s_lh, s_ln,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    MERGE_M: tl.constexpr, MERGE_P: tl.constexpr,
+):
+    # partials live in [rows, num_parts, HEAD_DIM] with row = (b * Hkv + kvh) * rows_per_kvh + r:
+    # the [B, Hq, Nq, P, D] order; MERGE_M >= the valid rows of this row block
+    offs_r = rb * BLOCK_M + tl.arange(0, MERGE_M)
+    r_ok = offs_r < rows_per_kvh
+    rows = (b * Hkv + kvh) * rows_per_kvh + offs_r
+    offs_p = tl.arange(0, MERGE_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_run = tl.full([MERGE_M], float("-inf"), tl.float32)
+    den = tl.zeros([MERGE_M], tl.float32)
+    acc = tl.zeros([MERGE_M, BLOCK_D], tl.float32)
+    for p0 in range(0, n_act, MERGE_P):
+        p = p0 + offs_p
+        pr_ok = (p < n_act)[:, None] & r_ok[None, :]
+        # .cg: read from L2, never from this SM's L1 (other programs wrote these)
+        lp = tl.load(PL + rows[None, :] * num_parts + p[:, None], mask=pr_ok, other=float("-inf"),
+                     cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(lp, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2((m_run - m_use) * LOG2E)
+        w = tl.math.exp2((lp - m_use[None, :]) * LOG2E)
+        o_ptrs = PO + ((rows[None, :, None] * num_parts + p[:, None, None]) * HEAD_DIM + offs_d[None, None, :])
+        o = tl.load(o_ptrs, mask=pr_ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+        den = den * alpha + tl.sum(w, 0)
+        m_run = m_new
+    empty = den == 0.0
+    d_safe = tl.where(empty, 1.0, den)
+    m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
+    head = kvh * G + offs_r // Nq
+    qi = offs_r % Nq
+    tl.store(Out + b * s_ob + head[:, None] * s_oh + qi[:, None] * s_on + offs_d[None, :],
+             (acc / d_safe[:, None]).to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b * s_lb + head * s_lh + qi * s_ln, tl.where(empty, float("-inf"), m_fin + tl.log(d_safe)),
+             mask=r_ok)
+
+
+@triton.jit(do_not_specialize=["tokens_per_part", "num_parts", "num_pages", "max_pages", "win_left"])
 def _paged_decode_kernel(
-    Q, K, V, BT, SL, Alibi, Out, Lse,
-    sm_scale, softcap, win_left, tokens_per_part, num_pages, max_pages,
+    Q, K, V, BT, SL, Alibi, Out, Lse, PO, PL, Ctr,
+    sm_scale, softcap, win_left, tokens_per_part, num_parts, num_pages, max_pages,
     Hkv, Nq, G, rows_per_kvh, num_row_blocks,
     s_qb, s_qh, s_qn,
     s_kp, s_kt, s_kh,
     s_vp, s_vt, s_vh,
     s_btb,
-    s_ob, s_oh, s_on, s_op,
-    s_lb, s_lh, s_ln, s_lp,
+    s_ob, s_oh, s_on,
+    s_lb, s_lh, s_ln,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    MERGE_M: tl.constexpr, MERGE_P: tl.constexpr,
+    MODE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -94,12 +174,17 @@ def _paged_decode_kernel(
         # the first key any row of this sequence may see (rows are the last Nq tokens)
         lo = tl.maximum(seq_len - Nq - win_left, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
-    if SPLIT:
-        start = lo + part * tokens_per_part
-        end = tl.minimum(start + tokens_per_part, kv_end)
-    else:
+    n_act = 1
+    if MODE == 0:
         start = lo
         end = kv_end
+    else:
+        start = lo + part * tokens_per_part
+        end = tl.minimum(start + tokens_per_part, kv_end)
+        if MODE == 2:
+            # partitions this sequence uses; the rest (past its end) exit without a write
+            n_act = tl.minimum(tl.maximum((kv_end - lo + tokens_per_part - 1) // tokens_per_part, 1), num_parts)
+            end = tl.where(part < n_act, end, start)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -158,9 +243,38 @@ def _paged_decode_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_ptrs = Out + b * s_ob + head[:, None] * s_oh + qi[:, None] * s_on + part * s_op + offs_d[None, :]
-    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + b * s_lb + head * s_lh + qi * s_ln + part * s_lp, lse, mask=row_ok)
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    o_ptrs = Out + b * s_ob + head[:, None] * s_oh + qi[:, None] * s_on + offs_d[None, :]
+    l_ptrs = Lse + b * s_lb + head * s_lh + qi * s_ln
+    # partial rows: [B, Hq, Nq, P, D] order, row = (b * Hkv + kvh) * rows_per_kvh + offs_m
+    prow = (b * Hkv + kvh) * rows_per_kvh + offs_m
+    po_ptrs = PO + (prow[:, None] * num_parts + part) * HEAD_DIM + offs_d[None, :]
+    pl_ptrs = PL + prow * num_parts + part
+    if MODE == 0:
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=out_mask)
+        tl.store(l_ptrs, lse, mask=row_ok)
+    elif MODE == 1:
+        tl.store(po_ptrs, o, mask=out_mask)
+        tl.store(pl_ptrs, lse, mask=row_ok)
+    else:
+        active = part < n_act
+        if n_act == 1:
+            tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=out_mask & active)
+            tl.store(l_ptrs, lse, mask=row_ok & active)
+        else:
+            tl.store(po_ptrs, o, mask=out_mask & active)
+            tl.store(pl_ptrs, lse, mask=row_ok & active)
+            # every thread's partial stores precede the release of the ticket (CTA barrier, then a
+            # cumulative release at GPU scope); the acquire orders the merge's loads after the
+            # other programs' releases
+            tl.debug_barrier()
+            ticket = tl.atomic_add(Ctr + pid, 1, mask=active, sem="acq_rel", scope="gpu")
+            if active & (ticket == n_act - 1):
+                _merge_partials(PO, PL, Out, Lse, b, kvh, rb, n_act, num_parts, rows_per_kvh, Hkv, Nq, G,
+                                s_ob, s_oh, s_on, s_lb, s_lh, s_ln,
+                                HEAD_DIM, BLOCK_M, BLOCK_D, MERGE_M, MERGE_P)
+                # ready for the next call (which is stream-ordered after this one)
+                tl.atomic_xchg(Ctr + pid, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -196,6 +310,17 @@ def _paged_reduce_kernel(
     tl.store(Lse + row, tl.where(empty, float("-inf"), m_use + tl.log(t_safe)))
 
 
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def merge_tile(rows_per_kvh: int, block_m: int, block_d: int) -> Tuple[int, int]:
+    """(MERGE_M, MERGE_P): rows and partitions the fused merge holds per step."""
+    mm = min(block_m, _pow2_at_least(rows_per_kvh))
+    mp = max(1, min(16, MERGE_ELEMS // (mm * block_d)))
+    return mm, 1 << (mp.bit_length() - 1)
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -218,39 +343,42 @@ def paged_decode(
     num_pages, page_size, Hkv, _ = k_cache.shape
     cfg = plan.config
     G = Hq // Hkv
+    rows = G * Nq
     out = torch.empty(B, Hq, Nq, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     split = plan.version == "v2"
     P = plan.num_partitions if split else 1
+    mode = MODE_SINGLE
+    o_buf, l_buf, ctr = out, lse, seq_lens  # placeholders: never read in MODE_SINGLE
     if split:
+        mode = MODE_FUSED if cfg.reduce == "fused" else MODE_SPLIT
         o_buf = torch.empty(B, Hq, Nq, P, D, device=q.device, dtype=torch.float32)
         l_buf = torch.empty(B, Hq, Nq, P, device=q.device, dtype=torch.float32)
-        o_strides = (o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), o_buf.stride(3))
-        l_strides = (l_buf.stride(0), l_buf.stride(1), l_buf.stride(2), l_buf.stride(3))
-    else:
-        o_buf, l_buf = out, lse
-        o_strides = (out.stride(0), out.stride(1), out.stride(2), 0)
-        l_strides = (lse.stride(0), lse.stride(1), lse.stride(2), 0)
+        if mode == MODE_FUSED:
+            ctr = merge_counters(B * Hkv * plan.row_blocks, q.device)
+    merge_m, merge_p = merge_tile(rows, cfg.BLOCK_M, cfg.BLOCK_D)
     has_alibi = alibi_slopes is not None
     alibi = alibi_slopes if has_alibi else seq_lens  # any pointer: never read without HAS_ALIBI
     grid = (B * Hkv * plan.row_blocks, P)
     KERNEL_CACHE.launch(
         _paged_decode_kernel, grid,
-        q, k_cache, v_cache, block_table, seq_lens, alibi, o_buf, l_buf,
-        float(scale), float(softcap or 1.0), int(window_left), int(plan.tokens_per_partition),
+        q, k_cache, v_cache, block_table, seq_lens, alibi, out, lse, o_buf, l_buf, ctr,
+        float(scale), float(softcap or 1.0), int(window_left), int(plan.tokens_per_partition), int(P),
         int(num_pages), int(block_table.shape[1]),
-        Hkv, Nq, G, G * Nq, plan.row_blocks,
+        Hkv, Nq, G, rows, plan.row_blocks,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
-        *o_strides, *l_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
         PAGE_SIZE=page_size, HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
-        SPLIT=split, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=has_alibi, HAS_WINDOW=window_left >= 0,
+        MERGE_M=merge_m, MERGE_P=merge_p,
+        MODE=mode, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=has_alibi, HAS_WINDOW=window_left >= 0,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split:
+    if mode == MODE_SPLIT:
         KERNEL_CACHE.launch(
             _paged_reduce_kernel, (B * Hq * Nq,),
             o_buf, l_buf, out, lse, P,
