@@ -51,3 +51,26 @@ def test_resume_adds_studies_to_one_run(tmp_path, capsys):
     assert len(kb.runs()) == 1
     assert kb.run(rid)["studies"] == ["ceilings", "codegen"]
     assert {f["study"] for f in kb.findings(run_id=rid)} >= {"ceilings", "codegen"}
+
+
+def test_resume_measures_a_study_again(tmp_path, monkeypatch):
+    """A study the run already has is measured again: its old rows go, the sittings record who measured what."""
+    from attention_proto.kb.store import KB
+    from attention_proto.studies import runner
+
+    real = runner.device_facts
+    commit = {"c": "aaaaaaa"}
+    monkeypatch.setattr(runner, "device_facts", lambda: {**real(), "git_commit": commit["c"]})
+    assert main(["run", "--study", "ceilings", "--out", str(tmp_path), "--no-progress"]) == 0
+    kb = KB.in_dir(tmp_path)
+    rid = kb.latest_run_id()
+    n0 = len(kb.measurements(run_id=rid, study="ceilings"))
+    kb.close()
+    assert n0 > 0
+    commit["c"] = "bbbbbbb"
+    assert main(["run", "--study", "ceilings", "--out", str(tmp_path), "--no-progress", "--resume", rid]) == 0
+    kb = KB.in_dir(tmp_path)
+    assert len(kb.measurements(run_id=rid, study="ceilings")) == n0
+    env = kb.run(rid)["env"]
+    assert [st["studies"] for st in env["sittings"]] == [["ceilings"]]
+    assert "bbbbbbb" in env["git_commit"] and "aaaaaaa" not in env["git_commit"]

@@ -132,6 +132,32 @@ class KB:
             self._conn.execute("UPDATE runs SET studies=?, finished_at=NULL WHERE run_id=?", (dumps(studies), run_id))
         return studies
 
+    def add_sitting(self, run_id: str, names: Sequence[str], env: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """Record that ``names`` are (re)measured now, in a new sitting of a run, with this sitting's
+        environment (git commit, date, driver ...): the run's ``env["sittings"]`` lists which
+        studies each sitting measured, and ``env["git_commit"]`` becomes "<commit> (<studies>) + ...".
+        A study measured again leaves its earlier sitting. Returns the sittings."""
+        r = self.run(run_id)
+        e = r["env"]
+        sittings = e.get("sittings") or [{"studies": list(r["studies"]), "git_commit": e.get("git_commit"),
+                                          "date": e.get("date"), "driver": e.get("driver")}]
+        for st in sittings:
+            st["studies"] = [n for n in st["studies"] if n not in names]
+        sittings = [st for st in sittings if st["studies"]]
+        sittings.append({"studies": list(names), "git_commit": env.get("git_commit"), "date": env.get("date"),
+                         "driver": env.get("driver")})
+        e["sittings"] = sittings
+        e["git_commit"] = " + ".join(f"{st['git_commit']} [{', '.join(st['studies'])}]" for st in sittings)
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE runs SET env=? WHERE run_id=?", (dumps(e), run_id))
+        return sittings
+
+    def delete_measurements(self, run_id: str, study: str) -> int:
+        """Drop a study's rows from a run (before it is measured again in a later sitting)."""
+        with self._lock, self._conn:
+            cur = self._conn.execute("DELETE FROM measurements WHERE run_id=? AND study=?", (run_id, study))
+        return cur.rowcount
+
     def finish_run(self, run_id: str) -> None:
         with self._lock, self._conn:
             self._conn.execute("UPDATE runs SET finished_at=? WHERE run_id=?", (_now(), run_id))

@@ -41,6 +41,8 @@ def run_studies(names: Sequence[str], out: Path, quick: bool = False, progress: 
 
     ``resume``: add the studies to an existing run of the same KB (same GPU and mode), reusing its
     ceilings, so that one run may be measured in several sittings (each GPU command is time-limited).
+    A study the run already has is measured again: its earlier rows are dropped first, and the
+    run's environment records each sitting's studies and git commit (:meth:`KB.add_sitting`).
     Findings of every study of the run are recomputed at the end.
     """
     log = log or (lambda m: print(m, file=sys.stderr))
@@ -55,7 +57,12 @@ def run_studies(names: Sequence[str], out: Path, quick: bool = False, progress: 
             raise ValueError(f"cannot resume run {resume}: it was measured on {prev['gpu']} ({prev['mode']}), "
                              f"this is {env['gpu']} ({env['mode']})")
         run_id = resume
+        for n in names:
+            if n in prev["studies"]:
+                dropped = kb.delete_measurements(run_id, n)
+                log(f"resume: study {n} is measured again ({dropped} earlier rows dropped)")
         kb.add_studies(run_id, names)
+        kb.add_sitting(run_id, names, env)
         ceilings = prev["ceilings"]
     else:
         run_id = kb.start_run(env, names, quick=quick, run_id=run_id)
