@@ -132,7 +132,8 @@ class KB:
             self._conn.execute("UPDATE runs SET studies=?, finished_at=NULL WHERE run_id=?", (dumps(studies), run_id))
         return studies
 
-    def add_sitting(self, run_id: str, names: Sequence[str], env: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def add_sitting(self, run_id: str, names: Sequence[str], env: Dict[str, Any],
+                    quick: Optional[bool] = None) -> List[Dict[str, Any]]:
         """Record that ``names`` are (re)measured now, in a new sitting of a run, with this sitting's
         environment (git commit, date, driver ...): the run's ``env["sittings"]`` lists which
         studies each sitting measured, and ``env["git_commit"]`` becomes "<commit> (<studies>) + ...".
@@ -145,7 +146,7 @@ class KB:
             st["studies"] = [n for n in st["studies"] if n not in names]
         sittings = [st for st in sittings if st["studies"]]
         sittings.append({"studies": list(names), "git_commit": env.get("git_commit"), "date": env.get("date"),
-                         "driver": env.get("driver")})
+                         "driver": env.get("driver"), "quick": quick})
         e["sittings"] = sittings
         e["git_commit"] = " + ".join(f"{st['git_commit']} [{', '.join(st['studies'])}]" for st in sittings)
         with self._lock, self._conn:

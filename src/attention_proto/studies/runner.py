@@ -62,7 +62,7 @@ def run_studies(names: Sequence[str], out: Path, quick: bool = False, progress: 
                 dropped = kb.delete_measurements(run_id, n)
                 log(f"resume: study {n} is measured again ({dropped} earlier rows dropped)")
         kb.add_studies(run_id, names)
-        kb.add_sitting(run_id, names, env)
+        kb.add_sitting(run_id, names, env, quick=quick)
         ceilings = prev["ceilings"]
     else:
         run_id = kb.start_run(env, names, quick=quick, run_id=run_id)
