@@ -74,6 +74,10 @@ def render_report(run: Dict[str, Any], rows: List[Dict[str, Any]], findings: Lis
     for k in ("gpu", "compute_capability", "sm_count", "driver", "cuda", "torch", "triton", "python", "git_commit",
               "date"):
         lines.append(f"| {k} | {env.get(k)} |")
+    for i, st in enumerate(env.get("sittings") or []):
+        mode = "" if st.get("quick") is None else (", quick" if st["quick"] else ", full")
+        lines.append(f"| sitting {i + 1} | {', '.join(st['studies'])}: commit {st.get('git_commit')}, "
+                     f"{st.get('date')}{mode} |")
     if c:
         lines.append(f"| matmul ceiling (bf16 8192^3) | {_f(c.get('matmul_tflops'), 0)} TFLOPS |")
         lines.append(f"| copy ceiling (read + write) | {_f(c.get('copy_gbps'), 0)} GB/s |")
