@@ -38,7 +38,7 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from .common import WINDOW_UNBOUNDED, kv_block_range, rope_rows
 from .configs import FwdConfig, config_problems
-from .forward import alibi_lse_shift, attn_step
+from .forward import alibi_lse_shift, attn_step, natural_scores
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -110,7 +110,7 @@ def _fwd_tma_kernel(
     desc_o.store([b, h, m0, 0], out.to(q.dtype).reshape([1, 1, BLOCK_M, HEAD_DIM]))
     if LSE is not None:  # None (a constexpr): the caller needs no LSE
         lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        lse = alibi_lse_shift(lse, offs_m, m0, slope, IS_CAUSAL, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
+        lse = alibi_lse_shift(lse, offs_m, m0, slope, HAS_ALIBI, USE_NATURAL)
         l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m * slm
         tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
 
@@ -230,7 +230,7 @@ def tma_launch_parts(
         ROPE=rope_mode, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
         IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=has_alibi, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
-        USE_NATURAL=has_softcap or has_alibi or score_mod is not None or not positive_scale,
+        USE_NATURAL=natural_scores(has_softcap, has_alibi, bool(causal), score_mod, positive_scale),
         HAS_HOOKS=score_mod is not None or mask_mod is not None, REVERSE_M=bool(causal),
         NUM_STAGES=config.num_stages, WARP_SPEC=config.path == "tma+ws",
         num_warps=config.num_warps, num_stages=config.num_stages,

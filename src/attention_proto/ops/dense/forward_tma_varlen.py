@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .common import WINDOW_UNBOUNDED, kv_block_range
 from .configs import FwdConfig, config_problems
-from .forward import alibi_lse_shift, attn_step
+from .forward import alibi_lse_shift, attn_step, natural_scores
 from .forward_tma import TMA_DTYPES, TMA_HEAD_DIMS, TensorDescriptor, _aligned, _capability
 
 
@@ -106,7 +106,7 @@ def _fwd_tma_varlen_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows_ok[:, None])
     if LSE is not None:  # None (a constexpr): the caller needs no LSE
         lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        lse = alibi_lse_shift(lse, offs_m, m0, slope, IS_CAUSAL, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
+        lse = alibi_lse_shift(lse, offs_m, m0, slope, HAS_ALIBI, USE_NATURAL)
         tl.store(LSE + h.to(tl.int64) * slh + tok * slm, lse, mask=rows_ok)
 
 
@@ -181,7 +181,7 @@ def varlen_launch_parts(
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
         IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=has_alibi, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
-        USE_NATURAL=has_softcap or has_alibi or score_mod is not None or not positive_scale,
+        USE_NATURAL=natural_scores(has_softcap, has_alibi, bool(causal), score_mod, positive_scale),
         HAS_HOOKS=score_mod is not None or mask_mod is not None, REVERSE_M=bool(causal),
         NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages,
     )
