@@ -54,27 +54,6 @@ from .rope import RopeSpec
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
-def _ones_cols3(q, BLOCK_M: tl.constexpr):
-    """[BLOCK_M, 16] tile of q's dtype: 1 in columns 0-2, 0 elsewhere (sums the parts of alibi_cols)."""
-    c = tl.arange(0, 16)
-    return tl.broadcast_to(tl.where(c < 3, 1.0, 0.0)[None, :], [BLOCK_M, 16]).to(q.dtype)
-
-
-@triton.jit
-def alibi_cols(slope_raw, BLOCK_N: tl.constexpr, dtype: tl.constexpr):
-    """[16, BLOCK_N] tile whose rows 0-2 sum to ``slope_raw * c`` for column c (hi, mid and lo parts
-    in ``dtype``, ~24 bits together); rows 3-15 are 0. See :func:`attn_step`'s fast ALiBi."""
-    x = slope_raw * tl.arange(0, BLOCK_N).to(tl.float32)
-    hi = x.to(dtype)
-    r1 = x - hi.to(tl.float32)
-    mid = r1.to(dtype)
-    lo = (r1 - mid.to(tl.float32)).to(dtype)
-    r = tl.arange(0, 16)[:, None]
-    out = tl.where(r == 0, hi[None, :], tl.where(r == 1, mid[None, :], tl.where(r == 2, lo[None, :], 0.0)))
-    return out.to(dtype)
-
-
 def natural_scores(has_softcap: bool, has_alibi: bool, causal: bool, score_mod: Any, positive_scale: bool) -> bool:
     """USE_NATURAL of a launch: whether the scores take :func:`attn_step`'s general path (natural
     units, every modifier composable) rather than a late-scaled one (plain, softcap alone, ALiBi
@@ -114,13 +93,12 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
       ``-slope * (i - m0)`` (``m0`` the program's first row), which the softmax ignores and the
       kernel's epilogue takes off the LSE (:func:`alibi_lse_shift`), a per-tile scalar
       ``slope * alibi_rel`` (``alibi_rel = start_n - m0 - off``) that goes into the row max, and
-      ``slope * c`` for column c of the tile. That last term is added by the tensor cores: a
-      second, 16-deep ``tl.dot`` of a [BLOCK_M, 16] tile of ones (3 columns) with a [16, BLOCK_N]
-      tile holding ``slope * c / scale`` split into three parts of the input dtype (hi + mid +
-      lo: ~24 bits, the fp32 value within rounding), accumulated into ``qk``. The scores then
-      go through the plain path: no per-score ALU op is added (an add per score measured 10-13%
-      slower on the H100). Every term stays small (relative to the block), so large positions
-      lose no precision.
+      ``slope * c`` for column c of the tile, added by the scaling FFMA (``qk * scale + slope *
+      c``): one FADD per score more than plain (the exponent's ``s - m``). Adding the column
+      term on the tensor cores instead (a 16-deep dot of ones with the bias split in three
+      input-dtype parts) needs a 4 KB operand tile that does not fit beside the tuned
+      128x128x3-stage tile's 224 KB on the H100. Every term stays small (relative to the block),
+      so large positions lose no precision.
     """
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     late = qk_scale2  # scale applied in the exponent's FFMA (every path but USE_NATURAL's)
@@ -135,9 +113,10 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
         s = tanh_f32(qk * (sm_scale / softcap))
         late = softcap * 1.4426950408889634
     elif HAS_ALIBI:
-        s = tl.dot(_ones_cols3(q, qk.shape[0]), alibi_cols(slope / sm_scale, k.shape[0], q.dtype), qk,
-                   input_precision=DOT_PREC)
-        shift = slope * 1.4426950408889634 * alibi_rel.to(tl.float32)
+        slope2 = slope * 1.4426950408889634
+        s = qk * qk_scale2 + (slope2 * tl.arange(0, k.shape[0]).to(tl.float32))[None, :]
+        late = 1.0
+        shift = slope2 * alibi_rel.to(tl.float32)
     else:
         s = qk
     if MASKED:
