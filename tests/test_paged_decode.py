@@ -7,8 +7,9 @@ no sequence owns and -1 in unused block-table entries (see
 import pytest
 import torch
 
-from attention_proto.ops.paged import paged_attention, plan
-from attention_proto.ops.paged.dispatch import MAX_PARTITIONS
+from attention_proto.ops.paged import PagedConfig, paged_attention, plan
+from attention_proto.ops.paged.decode import kv_buffers
+from attention_proto.ops.paged.dispatch import MAX_PARTITIONS, ctas_per_sm, gpu_config, smem_bytes
 from attention_proto.ops.paged.interface import explain
 from attention_proto.ops.paged.testing import assert_paged, make_paged
 
@@ -176,33 +177,54 @@ def test_bad_inputs_raise_clear_errors(name, mutate, exc, msg, device):
 
 
 # ---- dispatch -------------------------------------------------------------------------------
+# plans for an H100 (132 SMs) with the GPU tile, whatever machine runs the tests
+
+def _plan(B, N, total=None, **kw):
+    kw.setdefault("config", gpu_config(4, 128))
+    return plan(batch=B, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=N, total_tokens=total,
+                sms=132, **kw)
+
 
 def test_plan_v1_when_batch_fills_the_gpu():
-    p = plan(batch=128, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=4096, sms=132)
+    p = _plan(128, 4096)
     assert p.version == "v1" and p.num_partitions == 1 and p.programs == 1024
-    assert "1024 programs without a split run 4 wave(s)" in p.reason and "models no faster" in p.reason
+    assert "1024 programs without a split" in p.reason and "not more than 5% faster" in p.reason
+    assert _plan(32, 32768).version == "v1"  # 256 programs already saturate HBM in the model
 
 
 def test_plan_v2_for_one_long_sequence():
-    p = plan(batch=1, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=65536, sms=132)
-    assert p.version == "v2" and p.num_partitions == 32 and p.programs == 256
+    p = _plan(1, 65536)
+    assert p.version == "v2" and p.reason.startswith("V2:") and "modelled" not in p.reason
+    # enough programs to saturate HBM (1.5 per SM) without a second wave (396 slots)
+    assert 1.5 * 132 <= p.programs <= 3 * 132
     assert p.tokens_per_partition % p.config.BLOCK_N == 0
     assert p.tokens_per_partition * p.num_partitions >= 65536
-    assert p.reason.startswith("V2:") and "modelled" in p.reason
 
 
-def test_plan_small_batches_split_to_fill_the_slots():
-    # 8 x 8 = 64 programs leave most of 264 slots idle: 4 partitions fill one wave
-    p = plan(batch=8, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=4096, sms=132)
-    assert (p.version, p.num_partitions, p.programs) == ("v2", 4, 256)
-    p = plan(batch=32, num_q_heads=32, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=32768, sms=132)
-    assert p.version == "v1"
+def test_plan_small_batches_split():
+    p = _plan(8, 4096)
+    assert p.version == "v2" and p.num_partitions >= 3 and p.programs <= 3 * 132
+    p = _plan(8, 32768)
+    assert p.version == "v2" and p.programs <= 3 * 132
+
+
+def test_plan_mixed_lengths_split_by_total_work():
+    # 32 sequences, the longest 32k, ~9k on average: V1 waits for the longest; V2 splits by the total
+    uniform = _plan(32, 32768)
+    mixed = _plan(32, 32768, total=292523)
+    assert uniform.version == "v1"
+    assert mixed.version == "v2" and mixed.tokens_per_partition <= 4096, mixed.reason
+    assert "292523 tokens in all, longest 32768" in mixed.reason
+    # a total at the uniform bound is the uniform plan
+    assert _plan(32, 32768, total=32 * 32768).version == "v1"
 
 
 def test_plan_short_sequences_stay_v1_and_window_limits_span():
-    p = plan(batch=1, num_q_heads=8, num_kv_heads=8, q_len=1, head_dim=64, max_seq_len=200, sms=132)
+    cfg = gpu_config(1, 64)
+    p = plan(batch=1, num_q_heads=8, num_kv_heads=8, q_len=1, head_dim=64, max_seq_len=200, sms=132, config=cfg)
     assert p.version == "v1" and "too short to split" in p.reason
-    p = plan(batch=2, num_q_heads=8, num_kv_heads=2, q_len=1, head_dim=64, max_seq_len=1 << 17, window=1024, sms=132)
+    p = plan(batch=2, num_q_heads=8, num_kv_heads=2, q_len=1, head_dim=64, max_seq_len=1 << 17, window=1024, sms=132,
+             config=gpu_config(4, 64))
     assert "window 1024" in p.reason and p.tokens_per_partition * p.num_partitions < (1 << 17)
 
 
@@ -213,6 +235,77 @@ def test_plan_forced_versions_and_row_blocks():
     p = plan(batch=1, num_q_heads=8, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=1 << 16, version="v1")
     assert p.version == "v1" and "forced" in p.reason
     p = plan(batch=1, num_q_heads=8, num_kv_heads=8, q_len=1, head_dim=128, max_seq_len=100, version="v2")
-    assert p.version == "v2" and p.num_partitions == 1  # forced V2 on a short sequence: one partition + reduce
+    assert p.version == "v2" and p.num_partitions == 1  # forced V2 on a short sequence: one partition
     with pytest.raises(ValueError, match="version must be one of"):
         plan(batch=1, num_q_heads=1, num_kv_heads=1, q_len=1, head_dim=16, max_seq_len=8, version="fast")
+    with pytest.raises(ValueError, match="config.reduce must be one of 'fused', 'kernel'"):
+        plan(batch=1, num_q_heads=1, num_kv_heads=1, q_len=1, head_dim=16, max_seq_len=8,
+             config=PagedConfig(16, 16, 16, 4, 1, "atomic"))
+
+
+def test_occupancy_model_matches_the_compiled_kernel():
+    # shared memory of the decode kernel compiled for sm_90 by Triton 3.6 (codegen.cross), GQA 4, D128 bf16
+    for (bn, stages), smem in {(64, 3): 39168, (64, 5): 72192, (32, 7): 54656, (64, 7): 105216,
+                               (128, 5): 140288}.items():
+        assert smem_bytes(PagedConfig(16, bn, 128, 4, stages)) == smem, (bn, stages)
+    assert [kv_buffers(s) for s in (1, 3, 4, 5, 6, 7)] == [1, 1, 1, 2, 2, 3]
+    assert ctas_per_sm(PagedConfig(16, 64, 128, 4, 5)) == 3
+    assert ctas_per_sm(PagedConfig(16, 128, 128, 4, 5)) == 1
+    assert gpu_config(4, 128).num_stages >= 5  # two K/V buffers by default
+
+
+# ---- fused merge ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduce", ["fused", "kernel"])
+def test_mixed_lengths_both_merges(reduce, gen, device):
+    # sequences needing 1, 2, 3 and all 4 partitions of 16 tokens (interpreter tile 16), one of length Nq;
+    # with a window the first partitions start at the window, not at token 0
+    Hq, Hkv, Nq, D, page = 4, 2, 2, 16, 8
+    lens = [2, 20, 40, 64, 9]
+    q, kc, vc, bt, sl = make_paged(len(lens), Hq, Hkv, Nq, D, page, lens, torch.float32, device, gen)
+    cfg = PagedConfig(16, 16, 16, 4, 1, reduce)
+    for kw in ({}, {"window": 21}, {"softcap": 3.0}):
+        assert_paged(q, kc, vc, bt, sl, torch.float32, what=f"{reduce} {kw}", version="v2", num_partitions=4,
+                     config=cfg, **kw)
+
+
+def test_fused_merges_many_partitions_and_resets_its_counters(gen, device, monkeypatch):
+    # 20 partitions: more than one merge step (MERGE_P = 16 here); counters must be back at 0 after the call
+    from attention_proto.ops.paged import decode
+
+    lens = [320, 1, 150]
+    q, kc, vc, bt, sl = make_paged(3, 2, 1, 1, 32, 16, lens, torch.float16, device, gen)
+    held = torch.zeros(3, dtype=torch.int32, device=device)
+    monkeypatch.setattr(decode, "merge_counters", lambda n, dev: held[:n])
+    assert decode.merge_tile(2, 16, 32) == (2, 16)
+    outs = []
+    for _ in range(2):  # the second call reuses the same counters
+        assert_paged(q, kc, vc, bt, sl, torch.float16, what="20 partitions", version="v2", num_partitions=20)
+        assert int(held.abs().sum()) == 0, held
+        outs.append(paged_attention(q, kc, vc, bt, sl, version="v2", num_partitions=20))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_fused_equals_kernel_merge_within_rounding(gen, device):
+    lens = [7, 45, 33]
+    q, kc, vc, bt, sl = make_paged(3, 4, 2, 1, 32, 8, lens, torch.float32, device, gen)
+    a, la = paged_attention(q, kc, vc, bt, sl, version="v2", num_partitions=3, return_lse=True,
+                            config=PagedConfig(16, 16, 32, 4, 1, "fused"))
+    b, lb = paged_attention(q, kc, vc, bt, sl, version="v2", num_partitions=3, return_lse=True,
+                            config=PagedConfig(16, 16, 32, 4, 1, "kernel"))
+    assert torch.allclose(a, b, atol=1e-5, rtol=0) and torch.allclose(la, lb, atol=1e-5, rtol=0)
+
+
+def test_total_tokens_argument(gen, device):
+    lens = [5, 40]
+    q, kc, vc, bt, sl = make_paged(2, 4, 2, 1, 16, 8, lens, torch.float16, device, gen)
+    # any total gives correct results (it only sizes partitions)
+    for total in (0, 45, 10**6):
+        assert_paged(q, kc, vc, bt, sl, torch.float16, what=f"total {total}", total_tokens=total,
+                     check_inputs=False, max_seq_len=40)
+    with pytest.raises(ValueError, match="total_tokens must be a non-negative int or None"):
+        paged_attention(q, kc, vc, bt, sl, total_tokens=-1)
+    with pytest.raises(ValueError, match="config.reduce must be one of"):
+        paged_attention(q, kc, vc, bt, sl, config=PagedConfig(16, 16, 16, 4, 1, "x"))
+    p = explain(q, kc, bt, max_seq_len=40, total_tokens=45)
+    assert p.version in ("v1", "v2")

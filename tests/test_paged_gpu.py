@@ -2,10 +2,13 @@
 
 All marked ``gpu`` (skipped without CUDA). The float64 reference runs on the CPU.
 """
+import dataclasses
+
 import pytest
 import torch
 
-from attention_proto.ops.paged import PagedKVCache, paged_attention
+from attention_proto.ops.paged import PagedConfig, PagedKVCache, paged_attention
+from attention_proto.ops.paged.dispatch import gpu_config
 from attention_proto.ops.paged.testing import assert_paged, compare_paged, make_paged
 
 pytestmark = [
@@ -25,11 +28,71 @@ def _lens(gen, B, lo, hi):
     return torch.randint(lo, hi + 1, (B,), generator=gen).tolist()
 
 
-@pytest.mark.parametrize("version,parts", [("auto", None), ("v1", None), ("v2", None), ("v2", 37)])
-def test_bf16_gqa_at_scale(version, parts, gen):
+@pytest.mark.parametrize("reduce", ["fused", "kernel"])
+@pytest.mark.parametrize("version,parts", [("auto", None), ("v1", None), ("v2", None), ("v2", 37), ("v2", 256)])
+def test_bf16_gqa_at_scale(version, parts, reduce, gen):
     lens = _lens(gen, 8, 1, 6000) + [8192]
     q, kc, vc, bt, sl = make_paged(9, 32, 8, 1, 128, 16, lens, torch.bfloat16, "cuda", gen)
-    assert_paged(q, kc, vc, bt, sl, torch.bfloat16, what=f"{version}/{parts}", version=version, num_partitions=parts)
+    cfg = dataclasses.replace(gpu_config(4, 128), reduce=reduce)
+    assert_paged(q, kc, vc, bt, sl, torch.bfloat16, what=f"{version}/{parts}/{reduce}", version=version,
+                 num_partitions=parts, config=cfg)
+
+
+@pytest.mark.parametrize("bn,warps,stages", [(64, 4, 3), (32, 4, 7), (64, 4, 7), (128, 8, 5)])
+def test_bench_tile_candidates(bn, warps, stages, gen):
+    # every tile scripts/bench_paged.py times, with both merges, mixed lengths and a window
+    lens = _lens(gen, 5, 1, 5000) + [9000]
+    q, kc, vc, bt, sl = make_paged(6, 32, 8, 1, 128, 16, lens, torch.bfloat16, "cuda", gen)
+    for reduce in ("fused", "kernel"):
+        cfg = PagedConfig(16, bn, 128, warps, stages, reduce)
+        for kw in ({}, {"window": 1000}):
+            assert_paged(q, kc, vc, bt, sl, torch.bfloat16, what=f"{bn}/{warps}/{stages} {reduce} {kw}",
+                         version="v2", config=cfg, **kw)
+
+
+def test_fused_merge_in_cuda_graph_replays(gen):
+    # a captured fused call takes counters from the eagerly zeroed slab; every replay leaves them at 0,
+    # so replays with new queries match eager calls
+    from attention_proto.ops.paged import workspace
+
+    lens = [3000, 17, 700, 4096]
+    q, kc, vc, bt, sl = make_paged(4, 32, 8, 1, 128, 16, lens, torch.bfloat16, "cuda", gen)
+    kw = dict(version="v2", num_partitions=8, check_inputs=False, max_seq_len=4096)
+    eager = paged_attention(q, kc, vc, bt, sl, **kw)  # creates the slab
+    before = workspace.slab_usage(0)
+    static_q = q.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        paged_attention(static_q, kc, vc, bt, sl, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = paged_attention(static_q, kc, vc, bt, sl, **kw)
+    assert workspace.slab_usage(0) == before + 4 * 8  # B x Hkv counters, from the slab
+    for i in range(4):
+        static_q.copy_(torch.randn(q.shape, generator=gen).to(q) if i else q)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = paged_attention(static_q, kc, vc, bt, sl, **kw)
+        assert torch.equal(static_out, ref), f"replay {i} differs from the eager call"
+    assert torch.equal(eager, paged_attention(q, kc, vc, bt, sl, **kw))
+
+
+def test_fused_merge_on_concurrent_streams(gen):
+    lens = [5000, 300, 4096, 2048]
+    q, kc, vc, bt, sl = make_paged(4, 32, 8, 1, 128, 16, lens, torch.bfloat16, "cuda", gen)
+    kw = dict(version="v2", num_partitions=16, check_inputs=False, max_seq_len=5000)
+    ref = paged_attention(q, kc, vc, bt, sl, **kw)
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    torch.cuda.synchronize()
+    outs = []
+    for _ in range(5):
+        for s in streams:
+            with torch.cuda.stream(s):
+                outs.append(paged_attention(q, kc, vc, bt, sl, **kw))
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, ref) for o in outs)
 
 
 @pytest.mark.parametrize("page", [8, 16, 32, 64, 128, 256])

@@ -1,6 +1,7 @@
 """Paged KV cache and decode attention (study 3).
 
-- :func:`paged_attention` -- decode over a paged KV cache (V1 / V2 split-KV, automatic choice).
+- :func:`paged_attention` -- decode over a paged KV cache (V1 / V2 split-KV with a fused merge,
+  automatic choice).
 - :class:`PagedKVCache` -- pool, block table, lengths, page allocation and the append kernel.
 - :func:`paged_kv_append` -- the append kernel on its own.
 - :func:`plan` / :func:`explain` -- which kernel and partition count, and why.

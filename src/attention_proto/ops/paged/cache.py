@@ -293,9 +293,11 @@ class PagedKVCache:
     def attend(self, seq_ids: Sequence[int], q: torch.Tensor, **kwargs):
         """:func:`paged_attention` of ``q [B, Hq, Nq, D]`` over the sequences ``seq_ids``.
 
-        ``max_seq_len`` comes from the host's lengths; other keyword arguments pass through.
+        ``max_seq_len`` and ``total_tokens`` come from the host's lengths (no sync needed to plan);
+        other keyword arguments pass through.
         """
         seq_ids = list(seq_ids)
         bt, lens = self.batch(seq_ids)
         kwargs.setdefault("max_seq_len", max(1, max(self._lens[s] for s in seq_ids)))
+        kwargs.setdefault("total_tokens", sum(self._lens[s] for s in seq_ids))
         return paged_attention(q, self.k_cache, self.v_cache, bt, lens, **kwargs)

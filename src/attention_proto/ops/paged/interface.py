@@ -17,7 +17,7 @@ from ...runtime.validation import (
 )
 from ..dense.reference import normalize_window
 from .decode import paged_decode
-from .dispatch import MAX_PARTITIONS, PagedConfig, PagedPlan, plan
+from .dispatch import MAX_PARTITIONS, REDUCES, PagedConfig, PagedPlan, plan
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_Q_LEN = 16
@@ -79,8 +79,8 @@ def _check_shapes(q, k_cache, v_cache, block_table, seq_lens, alibi_slopes, soft
         raise ValueError(f"scale must be a finite number or None; got {scale!r}")
 
 
-def _check_contents(q, k_cache, block_table, seq_lens, max_seq_len) -> int:
-    """Checks of the block table and lengths (one device -> host sync). Returns max(seq_lens)."""
+def _check_contents(q, k_cache, block_table, seq_lens, max_seq_len) -> Tuple[int, int]:
+    """Checks of the block table and lengths (one device -> host sync). Returns (max, sum) of seq_lens."""
     B, _, Nq, _ = q.shape
     num_pages, page_size = k_cache.shape[:2]
     max_pages = block_table.shape[1]
@@ -90,8 +90,8 @@ def _check_contents(q, k_cache, block_table, seq_lens, max_seq_len) -> int:
     used = col < need[:, None]
     bt = block_table.to(torch.int64)
     bad = used & ((bt < 0) | (bt >= num_pages))
-    stats = torch.stack([lens.max(), lens.min(), bad.any().to(torch.int64)]).tolist()
-    lmax, lmin, any_bad = stats
+    stats = torch.stack([lens.max(), lens.min(), bad.any().to(torch.int64), lens.sum()]).tolist()
+    lmax, lmin, any_bad, total = stats
     if lmin < Nq:
         b = int(torch.nonzero(lens < Nq)[0, 0])
         raise ValueError(f"seq_lens[{b}] = {int(lens[b])} is shorter than the {Nq} query tokens of q "
@@ -106,7 +106,7 @@ def _check_contents(q, k_cache, block_table, seq_lens, max_seq_len) -> int:
                          f"pages (k_cache {describe(k_cache)}); sequence {b} uses its first {int(need[b])} pages")
     if max_seq_len is not None and max_seq_len < lmax:
         raise ValueError(f"max_seq_len={max_seq_len} is below the longest sequence (seq_lens max {lmax})")
-    return int(lmax)
+    return int(lmax), int(total)
 
 
 def paged_attention(
@@ -123,6 +123,7 @@ def paged_attention(
     version: str = "auto",
     num_partitions: Optional[int] = None,
     max_seq_len: Optional[int] = None,
+    total_tokens: Optional[int] = None,
     check_inputs: bool = True,
     return_lse: bool = False,
     config: Optional[PagedConfig] = None,
@@ -156,6 +157,10 @@ def paged_attention(
             without a sync); default: ``seq_lens.max()`` when ``check_inputs``, else the block
             table's capacity ``max_pages * page_size``. A value below the longest sequence
             silently drops keys when ``check_inputs=False``.
+        total_tokens: the sum of ``seq_lens`` known on the host (mixed lengths: V2's partitions
+            are sized by the batch's work, not by its longest sequence alone); default: from
+            ``seq_lens`` when ``check_inputs`` (the same sync), else every sequence counts as
+            ``max_seq_len`` long. Only the plan uses it: any value gives correct results.
         check_inputs: run the content checks (on by default): every page id that a sequence
             uses lies in ``[0, num_pages)``, ``Nq <= seq_lens[b] <= max_pages * page_size``,
             ``max_seq_len >= max(seq_lens)``. They read ``block_table`` and ``seq_lens`` back
@@ -166,7 +171,8 @@ def paged_attention(
             id gives wrong values, not a fault).
         return_lse: also return the natural-log LSE ``[B, Hq, Nq]`` (fp32; -inf where a row
             sees no key).
-        config: tile override (:class:`PagedConfig`), for tuning sweeps.
+        config: tile and merge override (:class:`PagedConfig`; ``reduce="kernel"`` gives V2's
+            two-launch merge instead of the fused one), for tuning sweeps.
 
     Returns:
         ``out [B, Hq, Nq, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
@@ -189,15 +195,23 @@ def paged_attention(
         left, _right = normalize_window(window)
     except (TypeError, ValueError) as e:
         raise ValueError(f"window must be None, an int or a (left, right) pair; got {window!r}") from e
+    if total_tokens is not None and (not isinstance(total_tokens, int) or total_tokens < 0):
+        raise ValueError(f"total_tokens must be a non-negative int or None; got {total_tokens!r}")
+    if config is not None and not isinstance(config, PagedConfig):
+        raise TypeError(f"config must be a PagedConfig or None; got {type(config).__name__}")
+    if config is not None and config.reduce not in REDUCES:
+        raise ValueError(f"config.reduce must be one of {', '.join(map(repr, REDUCES))}; got {config.reduce!r}")
     if check_inputs:
-        longest = _check_contents(q, k_cache, block_table, seq_lens, max_seq_len)
+        longest, total = _check_contents(q, k_cache, block_table, seq_lens, max_seq_len)
         bound = max_seq_len if max_seq_len is not None else longest
+        if total_tokens is None:
+            total_tokens = total
     else:
         bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page_size
     p: PagedPlan = plan(
         batch=B, num_q_heads=Hq, num_kv_heads=Hkv, q_len=Nq, head_dim=D, max_seq_len=max(1, bound),
-        window=window, version=version, num_partitions=num_partitions, elem_bytes=q.element_size(),
-        config=config,
+        total_tokens=total_tokens, window=window, version=version, num_partitions=num_partitions,
+        elem_bytes=q.element_size(), config=config,
     )
     if q.stride(3) != 1:
         q = q.contiguous()
@@ -210,10 +224,13 @@ def paged_attention(
 
 
 def explain(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, *, max_seq_len: int,
-            window=None, version: str = "auto", num_partitions: Optional[int] = None,
-            config: Optional[PagedConfig] = None) -> PagedPlan:
-    """The plan :func:`paged_attention` would use for these inputs (no launch, no sync)."""
+            total_tokens: Optional[int] = None, window=None, version: str = "auto",
+            num_partitions: Optional[int] = None, config: Optional[PagedConfig] = None) -> PagedPlan:
+    """The plan :func:`paged_attention` would use for these inputs (no launch, no sync).
+
+    Pass ``total_tokens`` (the sum of ``seq_lens``) to see the plan of a checked call
+    (``check_inputs=True`` computes it) or of a call given it."""
     B, Hq, Nq, D = q.shape
     return plan(batch=B, num_q_heads=Hq, num_kv_heads=k_cache.shape[2], q_len=Nq, head_dim=D,
-                max_seq_len=max_seq_len, window=window, version=version, num_partitions=num_partitions,
-                elem_bytes=q.element_size(), config=config)
+                max_seq_len=max_seq_len, total_tokens=total_tokens, window=window, version=version,
+                num_partitions=num_partitions, elem_bytes=q.element_size(), config=config)
