@@ -55,7 +55,10 @@ def merge_counters(n: int, device: torch.device) -> torch.Tensor:
     if not _capturing():
         with _LOCK:
             if idx not in _SLABS:
-                _SLABS[idx] = _Slab(torch.device("cuda", idx))
+                try:
+                    _SLABS[idx] = _Slab(torch.device("cuda", idx))
+                except RuntimeError:  # e.g. another thread is capturing (no sync allowed): try next time
+                    pass
         return torch.zeros(n, dtype=torch.int32, device=device)
     with _LOCK:
         slab = _SLABS.get(idx)
