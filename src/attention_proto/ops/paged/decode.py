@@ -144,6 +144,7 @@ def _paged_decode_kernel(
     MERGE_M: tl.constexpr, MERGE_P: tl.constexpr,
     MODE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,  # MODE != 0; unused here: the study looks compiled kernels up by it
 ):
     pid = tl.program_id(0)
     part = tl.program_id(1)
@@ -375,7 +376,7 @@ def paged_decode(
         PAGE_SIZE=page_size, HEAD_DIM=D, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
         MERGE_M=merge_m, MERGE_P=merge_p,
         MODE=mode, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=has_alibi, HAS_WINDOW=window_left >= 0,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT=mode != MODE_SINGLE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if mode == MODE_SPLIT:
