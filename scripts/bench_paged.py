@@ -103,7 +103,7 @@ class Timer:
         # L2 emptied of the inputs by reading 256 MB (clean lines: nothing to write back)
         est = []
         for _ in range(3):
-            torch.sum(self.flush_buf, out=self.flush_out)
+            torch.sum(self.flush_buf, dim=0, out=self.flush_out)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             replay()
@@ -113,7 +113,7 @@ class Timer:
         n = max(5, min(400, int(self.rep_ms / max(1e-3, min(est)))))
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for s, e in ev:
-            torch.sum(self.flush_buf, out=self.flush_out)
+            torch.sum(self.flush_buf, dim=0, out=self.flush_out)
             s.record()
             replay()
             e.record()
