@@ -69,7 +69,8 @@ class Sweep:
             page_shape=(8, 32768), pages=(8, 16, 32, 64, 128, 256),
             mixed=(32, 1024, 32768), mha=(8, 4096), d64=(8, 32768),
             flex=[(8, 32768)],
-            configs=[(32, 4, 4), (64, 4, 2), (64, 4, 4), (128, 4, 2), (128, 8, 3)], config_shape=(8, 32768),
+            # the page-id load takes a pipeline stage: 5 stages give two K/V buffers, 7 give three
+            configs=[(32, 4, 5), (64, 4, 3), (64, 4, 5), (64, 4, 7), (128, 8, 5)], config_shape=(8, 32768),
         )
 
     @staticmethod
@@ -200,9 +201,11 @@ class PagedStudy(Study):
         def ours(tag: str, q, kc, vc, bt, sl, lens, N, *, sweep, Hkv, D, version="auto", parts=None, config=None,
                  extra=None):
             with ctx.guard(f"{tag} {version}{'/' + str(parts) if parts else ''}"):
-                p = explain(q, kc, bt, max_seq_len=max(lens), version=version, num_partitions=parts, config=config)
+                # the checks (off here: timed) would count the tokens; mixed batches are split by them
+                p = explain(q, kc, bt, max_seq_len=max(lens), version=version, num_partitions=parts, config=config,
+                            total_tokens=sum(lens))
                 kw = dict(version=version, num_partitions=parts, max_seq_len=max(lens), check_inputs=False,
-                          config=config)
+                          config=config, total_tokens=sum(lens))
                 t = bench(lambda: paged_attention(q, kc, vc, bt, sl, **kw))
                 variant = version if parts is None else f"v2-p{parts}"
                 if config is not None:
