@@ -140,6 +140,7 @@ def _dense_fwd_varlen():
 def _dense_fwd_tma():
     from attention_proto.ops.dense.configs import FwdConfig, config_problems
     from attention_proto.ops.dense.forward import flash_attention_forward
+    from attention_proto.ops.dense.rope import RopeSpec
     from attention_proto.runtime.device import is_hopper
 
     if not is_hopper():
@@ -151,8 +152,19 @@ def _dense_fwd_tma():
             continue
         for D in (64, 128):
             q, k, v = _qkv(Nq=197, Nk=253, D=D)
-            for mods in (dict(), dict(causal=True), dict(window=(31, 5), softcap=20.0, alibi_slopes=True)):
+            for mods in (dict(), dict(causal=True), dict(window=(31, 5), softcap=20.0, alibi_slopes=True),
+                         dict(causal=True, softcap=20.0), dict(causal=True, alibi_slopes=True),
+                         dict(causal=True, rope=RopeSpec("half")), dict(rope=RopeSpec("interleaved", q_offset=4))):
                 finite(flash_attention_forward(q, k, v, config=cfg, **mods)[0])
+    # packed sequences through the varlen TMA kernel: tiles run into the next sequence and past the end
+    lq, lk = [5, 0, 133, 1, 77], [9, 4, 133, 1, 0]
+    cq = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32, device=DEV)
+    ck = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32, device=DEV)
+    q, k, v = rnd(sum(lq), 4, 128), rnd(sum(lk), 2, 128), rnd(sum(lk), 2, 128)
+    for cfg in (FwdConfig(64, 64, 4, 3, "tma"), FwdConfig(128, 128, 8, 3, "tma")):
+        for mods in (dict(), dict(causal=True), dict(causal=True, window=(20, 0), softcap=10.0),
+                     dict(causal=True, alibi_slopes=True)):
+            finite(flash_attention_forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, config=cfg, **mods)[0])
 
 
 @case("dense_fwd_runtime")
@@ -170,9 +182,10 @@ def _dense_rope_kernel():
     from attention_proto.ops.dense.rope import RopeSpec
     from attention_proto.ops.dense.rope_kernel import apply_rope
 
-    q, k, _ = _qkv(Nq=21, Nk=53, D=72)
-    for spec in (RopeSpec("half"), RopeSpec("interleaved", q_offset=2, k_offset=3)):
-        finite(*apply_rope(q, k, spec))
+    for D in (72, 64):  # 72: the partner-load kernel; 64: the register-shuffle kernel (5 heads: a partial group)
+        q, k, _ = _qkv(Nq=21, Nk=53, D=D, H=5, Hkv=1) if D == 64 else _qkv(Nq=21, Nk=53, D=D)
+        for spec in (RopeSpec("half"), RopeSpec("interleaved", q_offset=2, k_offset=3)):
+            finite(*apply_rope(q, k, spec))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,12 +290,13 @@ def discover_kernels(root: Path = ROOT / "src" / "attention_proto" / "ops") -> L
 
 
 #: kernels only a GPU case launches (checked as covered only there)
-GPU_ONLY_KERNELS = {"_fwd_tma_kernel"}
+GPU_ONLY_KERNELS = {"_fwd_tma_kernel", "_fwd_tma_varlen_kernel"}
 
 #: which case launches each kernel: a kernel added to the source must be added here (and to a
 #: case); tests/test_fuzz_common.py checks that every discovered kernel has an entry
 KERNEL_CASES = {
     "_fwd_kernel": "dense_fwd_portable", "_fwd_tma_kernel": "dense_fwd_tma", "_fwd_runtime_kernel": "dense_fwd_runtime",
+    "_fwd_tma_varlen_kernel": "dense_fwd_tma", "_rope_rows_kernel": "dense_rope_kernel",
     "_rope_kernel": "dense_rope_kernel", "_bwd_preprocess": "dense_bwd", "_bwd_dkdv": "dense_bwd",
     "_bwd_dq": "dense_bwd", "_rope_pass": "dense_bwd", "_paged_decode_kernel": "paged_decode",
     "_paged_reduce_kernel": "paged_decode", "_paged_append_kernel": "paged_append",
