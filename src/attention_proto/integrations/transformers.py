@@ -70,11 +70,26 @@ def register(name: str = NAME, *, strict: bool = False) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    _masking_utils()
     _STRICT[0] = bool(strict)
     AttentionInterface.register(name, attention_forward)
     # without a mask function transformers would hand the attention no mask at all
     AttentionMaskInterface.register(name, mask_function)
     return name
+
+
+#: transformers.masking_utils, imported once outside any trace: under torch.compile an ``import`` of
+#: transformers (a ``_LazyModule``, not a plain module) is a graph break in torch 2.11 ("Bad import
+#: result"), measured on the H100 run
+_MASKING_UTILS: List[Any] = []
+
+
+def _masking_utils() -> Any:
+    if not _MASKING_UTILS:
+        import transformers.masking_utils as mu
+
+        _MASKING_UTILS.append(mu)
+    return _MASKING_UTILS[0]
 
 
 def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -87,7 +102,7 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     ``use_vmap``) and bidirectional masks on causal models (``config.is_causal=False``) are
     materialised as transformers' 4-D boolean mask, which the attention computes eagerly.
     """
-    from transformers import masking_utils as mu
+    mu = _MASKING_UTILS[0] if _MASKING_UTILS else _masking_utils()
 
     config = kwargs.get("config")
     forced_bidirectional = mask_function is mu.bidirectional_mask_function and config is not None and \
