@@ -46,6 +46,11 @@ def gpu_slug() -> str:
 
 
 def git_commit(repo: Path | None = None) -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes); ``ATTENTION_PROTO_COMMIT`` wins
+    when set: a copied tree (the GPU machine's) may carry a stale ``.git`` of another commit."""
+    given = os.environ.get("ATTENTION_PROTO_COMMIT")
+    if given:
+        return given
     repo = repo or Path(__file__).resolve().parents[3]
     try:
         out = subprocess.run(
@@ -60,7 +65,7 @@ def git_commit(repo: Path | None = None) -> str:
             return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("ATTENTION_PROTO_COMMIT", "unknown")
+    return "unknown"
 
 
 def _driver_version() -> str:
