@@ -243,7 +243,10 @@ def check_dense_forward(case):
 
 
 def _ref_grads(q, k, v, do, cd, varlen=None, **mods):
-    dev = "cpu" if DEV == "cpu" else DEV
+    # the varlen reference runs each sequence on the CPU (its empty-sequence parts are CPU tensors):
+    # its inputs and the upstream gradient go there too (on the GPU, a cuda `do` against CPU outputs
+    # made every varlen backward case fail with "invalid gradient ... expected device cpu")
+    dev = "cpu" if (DEV == "cpu" or varlen is not None) else DEV
     ins = [t.detach().to(device=dev, dtype=cd).requires_grad_() for t in (q, k, v)]
     if varlen is None:
         out, _ = attention_reference(*ins, compute_dtype=cd, device=dev, **mods)
