@@ -56,7 +56,8 @@ rm -f "$LOGDIR"/*.log "$LOGDIR"/*.stdout "$LOGDIR"/*-cases.json
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "gpu: $slug"
   echo "driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo -dirty)"
+  # ATTENTION_PROTO_COMMIT first: the GPU machine's copy of the tree may carry a stale .git
+  echo "commit: ${ATTENTION_PROTO_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo -dirty)}"
   echo "versions: $("$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)')"
   echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1; cases: ${ONLY:-all}"
 } > "$SUMMARY"

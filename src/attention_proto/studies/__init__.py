@@ -20,6 +20,7 @@ STUDY_MODULES: Dict[str, str] = {
     "linear": "linear",           # study 6: chunked linear attention
     "modifiers": "modifiers",     # study 7: RoPE / ALiBi / GQA / softcap / window costs
     "integration": "integration", # study 8: torch.library and transformers
+    "reliability": "reliability", # GPU fuzz + compute-sanitizer outputs, ingested (measures nothing itself)
 }
 
 

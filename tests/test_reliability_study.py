@@ -1,0 +1,50 @@
+"""The reliability study ingests the GPU fuzz table and the sanitizer logs into a run and judges the bars."""
+from __future__ import annotations
+
+import json
+
+from attention_proto.kb.store import KB
+from attention_proto.studies.base import RunData
+from attention_proto.studies.reliability import STUDY, ingest
+
+
+def _run(tmp_path):
+    kb = KB.in_dir(tmp_path / "kb")
+    rid = kb.start_run({"gpu": "NVIDIA H100 80GB HBM3", "gpu_slug": "h100", "mode": "gpu"}, ["paged"])
+    return kb, rid
+
+
+def _write(d, fuzz_lines, cases, log):
+    (d / "sanitizer-logs").mkdir(parents=True)
+    (d / "fuzz.out").write_text("\n".join(fuzz_lines) + "\n")
+    (d / "sanitizer-logs" / "memcheck.stdout").write_text("device: cuda\n" + "\n".join(cases) + "\n")
+    (d / "sanitizer-logs" / "memcheck.log").write_text(log)
+
+
+def test_ingest_and_bars_missed(tmp_path):
+    kb, rid = _run(tmp_path)
+    d = tmp_path / "rel"
+    _write(d, ["dense_fwd              timeout  cases=   21 failures=0 (470.5 s)",
+               "paged_decode           timeout  cases=  215 failures=30 (470.7 s)"],
+           ["[ok]   dense_fwd_portable (230.99 s)", "[ok]   paged_decode (16.02 s)"], "========= COMPUTE-SANITIZER\n")
+    (d / "notes.json").write_text(json.dumps({"paged_decode": "under investigation"}))
+    assert ingest(kb, rid, d) == 5
+    assert "reliability" in kb.run(rid)["studies"]
+    f = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}
+    fz = f["reliability-gpu-fuzz"]
+    assert fz.verdict == "refuted" and "236 cases" in fz.claim and "under investigation" in fz.claim
+    san = f["reliability-sanitizer-memcheck"]
+    assert san.verdict == "inconclusive" and "cut short" in san.claim and san.metrics["ok"] == 2
+    # ingesting again replaces the rows
+    assert ingest(kb, rid, d) == 5 and len(kb.measurements(run_id=rid, study="reliability")) == 5
+
+
+def test_bars_met(tmp_path):
+    kb, rid = _run(tmp_path)
+    d = tmp_path / "rel"
+    _write(d, ["dense_fwd              passed   cases= 1000 failures=0 (100.0 s)"], ["[ok]   dense_fwd_portable (1.0 s)"],
+           "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
+    ingest(kb, rid, d)
+    f = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}
+    assert f["reliability-gpu-fuzz"].verdict == "supported"
+    assert f["reliability-sanitizer-memcheck"].verdict == "supported"
