@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -154,6 +154,28 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     results = {}
+    env = environment()
+
+    def write_summary() -> dict:
+        # written after every operation: a command stopped by its time limit keeps what finished
+        summary = {
+            "schema": "attention-proto/fuzz-gpu/1",
+            "examples_requested": args.examples,
+            "mode": "cpu-variants" if args.cpu else "gpu",
+            "started": started,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+            "environment": env,
+            "ops": dict(results),
+            "total_cases": sum(r["cases"] for r in results.values()),
+            "total_failures": sum(r["failures"] for r in results.values()),
+            "complete": len(results) == len(ops),
+        }
+        summary["ok"] = summary["complete"] and all(
+            r["status"] == "passed" and r["failures"] == 0 and r["cases"] >= args.examples for r in results.values())
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return summary
+
     with tempfile.TemporaryDirectory(prefix="fuzz-gpu-") as tmp:
         work = Path(tmp)
 
@@ -162,26 +184,16 @@ def main(argv=None) -> int:
             r = run_op(op, node, args.examples, args.timeout, work)
             print(f"{op:22s} {r['status']:8s} cases={r['cases']:5d} failures={r['failures']} ({r['seconds']} s)",
                   flush=True)
+            for f in (r.get("first_failures") or [])[:2]:  # on stdout too: the JSON may not come back
+                print(f"    failure: {json.dumps(f, default=str)[:600]}", flush=True)
             return op, r
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for op, r in pool.map(one, ops):
+            for fut in as_completed([pool.submit(one, op) for op in ops]):
+                op, r = fut.result()
                 results[op] = r
-    summary = {
-        "schema": "attention-proto/fuzz-gpu/1",
-        "examples_requested": args.examples,
-        "mode": "cpu-variants" if args.cpu else "gpu",
-        "started": started,
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-        "environment": environment(),
-        "ops": results,
-        "total_cases": sum(r["cases"] for r in results.values()),
-        "total_failures": sum(r["failures"] for r in results.values()),
-    }
-    summary["ok"] = all(r["status"] == "passed" and r["failures"] == 0 and r["cases"] >= args.examples
-                        for r in results.values())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+                write_summary()
+    summary = write_summary()
     print(f"{summary['total_cases']} cases, {summary['total_failures']} failures, ok={summary['ok']} -> {args.out}")
     return 0 if summary["ok"] else 1
 
