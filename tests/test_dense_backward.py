@@ -225,6 +225,106 @@ def test_varlen(mods):
         assert_close_rule(a, lo, hi, torch.float32, factor=3, what=name)
 
 
+# --------------------------------------------------------------------------- TMA path (descriptors emulated by the interpreter)
+
+TMA = dict(path="tma")
+TMA_CFGS = {
+    "fused": BwdConfig(16, 32, 1, 2, **TMA),
+    "split": BwdConfig(16, 32, 1, 2, fused=False, **TMA),
+    # dK/dV steps longer than its key block, dQ tiles unlike the dK/dV ones
+    "tiles": BwdConfig(32, 16, 1, 3, dq_block_m=16, dq_block_n=32, **TMA),
+}
+TMA_SHAPES = [
+    # B, H, Hkv, Nq, Nk, D, causal
+    (1, 2, 2, 37, 37, 64, True),
+    (1, 4, 1, 29, 41, 32, False),  # GQA 4:1, Nq < Nk
+    (1, 2, 1, 45, 20, 32, True),  # Nq > Nk: the first rows see no key
+    (2, 2, 2, 17, 50, 32, True),
+    (1, 1, 1, 1, 33, 32, True),  # decode-like
+]
+
+
+@pytest.mark.parametrize("cfg", list(TMA_CFGS))
+@pytest.mark.parametrize("B,H,Hkv,Nq,Nk,D,causal", TMA_SHAPES)
+def test_tma_grads(B, H, Hkv, Nq, Nk, D, causal, cfg):
+    check_bwd(B, H, Hkv, Nq, Nk, D, torch.float16, seed=Nq + Nk, config=TMA_CFGS[cfg], causal=causal)
+
+
+@pytest.mark.parametrize("mod", list(MODS) + ["window_rows_without_keys"])
+def test_tma_modifier(mod):
+    mods = dict(MODS.get(mod, dict(window=(2, 0))))
+    if "alibi_slopes" in mods:
+        mods["alibi_slopes"] = mods["alibi_slopes"].to(DEV)
+    Nq, Nk = (33, 12) if mod == "window_rows_without_keys" else (29, 41)
+    check_bwd(1, 4, 2, Nq, Nk, 32, torch.float16, seed=4, config=TMA_CFGS["fused"], **mods)
+
+
+def test_tma_fully_masked_rows_and_bitwise():
+    B, H, Nq, Nk, D = 1, 2, 40, 13, 32
+    cfg = TMA_CFGS["fused"]
+    dq, _, _ = check_bwd(B, H, 1, Nq, Nk, D, torch.float16, config=cfg, causal=True)
+    masked = Nq - Nk
+    assert torch.count_nonzero(dq[:, :, :masked]) == 0
+    q, k, v, do = make(B, H, 1, Nq, Nk, D, torch.float16, 1)
+    o, lse = _ref_o_lse(q, k, v, do, causal=True)
+    base = flash_attention_backward(do, q, k, v, o, lse, causal=True, config=cfg)
+    again = flash_attention_backward(do, q, k, v, o, lse, causal=True, config=cfg)
+    assert all(torch.equal(a, b) for a, b in zip(base, again))
+    do2 = do.clone()
+    do2[:, :, :masked] = 1e4  # huge but finite: any leak of p != 0 would show
+    o2 = o.clone()
+    o2[:, :, :masked] = 0
+    other = flash_attention_backward(do2, q, k, v, o2, lse, causal=True, config=cfg)
+    for a, b in zip(base[1:], other[1:]):
+        assert torch.equal(a, b)
+
+
+def test_tma_strided_views():
+    # BSHD views (transposed) for q/k/v, a non-contiguous dO (copied for its descriptor)
+    cfg = TMA_CFGS["fused"]
+    q, k, v, do = make(1, 2, 1, 21, 27, 32, torch.float16, 9)
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    do_nc = do.transpose(2, 3).contiguous().transpose(2, 3)
+    o, lse = _ref_o_lse(q, k, v, do, causal=True)
+    ref = flash_attention_backward(do, q, k, v, o, lse, causal=True, config=cfg)
+    ours = flash_attention_backward(do_nc, qt, kt, vt, o, lse, causal=True, config=cfg)
+    for a, b in zip(ref, ours):
+        assert torch.equal(a, b)
+
+
+def test_tma_supports_and_errors():
+    from attention_proto.ops.dense.backward_tma import supports
+
+    q, k, v, do = make(1, 2, 1, 8, 8, 32, torch.float16)
+    assert supports(q, k, v, check_device=False) == []
+    r = " | ".join(supports(q.float(), k.float(), v.float(), check_device=False))
+    assert "float16 and bfloat16" in r
+    q40, k40, v40, _ = make(1, 2, 1, 8, 8, 40, torch.float16)
+    assert "head dim 40" in " | ".join(supports(q40, k40, v40, check_device=False))
+    assert "varlen" in " | ".join(supports(q[0], k[0], v[0], varlen=True, check_device=False))
+    assert "last-dim stride" in " | ".join(supports(q.transpose(2, 3), k, v, check_device=False))
+    kb = torch.randn(1, 1, 8, 32, dtype=torch.float16).expand(1, 2, 8, 32)  # head stride 0: no descriptor
+    assert "aligned" in " | ".join(supports(q, kb, kb, check_device=False))
+    o, lse = _ref_o_lse(q40, k40, v40, None)
+    with pytest.raises(ValueError, match="TMA backward path.*head dim 40"):
+        flash_attention_backward(torch.randn_like(o), q40, k40, v40, o, lse, config=TMA_CFGS["fused"])
+    with pytest.raises(ValueError, match="path must be one of"):
+        BwdConfig(path="wgmma")
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        BwdConfig(path="tma", fused=1)
+
+
+def test_tma_config_picker():
+    from attention_proto.ops.dense.backward import tma_bwd_config_candidates
+
+    for d in (32, 64, 128):
+        cands = tma_bwd_config_candidates(d)
+        assert cands and all(c.path == "tma" for c in cands)
+        assert len({c.label for c in cands}) == len(cands)
+    assert "tma 64x128/128x64 w8 s3" == cands[0].label
+    assert BwdConfig(path="tma", fused=False).label.endswith(" split")
+
+
 # --------------------------------------------------------------------------- autograd Function
 
 
@@ -413,9 +513,76 @@ def test_gpu_fast_mode_matches():
     q, k, v, do = make(1, 4, 1, 1024, 1024, 128, torch.bfloat16, 4, device="cuda")
     o64, lse64, g64 = ref_grads(q, k, v, do, torch.float64, device="cuda", causal=True)
     _, _, glow = ref_grads(q, k, v, do, torch.bfloat16, device="cuda", causal=True)
-    ours = flash_attention_backward(do, q, k, v, o64.bfloat16(), lse64.float(), causal=True, deterministic=False)
+    # the portable config: with config=None the (deterministic) TMA path runs on Hopper in both modes
+    ours = flash_attention_backward(do, q, k, v, o64.bfloat16(), lse64.float(), causal=True, deterministic=False,
+                                    config=bwd_config_candidates(128)[0])
     for name, a, lo, hi in zip(("dq", "dk", "dv"), ours, glow, g64):
         assert_close_rule(a, lo, hi, torch.bfloat16, factor=3, what=name)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mod", list(MODS) + ["gqa", "plain"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_tma_modifiers(mod, dtype, D):
+    """The TMA path (default on Hopper) at ragged sizes with every modifier."""
+    from attention_proto.ops.dense.backward import tma_bwd_config_candidates
+
+    mods = dict(MODS.get(mod, dict(causal=True) if mod == "gqa" else {}))
+    if "alibi_slopes" in mods:
+        mods["alibi_slopes"] = mods["alibi_slopes"].cuda()
+    H, Hkv = (8, 2) if mod == "gqa" else (4, 2)
+    q, k, v, do = make(2, H, Hkv, 333, 517, D, dtype, 1, device="cuda")
+    o64, lse64, g64 = ref_grads(q, k, v, do, torch.float64, device="cuda", **mods)
+    _, _, glow = ref_grads(q, k, v, do, dtype, device="cuda", **mods)
+    cfg = tma_bwd_config_candidates(D)[0]
+    ours = flash_attention_backward(do, q, k, v, o64.to(dtype), lse64.float(), config=cfg, **mods)
+    for name, a, lo, hi in zip(("dq", "dk", "dv"), ours, glow, g64):
+        assert_close_rule(a, lo, hi, dtype, factor=3, what=name)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_tma_candidates_match_and_are_bitwise(D, causal):
+    from attention_proto.ops.dense.backward import tma_bwd_config_candidates
+
+    q, k, v, do = make(1, 4, 4, 1000, 1000, D, torch.bfloat16, 2, device="cuda")
+    o64, lse64, g64 = ref_grads(q, k, v, do, torch.float64, device="cuda", causal=causal)
+    _, _, glow = ref_grads(q, k, v, do, torch.bfloat16, device="cuda", causal=causal)
+    for cfg in tma_bwd_config_candidates(D):
+        ours = flash_attention_backward(do, q, k, v, o64.bfloat16(), lse64.float(), causal=causal, config=cfg)
+        again = flash_attention_backward(do, q, k, v, o64.bfloat16(), lse64.float(), causal=causal, config=cfg)
+        for name, a, b, lo, hi in zip(("dq", "dk", "dv"), ours, again, glow, g64):
+            assert_close_rule(a, lo, hi, torch.bfloat16, factor=3, what=f"{cfg.label} {name}")
+            assert torch.equal(a, b), f"{cfg.label} {name} not bitwise reproducible"
+
+
+@gpu
+@needs_cuda
+def test_gpu_default_is_tma_on_hopper():
+    from attention_proto.ops.dense import backward_tma
+    from attention_proto.runtime.cache import KERNEL_CACHE
+
+    q, k, v, do = make(1, 2, 2, 256, 256, 128, torch.bfloat16, 3, device="cuda")
+    if backward_tma.supports(q, k, v):
+        pytest.skip("not a Hopper GPU")
+    o, lse = attention_reference(q, k, v, causal=True, compute_dtype=torch.float32, device="cuda")
+    names = []
+    launch = KERNEL_CACHE.launch
+
+    def spy(kernel, grid, *a, **kw):
+        names.append(kernel.fn.__name__)
+        return launch(kernel, grid, *a, **kw)
+
+    KERNEL_CACHE.launch = spy
+    try:
+        flash_attention_backward(do, q, k, v, o.bfloat16(), lse.float(), causal=True)
+    finally:
+        KERNEL_CACHE.launch = launch
+    assert "_bwd_tma_kernel" in names, names
 
 
 @gpu
@@ -483,6 +650,10 @@ for D in (64, 128):
         mods = dict(causal=True, softcap=30.0, rope=RopeSpec("half")) if det else dict(causal=True)
         bw.flash_attention_backward(q, q, k, k, q, torch.zeros(1, 4, 256), deterministic=det,
                                     config=bw.bwd_config_candidates(D)[0], **mods)
+    for causal in (True, False):  # the TMA default (H == Hkv, as at the bar shapes)
+        q = torch.zeros(1, 4, 256, D, dtype=torch.bfloat16)
+        bw.flash_attention_backward(q, q, q, q, q, torch.zeros(1, 4, 256), causal=causal,
+                                    config=bw.tma_bwd_config_candidates(D)[0])
 for name, kern in compiled:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kern.asm["ptx"])
@@ -506,7 +677,7 @@ def test_kernels_compile_for_sm90_without_spills():
     out = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
-    assert len(rows) >= 8, out.stdout
+    assert len(rows) >= 12 and any(r[0] == "_bwd_tma_kernel" for r in rows), out.stdout
     for name, smem, spill in rows:
         assert int(smem) <= 227 * 1024, (name, smem)
         assert spill == "0", f"{name} spills {spill} bytes"

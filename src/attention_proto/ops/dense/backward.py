@@ -22,6 +22,14 @@ the default here; the public ``attention()`` picks its own default).
 atomics into a zeroed buffer (one pass over the scores instead of two; the
 summation order, hence the rounding, varies by run).
 
+Hopper fast path (``BwdConfig.path == "tma"``, :mod:`.backward_tma`): the same math with TMA
+descriptor loads, ``tl.range`` pipelining, exp2-domain scores against a pre-scaled LSE, 64x128 dK/dV
+and 128x64 dQ tiles, and dK/dV and dQ programs in one launch; deterministic in both modes (no
+atomics). With ``config=None`` it is picked wherever :func:`.backward_tma.supports` holds (CUDA
+sm_90+, fp16/bf16, D == Dv in 32/64/128, aligned strides, no varlen), for either value of
+``deterministic``; the kernels of this module run everywhere else (and on an explicit portable
+config).
+
 Score math (mirrors the forward and ``reference.py``), per tile, fp32:
   s = scale * q.k; softcap: th = tanh(s / c), s = c * th; ALiBi: s -= slope *
   |i + off - j|; masks -> -inf; p = exp(s - lse) (LSE = -inf rows -> p = 0).
@@ -71,6 +79,7 @@ from attention_proto.runtime.validation import (
     require_tensor,
 )
 
+from . import backward_tma
 from .common import LOG2E as _LOG2E_F
 from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_f32
 from .reference import normalize_window
@@ -79,6 +88,7 @@ from .rope import RopeSpec, rope_cos_sin
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(_LOG2E_F)  # a constexpr so that jitted code may read it
+BWD_PATHS = ("portable", "tma")
 #: tests set this to fill every output and scratch buffer with NaN before the kernels run
 POISON_OUTPUTS = False
 
@@ -94,6 +104,12 @@ class BwdConfig:
     The dQ kernel owns ``dq_block_m`` queries per program and steps over
     ``dq_block_n`` keys; by default (None) they are BLOCK_N and BLOCK_M, so
     that each program owns the larger tile. All are powers of two >= 16.
+
+    ``path``: "portable" (the pointer-load kernels of this module) or "tma"
+    (:mod:`.backward_tma`: descriptors, ``tl.range`` pipelining with
+    ``num_stages`` stages, Hopper and the interpreter only; always
+    deterministic). ``fused`` (tma only): dK/dV and dQ programs in one launch
+    instead of two.
     """
 
     BLOCK_M: int = 32
@@ -102,6 +118,8 @@ class BwdConfig:
     num_stages: int = 2
     dq_block_m: Optional[int] = None
     dq_block_n: Optional[int] = None
+    path: str = "portable"
+    fused: bool = True
 
     def __post_init__(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "dq_block_m", "dq_block_n"):
@@ -112,6 +130,16 @@ class BwdConfig:
             raise ValueError(f"BwdConfig.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"BwdConfig.num_stages must be a positive int; got {self.num_stages!r}")
+        if self.path not in BWD_PATHS:
+            raise ValueError(f"BwdConfig.path must be one of {BWD_PATHS}; got {self.path!r}")
+        if not isinstance(self.fused, bool):
+            raise TypeError(f"BwdConfig.fused must be a bool; got {self.fused!r}")
+
+    @property
+    def label(self) -> str:
+        tail = "" if self.path == "portable" or self.fused else " split"
+        return (f"{self.path} {self.BLOCK_M}x{self.BLOCK_N}/{self.dq_m}x{self.dq_n} "
+                f"w{self.num_warps} s{self.num_stages}{tail}")
 
     @property
     def dq_m(self) -> int:
@@ -148,13 +176,36 @@ def bwd_config_candidates(head_dim: int, dtype: torch.dtype = torch.bfloat16) ->
     return [BwdConfig(32, 32, 8, 2), BwdConfig(16, 32, 8, 2), BwdConfig(16, 32, 4, 1)]
 
 
-def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int) -> BwdConfig:
-    """Heuristic: tiny tiles under the interpreter, else the first sweep candidate.
+def tma_bwd_config_candidates(head_dim: int) -> list[BwdConfig]:
+    """Candidates of the TMA backward (:mod:`.backward_tma`, D in 32/64/128), best guess first.
 
+    The first is FlexAttention's H100 tiling (dK/dV 64x128, dQ 128x64, 8 warps, 3 stages).
+    ptxas -v for sm_90a (bf16, H == Hkv; ``scripts/bench_dense_bwd.py --sm90``): at D128 the
+    64x128 tiles take 247 registers causal / 217 not, no spills, 161 KB shared memory at 3 stages
+    (128 KB at 2, 194 KB at 4); 32x128 takes 201 / 187. At D64: 180 / 148, 81 KB. Softcap adds
+    ~10 registers and a few dozen spill bytes to the 64x128 tiles at D128 (see
+    :func:`pick_bwd_config`). The portable kernels at 64x128 spill 80-170 bytes.
+    """
+    t = dict(path="tma")
+    return [BwdConfig(64, 128, 8, 3, **t), BwdConfig(64, 128, 8, 2, **t), BwdConfig(64, 128, 8, 4, **t),
+            BwdConfig(64, 128, 8, 3, fused=False, **t), BwdConfig(32, 128, 8, 3, dq_block_m=128, dq_block_n=64, **t)]
+
+
+def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int, tma: bool = False,
+                    softcap: bool = False) -> BwdConfig:
+    """Heuristic: tiny tiles under the interpreter, the first TMA candidate where ``tma`` (the caller
+    checked :func:`.backward_tma.supports`), else the first portable sweep candidate.
+
+    With softcap the TMA path takes 32-query dK/dV steps: tanh(s/c) stays live for the gradient and
+    the 64-query tile then spills at D128 (ptxas for sm_90a: 255 registers, 44 bytes of spills).
     Short sequences (<= 64 keys) take 64-key blocks so that fewer rows idle.
     """
     if interpreter_mode():
         return BwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1)
+    if tma:
+        if softcap and head_dim > 64:
+            return BwdConfig(32, 128, 8, 3, dq_block_m=128, dq_block_n=64, path="tma")
+        return tma_bwd_config_candidates(head_dim)[0]
     cfg = bwd_config_candidates(head_dim, dtype)[0]
     if max(seqlen_q, seqlen_k) <= 64 and cfg.BLOCK_N > 64:
         cfg = BwdConfig(cfg.BLOCK_M, 64, 4, cfg.num_stages)
@@ -572,7 +623,11 @@ def flash_attention_backward(
 
     Returns dq, dk, dv shaped and typed like q, k, v (contiguous).
     ``deterministic=True`` gives bitwise-identical results across runs;
-    ``deterministic=False`` fuses dQ into the dK/dV pass with fp32 atomics.
+    ``deterministic=False`` lets the portable kernels fuse dQ into the dK/dV pass
+    with fp32 atomics (the TMA path is deterministic either way).
+    ``config``: tiles and path (see :class:`BwdConfig`); None picks the TMA path
+    where it applies (:func:`pick_bwd_config`). An explicit ``path="tma"`` config
+    on inputs it does not support raises ValueError with the reasons.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
@@ -581,6 +636,7 @@ def flash_attention_backward(
     if config is not None and not isinstance(config, BwdConfig):
         raise TypeError(f"config must be a BwdConfig or None; got {describe(config)}")
     left, right = normalize_window(window)
+    window_lr = (left, right)  # before causal is folded in (the TMA path takes both)
     if causal:  # causal is a right window of 0 (both bottom-right aligned)
         right = 0 if right < 0 else min(right, 0)
     D, Dv = q.shape[-1], v.shape[-1]
@@ -620,7 +676,15 @@ def flash_attention_backward(
     stride_sb = slopes.stride(0) if (alibi_slopes is not None and slopes.dim() == 2) else 0
     cu_q = cu_seqlens_q.to(torch.int32).contiguous() if varlen else delta
     cu_k = cu_seqlens_k.to(torch.int32).contiguous() if varlen else delta
-    cfg = config or pick_bwd_config(D, q.dtype, nq, nk)
+    if config is None:
+        tma_ok = not varlen and not backward_tma.supports(q, k, v)
+        cfg = pick_bwd_config(D, q.dtype, nq, nk, tma=tma_ok, softcap=use_softcap)
+    else:
+        cfg = config
+    if cfg.path == "tma":
+        reasons = backward_tma.supports(q, k, v, varlen=varlen, check_device=not interpreter_mode())
+        if reasons:
+            raise ValueError("the TMA backward path (BwdConfig.path='tma') does not apply: " + "; ".join(reasons))
     BD = max(16, triton.next_power_of_2(D))
     BDV = max(16, triton.next_power_of_2(Dv))
     small = interpreter_mode()
@@ -646,6 +710,15 @@ def flash_attention_backward(
             return y
 
         q_in, k_in = rope_pass(q, True, False, q.dtype), rope_pass(k, False, False, k.dtype)
+
+    if cfg.path == "tma":  # always deterministic: separate dK/dV and dQ programs, no atomics
+        backward_tma.run_tma_backward(
+            do, q_in, k_in, v, o, lse, dq, dk, dv, sm_scale=sc, causal=causal, left=window_lr[0],
+            right=window_lr[1], softcap=float(softcap) if use_softcap else None,
+            slopes=slopes if alibi_slopes is not None else None, config=cfg, poison=POISON_OUTPUTS)
+        if rope is not None:
+            dq, dk = rope_pass(dq, True, True, q.dtype), rope_pass(dk, False, True, k.dtype)
+        return dq, dk, dv
 
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     pre_m = 16 if small else 64
