@@ -375,7 +375,7 @@ def sm90_main() -> None:
     compiled = []
     bw.KERNEL_CACHE.launch = lambda kern, grid, *a, **kw: compiled.append(
         (kern.fn.__name__, kw.get("MODE"), kern.warmup(*a, grid=grid, **kw)))
-    print(f"{'candidate':12s} {'config':34s} {'mods':22s} kernel            regs spill  smem KB")
+    print(f"{'candidate':12s} {'config':34s} {'mods':22s} kernel            regs spill  smem KB  (H == Hkv)")
     for D in (128, 64):
         for name, cfg, det in candidates(D):
             for mods in (dict(causal=True), dict(), dict(causal=True, softcap=30.0)):
@@ -396,9 +396,11 @@ def sm90_main() -> None:
                     regs = re.findall(r"Used (\d+) registers", txt)
                     spill = re.findall(r"(\d+) bytes spill stores", txt)
                     m = "" if mode is None else f"[{mode}]"
+                    # C7515: ptxas serializes every wgmma of the kernel (a wait after each one)
+                    ser = "  WGMMA SERIALIZED" if "C7515" in txt else ""
                     print(f"{name:12s} {cfg.label:34s} {','.join(f'{a}' for a in mods):22s} "
                           f"{kname + m:17s} {regs[-1] if regs else '?':>4s} {spill[-1] if spill else '?':>5s} "
-                          f"{kern.metadata.shared / 1024:7.1f}   D{D}", flush=True)
+                          f"{kern.metadata.shared / 1024:7.1f}   D{D}{ser}", flush=True)
 
 
 def main() -> None:

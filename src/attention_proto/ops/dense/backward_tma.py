@@ -115,13 +115,16 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, offs_m, offs_n, off, qk_scale2,
     rel = offs_m[None, :] + off - offs_n[:, None]
     qkT = tl.dot(k, tl.trans(q))
     sT, thT = _scores2(qkT, rel, qk_scale2, th_scale, softcap2, slope2, SOFTCAP, ALIBI)
-    if IS_CAUSAL or HAS_WINDOW:
-        if MASKED:
-            if IS_CAUSAL:
-                ok = rel >= 0
-            else:
-                ok = (rel >= -win_right) & (rel <= win_left)
-            sT = tl.where(ok, sT, float("-inf"))
+    # MASKED is a run-time scalar, and this branch is compiled even where it is never taken (no
+    # causal/window: the window bounds are then unbounded): without a branch in the loop body,
+    # ptxas for sm_90a (triton 3.6) serializes every wgmma of the kernel (C7515, a wait after
+    # each instruction; the pipelined loop carries dK/dV through registers it then copies).
+    if MASKED:
+        if IS_CAUSAL:
+            ok = rel >= 0
+        else:
+            ok = (rel >= -win_right) & (rel <= win_left)
+        sT = tl.where(ok, sT, float("-inf"))
     pT = tl.math.exp2(sT - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv)
     dpT = tl.dot(v, tl.trans(do))
