@@ -7,6 +7,11 @@ no sequence owns and -1 in unused block-table entries (see
 import pytest
 import torch
 
+import attention_proto  # noqa: F401  (interpreter switch before the jit helper below)
+import triton
+import triton.language as tl
+
+from attention_proto.ops.dense.common import tanh_exp2
 from attention_proto.ops.paged import PagedConfig, paged_attention, plan
 from attention_proto.ops.paged.decode import kv_buffers
 from attention_proto.ops.paged.dispatch import MAX_PARTITIONS, ctas_per_sm, gpu_config, smem_bytes
@@ -309,3 +314,42 @@ def test_total_tokens_argument(gen, device):
         paged_attention(q, kc, vc, bt, sl, config=PagedConfig(16, 16, 16, 4, 1, "x"))
     p = explain(q, kc, bt, max_seq_len=40, total_tokens=45)
     assert p.version in ("v1", "v2")
+
+
+# ---- softcap accuracy (issue #10) -----------------------------------------------------------
+# The H100 fuzz run failed 30 of 215 paged cases: the kernel's softcap took dense's tanh_f32, which
+# is tanh.approx.f32 on the GPU (~2^-11 relative error; the interpreter runs the exact form). That
+# error breaks fp32 outputs and the fp32 LSE bound in every dtype. The kernel now uses tanh_exp2.
+SOFTCAP_CASE = dict(B=3, Hq=10, Hkv=2, Nq=2, D=80, page=16, lens=[29, 4, 61])
+
+
+def _softcap_inputs(dtype, device):
+    c = SOFTCAP_CASE
+    g = torch.Generator().manual_seed(10)
+    return make_paged(c["B"], c["Hq"], c["Hkv"], c["Nq"], c["D"], c["page"], c["lens"], dtype, device, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("version,parts", [("v1", None), ("v2", 3)])
+@pytest.mark.parametrize("softcap", [1.0, 20.0])
+def test_softcap_is_exact_regression(softcap, version, parts, dtype, device):
+    q, kc, vc, bt, sl = _softcap_inputs(dtype, device)
+    assert_paged(q, kc, vc, bt, sl, dtype, what=f"softcap {softcap} {version} {dtype}", version=version,
+                 num_partitions=parts, softcap=softcap, scale=0.5)
+
+
+@triton.jit
+def _tanh_11bit(x):
+    # tanh rounded to fp16's 11 significant bits: a stand-in for tanh.approx.f32's error
+    return tanh_exp2(x).to(tl.float16).to(tl.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="swaps a jit helper of the kernel: interpreter only")
+def test_softcap_case_catches_an_approximate_tanh(monkeypatch):
+    # the regression case above is sensitive: with tanh.approx's error the fp32 check fails
+    from attention_proto.ops.paged import decode
+    from attention_proto.ops.paged.testing import check_paged
+
+    monkeypatch.setattr(decode, "tanh_exp2", _tanh_11bit)
+    q, kc, vc, bt, sl = _softcap_inputs(torch.float32, "cpu")
+    assert not check_paged(q, kc, vc, bt, sl, torch.float32, version="v1", softcap=1.0, scale=0.5).ok
