@@ -50,7 +50,8 @@ def candidates(D: int = 128):
         ("tma split", C(64, 128, 8, 3, fused=False, **t), True),  # same, two launches: the fusion's worth
         ("tma s2", C(64, 128, 8, 2, **t), True),
         ("tma s4", C(64, 128, 8, 4, **t), True),
-        ("tma 32x128", C(32, 128, 8, 3, dq_block_m=128, dq_block_n=64, **t), True),  # fewer registers (216)
+        ("tma 32x128", C(32, 128, 8, 3, dq_block_m=128, dq_block_n=64, **t), True),  # fewer registers (~200)
+        ("tma 64x64 w4", C(64, 64, 4, 2, **t), True),          # 4 warps, 97 KB: two CTAs per SM
     ]
 
 
@@ -173,7 +174,9 @@ def gpu_main(args) -> None:
     H = HD // D
     cands = candidates(D)
     results = {"device": torch.cuda.get_device_name(0), "check": [], "rows": []}
-    print(f"device: {results['device']}; torch {torch.__version__}")
+    import triton
+
+    print(f"device: {results['device']}; torch {torch.__version__}; triton {triton.__version__}")
 
     # same integer specializations as the bar shapes (H16, N a multiple of 2048, GROUP 1): no extra compiles
     print("\n== gradient check: bf16 B1 H16 N2048 D128 vs float64 (bound = 3x torch bf16 error + floor)")

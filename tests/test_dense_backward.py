@@ -233,6 +233,7 @@ TMA_CFGS = {
     "split": BwdConfig(16, 32, 1, 2, fused=False, **TMA),
     # dK/dV steps longer than its key block, dQ tiles unlike the dK/dV ones
     "tiles": BwdConfig(32, 16, 1, 3, dq_block_m=16, dq_block_n=32, **TMA),
+    "square": BwdConfig(16, 16, 1, 2, **TMA),
 }
 TMA_SHAPES = [
     # B, H, Hkv, Nq, Nk, D, causal

@@ -180,15 +180,19 @@ def tma_bwd_config_candidates(head_dim: int) -> list[BwdConfig]:
     """Candidates of the TMA backward (:mod:`.backward_tma`, D in 32/64/128), best guess first.
 
     The first is FlexAttention's H100 tiling (dK/dV 64x128, dQ 128x64, 8 warps, 3 stages).
-    ptxas -v for sm_90a (bf16, H == Hkv; ``scripts/bench_dense_bwd.py --sm90``): at D128 the
-    64x128 tiles take 247 registers causal / 217 not, no spills, 161 KB shared memory at 3 stages
-    (128 KB at 2, 194 KB at 4); 32x128 takes 201 / 187. At D64: 180 / 148, 81 KB. Softcap adds
-    ~10 registers and a few dozen spill bytes to the 64x128 tiles at D128 (see
-    :func:`pick_bwd_config`). The portable kernels at 64x128 spill 80-170 bytes.
+    ptxas -v for sm_90a (bf16, H == Hkv; ``scripts/bench_dense_bwd.py --sm90``), causal / not:
+    at D128 the 64x128 tiles take 247 / 239 registers, no spills, 161 KB of shared memory at 3
+    stages (128 KB at 2, 194 KB at 4), one CTA per SM; 32x128 takes 201 / 203; 64x64 with 4 warps
+    and 2 stages takes 246 / 239 and 97 KB, so two CTAs fit an SM. At D64: 64x128 180 / 181
+    registers, 81 KB; 64x64 4 warps 3 stages 175 / 180, 65 KB. Softcap costs the 64x128 tiles a
+    few dozen spill bytes at D128 (see :func:`pick_bwd_config`). The portable kernels at 64x128
+    spill 80-170 bytes, which is why they stayed at 32x128.
     """
     t = dict(path="tma")
-    return [BwdConfig(64, 128, 8, 3, **t), BwdConfig(64, 128, 8, 2, **t), BwdConfig(64, 128, 8, 4, **t),
-            BwdConfig(64, 128, 8, 3, fused=False, **t), BwdConfig(32, 128, 8, 3, dq_block_m=128, dq_block_n=64, **t)]
+    small = [BwdConfig(64, 64, 4, 3 if head_dim <= 64 else 2, **t)]  # 4 warps: two CTAs per SM
+    return [BwdConfig(64, 128, 8, 3, **t)] + small + [
+        BwdConfig(64, 128, 8, 2, **t), BwdConfig(64, 128, 8, 4, **t), BwdConfig(64, 128, 8, 3, fused=False, **t),
+        BwdConfig(32, 128, 8, 3, dq_block_m=128, dq_block_n=64, **t)]
 
 
 def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int, tma: bool = False,
