@@ -18,8 +18,9 @@ What differs from the portable kernels of :mod:`.backward` (same math, same grad
 - No bound masks: a query row past Nq has lse2 = +inf (p = 0, dS = 0) and zero q/dO, so it adds
   nothing to dK/dV; a key row past Nk has zero k/v, so it adds nothing to dQ (its p is still
   masked, in the one ragged key block, so that exp2 cannot overflow). Blocks that every
-  (query, key) pair may see skip the causal/window mask arithmetic: each branch runs a masked
-  loop over the diagonal band(s) and a mask-free loop over the rest.
+  (query, key) pair may see skip the causal/window mask arithmetic: the dQ branch runs masked
+  loops over the diagonal/window bands and a mask-free loop over the rest; the dK/dV branch, one
+  loop with a run-time branch around the mask (fewer registers, and see :func:`_dkdv_tile`).
 - One launch (``fused``): the grid holds both the dK/dV programs and the dQ programs of every
   (batch, kv head); the two kinds alternate in program order, each longest-first under a causal
   mask (a dK/dV program of key block n sees Nq - n queries, a dQ program of query block m sees
@@ -162,7 +163,7 @@ def _dq_tile(dq, q, do, k, v, lse2, delta, offs_m, offs_n, nk, off, qk_scale2, t
 @triton.jit
 def _dkdv_program(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, DK, DV, SLOPES, b, hkv, pid_n,
                   stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                  stride_sb, nq, nk, H, GROUP, n_pad, qk_scale2, th_scale, softcap2, scale, win_left, win_right,
+                  stride_sb, nq, nk, H, GROUP, qk_scale2, th_scale, softcap2, scale, win_left, win_right,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     """dK, dV of keys [n0, n0 + BLOCK_N) of one kv head, summed over the query heads of its group."""
@@ -219,7 +220,7 @@ def _dkdv_program(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, DK, DV,
 
 @triton.jit
 def _dq_program(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, DQ, SLOPES, b, hkv, idx,
-                stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_sb, nq, nk, H, GROUP, n_pad, n_qblk,
+                stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_sb, nq, nk, H, GROUP, n_qblk,
                 qk_scale2, th_scale, softcap2, scale, win_left, win_right,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -273,7 +274,7 @@ def _bwd_tma_kernel(
     DQ, DK, DV, SLOPES,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_sb,
-    nq, nk, H, HKV, GROUP, n_pad, n_kvblk, n_qblk,
+    nq, nk, H, HKV, GROUP, n_kvblk, n_qblk,
     qk_scale2, th_scale, softcap2, scale, win_left, win_right,
     MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
@@ -287,11 +288,11 @@ def _bwd_tma_kernel(
     if MODE == 1:
         _dkdv_program(desc_q1, desc_k1, desc_v1, desc_do1, desc_l1, desc_d1, DK, DV, SLOPES, b, hkv, pid,
                       stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                      stride_sb, nq, nk, H, GROUP, n_pad, qk_scale2, th_scale, softcap2, scale, win_left, win_right,
+                      stride_sb, nq, nk, H, GROUP, qk_scale2, th_scale, softcap2, scale, win_left, win_right,
                       IS_CAUSAL, HAS_WINDOW, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_M1, BLOCK_N1, NUM_STAGES)
     elif MODE == 2:
         _dq_program(desc_q2, desc_k2, desc_v2, desc_do2, desc_l2, desc_d2, DQ, SLOPES, b, hkv, pid,
-                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_sb, nq, nk, H, GROUP, n_pad, n_qblk,
+                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_sb, nq, nk, H, GROUP, n_qblk,
                     qk_scale2, th_scale, softcap2, scale, win_left, win_right,
                     IS_CAUSAL, HAS_WINDOW, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_M2, BLOCK_N2, NUM_STAGES)
     else:
@@ -306,12 +307,12 @@ def _bwd_tma_kernel(
         if is_kv:
             _dkdv_program(desc_q1, desc_k1, desc_v1, desc_do1, desc_l1, desc_d1, DK, DV, SLOPES, b, hkv, idx,
                           stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
-                          stride_dvd, stride_sb, nq, nk, H, GROUP, n_pad, qk_scale2, th_scale, softcap2, scale,
+                          stride_dvd, stride_sb, nq, nk, H, GROUP, qk_scale2, th_scale, softcap2, scale,
                           win_left, win_right, IS_CAUSAL, HAS_WINDOW, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_M1, BLOCK_N1,
                           NUM_STAGES)
         else:
             _dq_program(desc_q2, desc_k2, desc_v2, desc_do2, desc_l2, desc_d2, DQ, SLOPES, b, hkv, idx,
-                        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_sb, nq, nk, H, GROUP, n_pad, n_qblk,
+                        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_sb, nq, nk, H, GROUP, n_qblk,
                         qk_scale2, th_scale, softcap2, scale, win_left, win_right,
                         IS_CAUSAL, HAS_WINDOW, SOFTCAP, ALIBI, HEAD_DIM, BLOCK_M2, BLOCK_N2, NUM_STAGES)
 
@@ -421,7 +422,7 @@ def run_tma_backward(do, q, k, v, o, lse, dq, dk, dv, *, sm_scale: float, causal
     args = (_desc(q, bm1), _desc(do, bm1), _desc(k, bn1), _desc(v, bn1), _desc(lse2, bm1), _desc(delta, bm1),
             _desc(q, bm2), _desc(do, bm2), _desc(k, bn2), _desc(v, bn2), _desc(lse2, bm2), _desc(delta, bm2),
             dq, dk, dv, slopes, *dq.stride(), *dk.stride(), *dv.stride(), stride_sb,
-            nq, nk, H, Hkv, group, n_pad, n_kvblk, n_qblk, *floats, *ints)
+            nq, nk, H, Hkv, group, n_kvblk, n_qblk, *floats, *ints)
     if config.fused:
         KERNEL_CACHE.launch(_bwd_tma_kernel, (n_kvblk + group * n_qblk, B * Hkv), *args, MODE=0, **consts)
     else:
