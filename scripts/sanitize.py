@@ -212,6 +212,27 @@ def _dense_bwd():
     finite(*(t.grad for t in leaves))
 
 
+@case("dense_bwd_tma", gpu_only="TMA descriptors need a Hopper GPU")
+def _dense_bwd_tma():
+    from attention_proto.ops.dense.backward import flash_attention_backward, tma_bwd_config_candidates
+    from attention_proto.ops.dense.forward import flash_attention_forward
+    from attention_proto.runtime.device import is_hopper
+
+    if not is_hopper():
+        print("  (not Hopper: the TMA backward does not apply; skipped)")
+        return
+    from attention_proto.ops.dense.reference import alibi_slopes
+
+    for D in (64, 128):
+        q, k, v = _qkv(Nq=197, Nk=253, D=D)
+        do = rnd(*q.shape)
+        slopes = alibi_slopes(q.shape[1]).to(DEV)
+        for cfg in tma_bwd_config_candidates(D)[:2]:
+            for mods in (dict(), dict(causal=True), dict(window=(31, 5), softcap=20.0, alibi_slopes=slopes)):
+                o, lse = flash_attention_forward(q, k, v, **mods)
+                finite(*flash_attention_backward(do, q, k, v, o, lse, config=cfg, **mods))
+
+
 # ------------------------------------------------------------------------------------------------
 # paged
 # ------------------------------------------------------------------------------------------------
@@ -290,13 +311,14 @@ def discover_kernels(root: Path = ROOT / "src" / "attention_proto" / "ops") -> L
 
 
 #: kernels only a GPU case launches (checked as covered only there)
-GPU_ONLY_KERNELS = {"_fwd_tma_kernel", "_fwd_tma_varlen_kernel"}
+GPU_ONLY_KERNELS = {"_fwd_tma_kernel", "_fwd_tma_varlen_kernel", "_bwd_tma_kernel", "_bwd_prep_tma"}
 
 #: which case launches each kernel: a kernel added to the source must be added here (and to a
 #: case); tests/test_fuzz_common.py checks that every discovered kernel has an entry
 KERNEL_CASES = {
     "_fwd_kernel": "dense_fwd_portable", "_fwd_tma_kernel": "dense_fwd_tma", "_fwd_runtime_kernel": "dense_fwd_runtime",
     "_fwd_tma_varlen_kernel": "dense_fwd_tma", "_rope_rows_kernel": "dense_rope_kernel",
+    "_bwd_tma_kernel": "dense_bwd_tma", "_bwd_prep_tma": "dense_bwd_tma",
     "_rope_kernel": "dense_rope_kernel", "_bwd_preprocess": "dense_bwd", "_bwd_dkdv": "dense_bwd",
     "_bwd_dq": "dense_bwd", "_rope_pass": "dense_bwd", "_paged_decode_kernel": "paged_decode",
     "_paged_reduce_kernel": "paged_decode", "_paged_append_kernel": "paged_append",

@@ -563,8 +563,13 @@ def test_gpu_tma_candidates_match_and_are_bitwise(D, causal):
 
 @gpu
 @needs_cuda
-def test_gpu_default_is_tma_on_hopper():
+def test_gpu_default_follows_tma_switch_on_hopper(monkeypatch):
+    """With TMA_BACKWARD_DEFAULT on, dispatch takes the TMA backward on Hopper (the switch stays off
+    until a GPU run has checked and timed that kernel)."""
+    from attention_proto.ops.dense import backward as backward_mod
     from attention_proto.ops.dense import backward_tma
+
+    monkeypatch.setattr(backward_mod, "TMA_BACKWARD_DEFAULT", True)
     from attention_proto.runtime.cache import KERNEL_CACHE
 
     q, k, v, do = make(1, 2, 2, 256, 256, 128, torch.bfloat16, 3, device="cuda")

@@ -81,7 +81,7 @@ from attention_proto.runtime.validation import (
 
 from . import backward_tma
 from .common import LOG2E as _LOG2E_F
-from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_f32
+from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_for
 from .reference import normalize_window
 from .rope import RopeSpec, rope_cos_sin
 
@@ -90,6 +90,9 @@ MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(_LOG2E_F)  # a constexpr so that jitted code may read it
 BWD_PATHS = ("portable", "tma")
 #: tests set this to fill every output and scratch buffer with NaN before the kernels run
+#: dispatch picks the Hopper TMA backward (ops/dense/backward_tma.py) with config=None; False until
+#: the kernel has been checked and timed on a GPU (it was written in a session without device time)
+TMA_BACKWARD_DEFAULT = False
 POISON_OUTPUTS = False
 
 
@@ -237,7 +240,7 @@ def _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _scores(qk, rel, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+def _scores(qk, rel, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DTYPE: tl.constexpr):
     """Scores of a tile before masking, and tanh(s/c) for the softcap gradient.
 
     ``rel`` = query position - key position, broadcast to the tile's orientation
@@ -246,7 +249,7 @@ def _scores(qk, rel, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.con
     s = qk * scale
     th = s
     if SOFTCAP:
-        th = tanh_f32(s / softcap)
+        th = tanh_for(s / softcap, DTYPE)  # the forward's tanh for this dtype
         s = softcap * th
     if ALIBI:
         s = s - slope * tl.abs(rel).to(tl.float32)
@@ -283,7 +286,7 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, DQ_base, start
 
     rel = offs_m[None, :] + off - offs_n[:, None]
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-    sT, thT = _scores(qkT, rel, scale, softcap, slope, SOFTCAP, ALIBI)
+    sT, thT = _scores(qkT, rel, scale, softcap, slope, SOFTCAP, ALIBI, q.dtype)
     if masked:
         ok = m_ok[None, :] & (offs_n < seqlen_k)[:, None] & (rel >= -win_right) & (rel <= win_left)
         sT = tl.where(ok, sT, float("-inf"))
@@ -318,7 +321,7 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok,
     v = load_tile(v_base, rows, k_start + seqlen_k, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, MASK)
     rel = offs_m[:, None] + off - offs_n[None, :]
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    s, th = _scores(qk, rel, scale, softcap, slope, SOFTCAP, ALIBI)
+    s, th = _scores(qk, rel, scale, softcap, slope, SOFTCAP, ALIBI, q.dtype)
     if MASK:
         ok = m_ok[:, None] & (offs_n < seqlen_k)[None, :] & (rel >= -win_right) & (rel <= win_left)
         s = tl.where(ok, s, float("-inf"))
@@ -681,7 +684,10 @@ def flash_attention_backward(
     cu_q = cu_seqlens_q.to(torch.int32).contiguous() if varlen else delta
     cu_k = cu_seqlens_k.to(torch.int32).contiguous() if varlen else delta
     if config is None:
-        tma_ok = not varlen and not backward_tma.supports(q, k, v)
+        # the TMA backward compiles for sm_90 and passes the interpreter's gradient tests, but it has
+        # not run on a GPU yet: opt-in (BwdConfig(path="tma"), tma_bwd_config_candidates) until a GPU
+        # run checks and times it (TMA_BACKWARD_DEFAULT flips dispatch to it)
+        tma_ok = TMA_BACKWARD_DEFAULT and not varlen and not backward_tma.supports(q, k, v)
         cfg = pick_bwd_config(D, q.dtype, nq, nk, tma=tma_ok, softcap=use_softcap)
     else:
         cfg = config

@@ -47,7 +47,7 @@ from attention_proto.runtime.cache import KERNEL_CACHE
 from attention_proto.runtime.device import interpreter_mode
 
 from .common import LOG2E as _LOG2E_F
-from .common import WINDOW_UNBOUNDED, kv_block_range, q_block_range, tanh_f32
+from .common import WINDOW_UNBOUNDED, kv_block_range, q_block_range, tanh_for
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -90,7 +90,8 @@ def _bwd_prep_tma(O, DO, LSE, DELTA, LSE2,
 
 
 @triton.jit
-def _scores2(qk, rel, qk_scale2, th_scale, softcap2, slope2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+def _scores2(qk, rel, qk_scale2, th_scale, softcap2, slope2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+             DTYPE: tl.constexpr):
     """Scores in log2 units and tanh(s / c) (the softcap gradient's factor; ``qk`` when no softcap).
 
     qk_scale2 = scale * log2(e); th_scale = scale / c; softcap2 = c * log2(e); slope2 = slope * log2(e).
@@ -98,7 +99,7 @@ def _scores2(qk, rel, qk_scale2, th_scale, softcap2, slope2, SOFTCAP: tl.constex
     """
     th = qk
     if SOFTCAP:
-        th = tanh_f32(qk * th_scale)
+        th = tanh_for(qk * th_scale, DTYPE)  # the forward's tanh for this dtype
         s = softcap2 * th
     else:
         s = qk * qk_scale2
@@ -115,7 +116,7 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, offs_m, offs_n, off, qk_scale2,
     P^T and dS^T feed their MMAs straight from registers."""
     rel = offs_m[None, :] + off - offs_n[:, None]
     qkT = tl.dot(k, tl.trans(q))
-    sT, thT = _scores2(qkT, rel, qk_scale2, th_scale, softcap2, slope2, SOFTCAP, ALIBI)
+    sT, thT = _scores2(qkT, rel, qk_scale2, th_scale, softcap2, slope2, SOFTCAP, ALIBI, q.dtype)
     # MASKED is a run-time scalar, and this branch is compiled even where it is never taken (no
     # causal/window: the window bounds are then unbounded): without a branch in the loop body,
     # ptxas for sm_90a (triton 3.6) serializes every wgmma of the kernel (C7515, a wait after
@@ -143,7 +144,7 @@ def _dq_tile(dq, q, do, k, v, lse2, delta, offs_m, offs_n, nk, off, qk_scale2, t
     """One key tile against the program's queries ([BLOCK_M, BLOCK_N] orientation)."""
     rel = offs_m[:, None] + off - offs_n[None, :]
     qk = tl.dot(q, tl.trans(k))
-    s, th = _scores2(qk, rel, qk_scale2, th_scale, softcap2, slope2, SOFTCAP, ALIBI)
+    s, th = _scores2(qk, rel, qk_scale2, th_scale, softcap2, slope2, SOFTCAP, ALIBI, q.dtype)
     if MASKED:
         ok = offs_n[None, :] < nk
         if IS_CAUSAL:

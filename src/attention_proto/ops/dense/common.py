@@ -2,8 +2,8 @@
 
 Stable API (the backward kernels import these; change signatures only together):
 
-- :func:`tanh_f32` -- tanh of fp32: one ``tanh.approx.f32`` (a single special-function op) on the
-  GPU, ``1 - 2 / (exp(2x) + 1)`` in the interpreter (which cannot run inline PTX).
+- :func:`tanh_f32` -- tanh to fp32 accuracy (``1 - 2 / (exp(2x) + 1)``); :func:`tanh_approx` -- one
+  ``tanh.approx.f32`` on the GPU; :func:`tanh_for` -- the approximate form for 16-bit inputs only.
 - :func:`apply_score_mods` -- softcap then ALiBi on a tile of *scaled* scores (natural units).
 - :func:`apply_mask` -- causal / sliding-window (bottom-right aligned) and key-bound mask:
   masked entries become ``-inf``.
@@ -53,13 +53,18 @@ def tanh_exp2(x):
 
 @triton.jit
 def tanh_f32(x):
-    """tanh(x) for fp32 x.
+    """tanh(x) for fp32 x to fp32 accuracy (the exp2 form): what fp32 inputs and the hooks use."""
+    return tanh_exp2(x)
 
-    On the GPU one ``tanh.approx.f32`` (sm_75+): a single MUFU op with relative error ~2^-11, the
-    form FlashAttention-3 uses for softcap. The exp2 form costs an ex2 and a full-precision
-    division (an rcp plus Newton steps) per element: on the H100 softcap with it ran 61% slower
-    than plain causal attention, the extra special-function work on the softmax's critical path
-    (finding modifiers-softcap-bound). The interpreter cannot run PTX: it takes the exp2 form.
+
+@triton.jit
+def tanh_approx(x):
+    """tanh(x) by one ``tanh.approx.f32`` on the GPU (the interpreter, which runs no PTX: the exp2 form).
+
+    A single MUFU op with relative error ~2^-11, the form FlashAttention-3 uses for softcap. The
+    exp2 form costs an ex2 and a full-precision division (an rcp plus Newton steps) per element:
+    on the H100 softcap with it ran 61% slower than plain causal attention, the extra
+    special-function work on the softmax's critical path (finding modifiers-softcap-bound).
     """
     if _INTERPRETED:
         return tanh_exp2(x)
@@ -69,15 +74,28 @@ def tanh_f32(x):
 
 
 @triton.jit
+def tanh_for(x, DTYPE: tl.constexpr):
+    """tanh for scores of inputs of ``DTYPE``: :func:`tanh_approx` for 16-bit inputs (its ~2^-11 error
+    is below their own rounding), :func:`tanh_f32` for fp32 inputs (it is not: on the H100 the
+    approximate form broke the fp32 error rule in paged-decode fuzz cases). The forward and the
+    backward both choose by the input dtype, so the backward recomputes the forward's scores."""
+    if DTYPE == tl.float32:
+        return tanh_f32(x)
+    else:
+        return tanh_approx(x)
+
+
+@triton.jit
 def apply_score_mods(s, offs_m, offs_n, off, softcap, slope,
-                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DTYPE: tl.constexpr):
     """Softcap (``c * tanh(s / c)``) then ALiBi (``-slope * |i + off - j|``) on scaled scores ``s``.
 
     ``s`` is [BLOCK_M, BLOCK_N] fp32 in natural units (already multiplied by the softmax scale);
-    ``slope`` is this head's ALiBi slope (fp32 scalar). Order matches the reference.
+    ``slope`` is this head's ALiBi slope (fp32 scalar); ``DTYPE`` the inputs' dtype (which tanh,
+    :func:`tanh_for`). Order matches the reference.
     """
     if HAS_SOFTCAP:
-        s = softcap * tanh_f32(s * (1.0 / softcap))  # one scalar division, not one per element
+        s = softcap * tanh_for(s * (1.0 / softcap), DTYPE)  # one scalar division, not one per element
     if HAS_ALIBI:
         dist = offs_m[:, None] + off - offs_n[None, :]
         dist = tl.where(dist < 0, -dist, dist)

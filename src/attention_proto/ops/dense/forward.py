@@ -47,7 +47,7 @@ import triton.language as tl
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
-                     load_tile, tanh_f32)
+                     load_tile, tanh_for)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
 from .rope import RopeSpec
 
@@ -85,8 +85,8 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
     Two modifiers have a cheaper form when alone (no hooks, positive scale; the host decides,
     :func:`natural_scores`, and sends every other combination through USE_NATURAL):
 
-    - softcap: the tile holds ``t = tanh(qk * (scale / c))`` (one FMUL and one ``tanh.approx``
-      per score) and, like plain scores, is scaled late: ``exp2(t * c * log2(e) - m)`` is one
+    - softcap: the tile holds ``t = tanh(qk * (scale / c))`` (one FMUL and, for 16-bit inputs, one
+      ``tanh.approx``: :func:`.common.tanh_for`) and, like plain scores, is scaled late: ``exp2(t * c * log2(e) - m)`` is one
       FFMA (the general path: FMULs, a division and an exp2-based tanh).
     - ALiBi under a causal mask (every visible key has ``j <= i + off``, so the bias is
       ``slope * (j - i - off)``, no absolute value): the bias splits into a row term
@@ -105,12 +105,12 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
     shift = 0.0  # per-tile scalar added to every score of the tile (fast ALiBi), in log2 units
     if USE_NATURAL:
         s = qk * sm_scale
-        s = apply_score_mods(s, offs_m, offs_n, off, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+        s = apply_score_mods(s, offs_m, offs_n, off, softcap, slope, HAS_SOFTCAP, HAS_ALIBI, q.dtype)
         if SCORE_MOD is not None:
             s = SCORE_MOD(s, b, h, offs_m[:, None], offs_n[None, :])
         s = s * 1.4426950408889634
     elif HAS_SOFTCAP:
-        s = tanh_f32(qk * (sm_scale / softcap))
+        s = tanh_for(qk * (sm_scale / softcap), q.dtype)
         late = softcap * 1.4426950408889634
     elif HAS_ALIBI:
         slope2 = slope * 1.4426950408889634
