@@ -101,7 +101,8 @@ def _fwd_bwd(ctx: StudyContext) -> None:
 
 
 def _bwd_sweep(ctx: StudyContext) -> None:
-    from ..ops.dense.backward import bwd_config_candidates, flash_attention_backward
+    from ..ops.dense.backward import bwd_config_candidates, flash_attention_backward, tma_bwd_config_candidates
+    from ..ops.dense.backward_tma import supports as tma_bwd_supports
     from ..ops.dense.forward import flash_attention_forward
 
     N, D = 4096, 128
@@ -114,9 +115,11 @@ def _bwd_sweep(ctx: StudyContext) -> None:
         cands = bwd_config_candidates(D)
         if ctx.quick:
             cands = cands[:4]
+        if not tma_bwd_supports(q, k, v):  # Hopper: the TMA backward's candidates too (opt-in path)
+            cands = cands + tma_bwd_config_candidates(D)[: 2 if ctx.quick else None]
         for cfg in cands:
             extra = {"sweep": "bwd_tiles", "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N,
-                     "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                     "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "path": cfg.path}
             t = None
             try:
                 t = ctx.bench(lambda: flash_attention_backward(do, q, k, v, o, lse, causal=causal, config=cfg),
@@ -124,7 +127,8 @@ def _bwd_sweep(ctx: StudyContext) -> None:
             except Exception as e:  # noqa: BLE001 - failures are data
                 extra["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             ctx.record(op="attn_bwd", impl="attention_proto",
-                       variant=f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}",
+                       variant=(f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}" if cfg.path == "portable"
+                                else cfg.label),
                        B=B, H=H, N=N, D=D, dtype="bfloat16", causal=causal, timing=t, flops=flops, extra=extra)
 
 
