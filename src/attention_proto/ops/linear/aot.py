@@ -7,8 +7,13 @@ kernels must be imported with ``TRITON_INTERPRET=0``::
 
     TRITON_INTERPRET=0 python -m attention_proto.ops.linear.aot [--all] [--json]
 
-Default: the study's variants (bf16, K = V = 128, chunk 64, gated and not); ``--all`` adds
-chunks 32 and 128 and head dims 64 and 256. Exit status 1 when a kernel fails to compile.
+Default: the study's variants (bf16, K = V = 128, chunk 64, gated and not; the forward in its
+default forms, :data:`.chunk.FORWARD_OPTIONS`); ``--all`` adds chunks 32 and 128 and head dims 64
+and 256. Exit status 1 when a kernel fails to compile.
+
+Pointer arguments are compiled as 16-byte aligned, as Triton specializes them at a real launch:
+without that hint the bf16 tile loads cannot be vectorized and the software pipeliner leaves
+them synchronous (different registers, shared memory and loop code from what runs).
 """
 from __future__ import annotations
 
@@ -33,12 +38,18 @@ def _specs(name: str, BT: int, K: int, V: int, G: bool, P: str = "*bf16"):
 
     base = dict(H=16, K=K, V=V, SK=16 * K, SV=16 * V, SG=16, IS_VARLEN=False, HEAD_FIRST=False)
     g = "*fp32" if G else None
-    if name == "chunk_h":
+    opts = chunk.FORWARD_OPTIONS
+    cum = G and opts["gate"] == "cumsum"
+    if name in ("chunk_h", "chunk_h_long"):
         return chunk.chunk_fwd_h_kernel, dict(k=P, v=P, g=g, h=P, h0="*fp32", ht="*fp32"), ["T"], [], dict(
-            base, BT=BT, USE_G=G, USE_H0=True, STORE_HT=True, PREC="tf32")
+            base, BT=BT, USE_G=G, USE_H0=True, STORE_HT=True, PREC="tf32", G_CUM=cum,
+            DECAY_K=G and opts["decay_on"] == "k")
     if name == "chunk_o":
         return chunk.chunk_fwd_o_kernel, dict(q=P, k=P, v=P, h=P, g=g, o=P), ["T"], ["scale"], dict(
-            base, BT=BT, USE_G=G, PREC="tf32")
+            base, BT=BT, USE_G=G, PREC="tf32", G_CUM=cum, EARLY=bool(opts["early_loads"]))
+    if name == "chunk_cumsum":
+        return chunk.chunk_cumsum_kernel, dict(g="*fp32", gc="*fp32"), ["T"], [], dict(
+            H=16, SG=16, BT=BT, BH=16, IS_VARLEN=False, HEAD_FIRST=False)
     if name == "chunk_dh":
         return chunk_backward.chunk_bwd_dh_kernel, dict(q=P, do=P, g=g, dh=P, dht="*fp32", dh0="*fp32"), ["T"], \
             ["scale"], dict(base, BT=BT, USE_G=G, USE_DHT=True, STORE_DH0=True, PREC="tf32")
@@ -74,7 +85,8 @@ def compile_one(name: str, BT: int, K: int, V: int, G: bool, cfg: Dict[str, int]
             sig[a] = "fp32"
         else:  # absent pointers (cu_seqlens, ...) are None constexprs
             sig[a], consts[a] = "constexpr", None
-    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -90,9 +102,9 @@ def compile_one(name: str, BT: int, K: int, V: int, G: bool, cfg: Dict[str, int]
 
 def variants(all_: bool) -> List[Tuple[str, int, int, int, bool]]:
     shapes = [(64, 128, 128)] + ([(32, 128, 128), (128, 128, 128), (64, 64, 128), (64, 256, 256)] if all_ else [])
-    names = ("chunk_h", "chunk_o", "chunk_dh", "chunk_dqk", "chunk_dv", "recurrent")
+    names = ("chunk_h", "chunk_h_long", "chunk_o", "chunk_dh", "chunk_dqk", "chunk_dv", "recurrent", "chunk_cumsum")
     return [(n, BT, K, V, G) for BT, K, V in shapes for G in (False, True) for n in names
-            if n != "recurrent" or BT == 64]
+            if (n != "recurrent" or BT == 64) and (n != "chunk_cumsum" or (G and K == 128))]
 
 
 def main(argv: List[str]) -> int:
@@ -104,7 +116,8 @@ def main(argv: List[str]) -> int:
     common.interpreter_mode = lambda: False  # pick the GPU configs
     out, failed = [], 0
     for name, BT, K, V, G in variants("--all" in argv):
-        cfg = common.kernel_config(name, BT, K, V)
+        cfg = (dict(num_warps=4, num_stages=1) if name == "chunk_cumsum"   # launched without a config
+               else common.kernel_config(name, BT, K, V))
         try:
             r = compile_one(name, BT, K, V, G, cfg)
         except Exception as e:  # noqa: BLE001 - report every failure, not only the first

@@ -181,7 +181,11 @@ def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
     registers (checked ahead of time for K = V = 128 and chunks 32/64/128, bf16; one case
     that keeps a small spill is marked), to be confirmed or replaced by timing
     (``ATTENTION_PROTO_LINEAR_TUNE=1``). The state kernels (chunk_h, chunk_dh) walk the
-    chunks in order, so they take 64 x 64 state tiles for parallelism across programs.
+    chunks in order, so they take 64 x 64 state tiles for parallelism across programs;
+    ``chunk_h_long`` is chunk_h's config when its programs cannot fill the GPU (see
+    :func:`.chunk.chunk_fwd_h`). chunk_o at chunk 64 takes fla-core's tuned tile instead.
+    Override example: ``{"chunk_o@64": {"BK": 128, "BV": 128, "num_warps": 8, "num_stages": 2}}``
+    restores the earlier chunk_o tile.
     """
     Kp, Vp = next_pow2(K), next_pow2(V)
     wide = Kp > 128          # 256-wide heads: halve the V tile of the K-looping kernels
@@ -191,8 +195,17 @@ def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
             cfg["BV"] = min(Vp, 32)
         if name == "chunk_dqk":
             cfg["DST"] = 0
-    elif name in ("chunk_h", "chunk_dh"):
-        cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=8 if BT >= 128 else 4, num_stages=2)
+    elif name in ("chunk_h", "chunk_dh", "chunk_h_long"):
+        # chunk_h_long: chunk_h when there are too few (sequence, head, tile) programs to fill the SMs
+        # twice (long sequences, small batch). Each program then waits on its own k/v loads every step;
+        # 4 stages keep three chunks' loads in flight (Triton issues a load num_stages - 1 steps ahead)
+        # (3 at chunk 128: two programs per SM must still fit in shared memory)
+        cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=8 if BT >= 128 else 4,
+                   num_stages=(4 if BT <= 64 else 3) if name == "chunk_h_long" else 2)
+    elif name == "chunk_o" and BT == 64 and not wide:
+        # fla-core's autotuned choice on the H100 (both gates): K in two pipelined 64-wide steps, 4 warps.
+        # The single 128 x 128 step needs 173-176 registers gated (one 8-warp CTA per SM; ungated 128: two)
+        cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=4, num_stages=3)
     elif name in ("chunk_o", "chunk_dv"):
         bv = min(64 if (BT >= 128 or wide) else 128, Vp)
         cfg = dict(BK=min(128, Kp), BV=bv, num_warps=8 if BT * (bv + BT) > 4096 else 4, num_stages=2)
@@ -206,7 +219,9 @@ def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
     else:  # pragma: no cover - a typo in a kernel name
         raise KeyError(name)
     ov = _overrides()
-    for key in (name, f"{name}@{BT}"):
+    # chunk_h_long takes chunk_h's overrides first, then its own
+    bases = ("chunk_h", name) if name == "chunk_h_long" else (name,)
+    for key in [k for b in bases for k in (b, f"{b}@{BT}")]:
         if key in ov:
             cfg.update({k: int(v) for k, v in ov[key].items()})
     if name == "recurrent":
@@ -222,11 +237,12 @@ _CHOSEN: Dict[Tuple, Dict[str, int]] = {}
 
 def _candidates(name: str, K: int, V: int) -> List[Dict[str, int]]:
     Kp, Vp = next_pow2(K), next_pow2(V)
-    if name in ("chunk_h", "chunk_dh"):
+    if name in ("chunk_h", "chunk_dh", "chunk_h_long"):
         raw = [(bk, bv, w, 2) for bk in (32, 64) for bv in (32, 64) for w in (4, 8)] + [(128, 64, 8, 2)]
+        raw += [(64, 64, 4, s) for s in (3, 4)] + [(64, 32, 4, s) for s in (3, 4)]
     elif name in ("chunk_o", "chunk_dv"):
-        raw = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 8, 2),
-               (64, 64, 4, 2), (32, 64, 4, 2)]
+        raw = [(64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2),
+               (128, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)]
     elif name == "chunk_dqk":
         raw = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2),
                (32, 64, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)]
