@@ -70,6 +70,15 @@ VARIANTS: Dict[str, Tuple[Dict, Dict, bool]] = {
 
 # ---- helpers ------------------------------------------------------------------------------------
 
+def proposed_defaults() -> None:
+    """"default" below is the proposed forward (gate cumsum, the new tiles); the library keeps the
+    GPU-checked forms (gate inline, the old tiles) as its defaults until this bench has run."""
+    from attention_proto.ops.linear import chunk, common
+
+    common.NEW_FORWARD_TILES = True
+    chunk.FORWARD_OPTIONS["gate"] = "cumsum"
+
+
 @contextlib.contextmanager
 def variant(name: str):
     """Run with a variant's forms and tile overrides, then restore both."""
@@ -300,6 +309,7 @@ def fmt_split(split: Optional[Dict[str, float]]) -> str:
 # ---- main ---------------------------------------------------------------------------------------
 
 def main() -> int:
+    proposed_defaults()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="smoke run under the interpreter: tiny shapes, no fla")
     ap.add_argument("--no-fla", action="store_true", help="ours only")

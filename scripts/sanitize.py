@@ -296,7 +296,8 @@ def _linear():
 # ------------------------------------------------------------------------------------------------
 
 _PATTERNS = (re.compile(r"KERNEL_CACHE\.launch\(\s*(\w+)"), re.compile(r"_Plan\(\s*(?:\w+\.)?(\w+)"),
-             re.compile(r"\blaunch\(\s*\"[^\"]+\",\s*(\w+)"))
+             re.compile(r"\blaunch\(\s*\"[^\"]+\",\s*(\w+)"),
+             re.compile(r"\blaunch\(\s*\w+\([^()]*\),\s*(\w+_kernel)\b"))  # launch(<config name call>, kernel
 _NOT_KERNELS = {"kernel", "plan", "self"}
 
 
@@ -322,7 +323,7 @@ KERNEL_CASES = {
     "_rope_kernel": "dense_rope_kernel", "_bwd_preprocess": "dense_bwd", "_bwd_dkdv": "dense_bwd",
     "_bwd_dq": "dense_bwd", "_rope_pass": "dense_bwd", "_paged_decode_kernel": "paged_decode",
     "_paged_reduce_kernel": "paged_decode", "_paged_append_kernel": "paged_append",
-    "chunk_fwd_h_kernel": "linear", "chunk_fwd_o_kernel": "linear", "chunk_bwd_dh_kernel": "linear",
+    "chunk_fwd_h_kernel": "linear", "chunk_fwd_o_kernel": "linear", "chunk_cumsum_kernel": "linear", "chunk_bwd_dh_kernel": "linear",
     "chunk_bwd_dqk_kernel": "linear", "chunk_bwd_dv_kernel": "linear", "fused_recurrent_fwd_kernel": "linear",
 }
 
