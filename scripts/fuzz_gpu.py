@@ -10,7 +10,7 @@ that runs past ``--timeout`` is stopped and reported with the cases it finished.
 
 Usage::
 
-    python scripts/fuzz_gpu.py OUT.json [--examples 1000] [--ops dense_fwd,paged_decode] [--jobs 4]
+    python scripts/fuzz_gpu.py OUT.json [--examples 1000] [--ops dense_fwd,paged_decode] [--jobs 4] [--shards 1]
                                [--timeout 540] [--cpu]
 
 ``--cpu`` runs the CPU variants instead (a smoke test of this script without a GPU).
@@ -83,14 +83,18 @@ def environment() -> dict:
     return env
 
 
-def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path) -> dict:
-    log = workdir / f"{op}.jsonl"
+def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, shard: int = -1) -> dict:
+    """One pytest process fuzzing ``op``; ``shard`` >= 0: seeded (``--hypothesis-seed``), its own log."""
+    log = workdir / (f"{op}.jsonl" if shard < 0 else f"{op}.{shard}.jsonl")
     for p in (log, Path(str(log) + ".current")):
         p.unlink(missing_ok=True)
     env = dict(os.environ, ATTENTION_PROTO_FUZZ_EXAMPLES=str(examples), ATTENTION_PROTO_FUZZ_LOG=str(log),
                PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pytest", node, "-q", "-x", "-p", "no:cacheprovider", "-rA",
            "-W", "ignore::DeprecationWarning"]
+    if shard >= 0:
+        env["ATTENTION_PROTO_FUZZ_SEEDED"] = "1"
+        cmd.append(f"--hypothesis-seed={1000 + shard}")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -137,12 +141,33 @@ def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path) -> 
     return res
 
 
+def merge_shards(parts: list) -> dict:
+    """One operation's result from its shards: cases and failures summed, the worst status."""
+    order = ("crashed", "error", "failed", "timeout", "passed", "skipped")
+    status = min((p["status"] for p in parts), key=order.index)
+    res = {
+        "test": parts[0]["test"], "status": status, "shards": len(parts),
+        "cases": sum(p["cases"] for p in parts), "passed": sum(p["passed"] for p in parts),
+        "failures": sum(p["failures"] for p in parts), "seconds": max(p["seconds"] for p in parts),
+        "returncode": max((p["returncode"] for p in parts), key=abs),
+        "first_failures": [f for p in parts for f in p["first_failures"]][:5],
+        "crash_case": next((p["crash_case"] for p in parts if p["crash_case"]), None),
+    }
+    tails = [p["pytest_tail"] for p in parts if p.get("pytest_tail")]
+    if tails:
+        res["pytest_tail"] = tails[0]
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="where to write the summary JSON")
     ap.add_argument("--examples", type=int, default=1000, help="hypothesis examples per operation (default 1000)")
     ap.add_argument("--ops", default="", help=f"comma-separated subset of: {', '.join(OPS)}")
-    ap.add_argument("--jobs", type=int, default=4, help="operations fuzzed at once (default 4)")
+    ap.add_argument("--jobs", type=int, default=4, help="pytest processes at once (default 4)")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="seeded processes per operation, each running examples/shards cases (default 1: one "
+                         "derandomized process); compiles dominate, so shards of one op share Triton's disk cache")
     ap.add_argument("--timeout", type=float, default=540.0, help="seconds per operation before it is stopped")
     ap.add_argument("--cpu", action="store_true", help="run the CPU variants (smoke test of this script)")
     args = ap.parse_args(argv)
@@ -181,14 +206,22 @@ def main(argv=None) -> int:
 
         def one(op):
             node = OPS[op][1 if args.cpu else 0]
-            r = run_op(op, node, args.examples, args.timeout, work)
+            if args.shards <= 1:
+                r = run_op(op, node, args.examples, args.timeout, work)
+            else:
+                per = -(-args.examples // args.shards)
+                parts = list(inner.map(lambda i: run_op(op, node, per, args.timeout, work, shard=i),
+                                       range(args.shards)))
+                r = merge_shards(parts)
             print(f"{op:22s} {r['status']:8s} cases={r['cases']:5d} failures={r['failures']} ({r['seconds']} s)",
                   flush=True)
             for f in (r.get("first_failures") or [])[:2]:  # on stdout too: the JSON may not come back
                 print(f"    failure: {json.dumps(f, default=str)[:600]}", flush=True)
             return op, r
 
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        # shards run in their own pool (ops x shards processes, at most --jobs at once)
+        inner = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs if args.shards <= 1 else len(ops))) as pool:
             for fut in as_completed([pool.submit(one, op) for op in ops]):
                 op, r = fut.result()
                 results[op] = r

@@ -56,10 +56,14 @@ def n_examples(cpu_default: int = CPU_DEFAULT_EXAMPLES, *, big: bool = False) ->
 
 
 def fuzz_settings(cpu_default: int = CPU_DEFAULT_EXAMPLES, *, big: bool = False):
-    """Hypothesis settings of every fuzz test: bounded, derandomized, no deadline, no database."""
+    """Hypothesis settings of every fuzz test: bounded, derandomized, no deadline, no database.
+
+    ``ATTENTION_PROTO_FUZZ_SEEDED=1`` (scripts/fuzz_gpu.py's shards) turns derandomization off so
+    that pytest's ``--hypothesis-seed`` picks the examples: shards with different seeds draw
+    different cases."""
     return settings(
         max_examples=n_examples(cpu_default, big=big),
-        derandomize=True,
+        derandomize=os.environ.get("ATTENTION_PROTO_FUZZ_SEEDED", "") != "1",
         deadline=None,
         database=None,
         print_blob=False,
@@ -300,3 +304,14 @@ def test_fuzz_gpu_script_cpu_smoke(tmp_path):
     assert rc.returncode == 0, rc.stdout + rc.stderr
     assert d["schema"] == "attention-proto/fuzz-gpu/1" and d["ok"]
     assert d["ops"]["linear_step"]["cases"] == 2 and d["ops"]["linear_step"]["failures"] == 0
+
+
+def test_fuzz_gpu_script_shards_cpu_smoke(tmp_path):
+    """--shards runs seeded processes per operation and sums their cases."""
+    out = tmp_path / "fuzz.json"
+    rc = subprocess.run([sys.executable, str(SCRIPTS / "fuzz_gpu.py"), str(out), "--examples", "4", "--shards", "2",
+                         "--ops", "linear_step", "--cpu", "--jobs", "2"], capture_output=True, text=True, timeout=600)
+    d = json.loads(out.read_text())
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    op = d["ops"]["linear_step"]
+    assert d["ok"] and op["shards"] == 2 and op["cases"] == 4 and op["failures"] == 0
