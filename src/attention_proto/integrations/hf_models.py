@@ -160,6 +160,7 @@ def cuda_graph_greedy(model, prompt, *, new_tokens: int = 32, max_cache_len: Opt
     ``attention_proto::paged_decode``, argmax, next position) is captured once with static
     shapes and replayed ``new_tokens - 1`` times. Returns the generated ids [B, new_tokens].
     """
+    from . import transformers as ap_hf
     from .transformers import PagedCache
 
     model.set_attn_implementation("attention_proto")
@@ -186,9 +187,16 @@ def cuda_graph_greedy(model, prompt, *, new_tokens: int = 32, max_cache_len: Opt
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         saved = (static_ids.clone(), static_pos.clone())
+        paged0 = ap_hf.STATS["paged"]
         with torch.cuda.stream(s):
             step()
         torch.cuda.current_stream().wait_stream(s)
+        if ap_hf.STATS["paged"] - paged0 < len(layers):
+            # any other path reads the cache through a dense view whose length is a host int frozen
+            # at capture: every replay would attend to the first N + 1 tokens only (wrong tokens)
+            raise RuntimeError(f"cuda_graph_greedy: the warm-up decode step ran the paged kernel in "
+                               f"{ap_hf.STATS['paged'] - paged0} of {len(layers)} layers (paths {dict(ap_hf.STATS)}); "
+                               f"a captured step needs it in every layer")
         for l, n in zip(layers, lens0):
             l.crop(n)
         static_ids.copy_(saved[0])

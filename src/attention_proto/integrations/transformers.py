@@ -162,6 +162,10 @@ class PagedState:
     capacity: int
 
 
+#: attribute of the key view a PagedLayer returns for a decode step: its PagedState
+_PAGED_ATTR = "_attention_proto_paged"
+
+
 def _cache_classes():
     from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -217,16 +221,25 @@ def _make_paged_layer_class():
             self.seq_lens += T
             past = self.length
             self.length += T
+            state = None
+            if past > 0 and T <= 16:
+                state = PagedState(self.k_pool, self.v_pool, self.block_table, self.seq_lens,
+                                   self.pages_per_seq * self.page_size)
+            # transformers >= 5.2x hands the attention's kwargs to the cache as ``kwargs=``: the
+            # state travels there. Older releases (4.57, 5.17, 5.18: ``update(k, v, layer_idx)``)
+            # pass nothing, so the state also rides on the returned key view (below)
             fwd_kwargs = kwargs.get("kwargs")
             if isinstance(fwd_kwargs, dict):
-                if past > 0 and T <= 16:
-                    fwd_kwargs["attention_proto_paged"] = PagedState(self.k_pool, self.v_pool, self.block_table,
-                                                                     self.seq_lens, self.pages_per_seq * self.page_size)
+                if state is not None:
+                    fwd_kwargs["attention_proto_paged"] = state
                 else:
                     fwd_kwargs.pop("attention_proto_paged", None)
             if past == 0:
                 return key_states, value_states  # prefill: the new tokens are the whole sequence
-            return self._dense(self.k_pool, self.length), self._dense(self.v_pool, self.length)
+            keys = self._dense(self.k_pool, self.length)
+            if state is not None and not torch.compiler.is_compiling():
+                setattr(keys, _PAGED_ATTR, state)  # a fresh view per call: never stale
+            return keys, self._dense(self.v_pool, self.length)
 
         def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
             return self.length + query_length, 0
@@ -385,6 +398,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     cap = float(softcap) if softcap else None
     win = _window(sliding_window, causal)
     paged: Optional[PagedState] = kwargs.get("attention_proto_paged")
+    if paged is None and not torch.compiler.is_compiling():
+        # transformers releases whose attention does not pass its kwargs to the cache (see PagedLayer.update)
+        paged = getattr(key, _PAGED_ATTR, None)
     s_aux = kwargs.get("s_aux")
     if kwargs.get("output_attentions", False):
         _report("output_attentions=True is not supported (the attention weights are returned as None)")
