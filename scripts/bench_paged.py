@@ -35,12 +35,14 @@ of ours at that shape), the study protocol first, then the clean one.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+
+# the study's helpers: the same lengths, page tables and CUDA-graph capture as the committed rows
+from attention_proto.studies.paged import _block_table as block_table, _graphed as graphed, _mixed_lengths
 
 OLD_PLAN = {  # what the previous dispatch chose (wave model, 2 CTAs per SM): version, partitions
     "B8 N4k": ("v2", 4), "B8 N32k": ("v2", 4), "B32 N4k": ("v1", None), "B1 N64k": ("v2", 32),
@@ -49,39 +51,7 @@ OLD_PLAN = {  # what the previous dispatch chose (wave model, 2 CTAs per SM): ve
 
 
 def mixed_lengths(B: int, lo: int, hi: int, seed: int = 0) -> List[int]:
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(B, generator=g)
-    lens = [int(round(math.exp(math.log(lo) + float(x) * (math.log(hi) - math.log(lo))))) for x in u]
-    lens[0] = hi  # the longest is in the batch
-    return lens
-
-
-def block_table(lens, page, gen, device):
-    """Each sequence's pages from a shuffled pool holding exactly the batch's pages."""
-    need = [-(-n // page) for n in lens]
-    perm = torch.randperm(sum(need), generator=gen)
-    bt = torch.zeros(len(lens), max(need), dtype=torch.int32)
-    o = 0
-    for b, k in enumerate(need):
-        bt[b, :k] = perm[o:o + k]
-        o += k
-    return bt.to(device)
-
-
-def graphed(fn):
-    """``fn`` captured in a CUDA graph after an eager and a side-stream warm-up (as the study does)."""
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph.replay
+    return _mixed_lengths(B, lo, hi, torch.Generator().manual_seed(seed))
 
 
 class Timer:

@@ -115,6 +115,14 @@ class _Pools:
         return self.kc[:n].view(B, Hkv, N, D), self.vc[:n].view(B, Hkv, N, D)
 
 
+def _mixed_lengths(B: int, lo: int, hi: int, gen: torch.Generator) -> List[int]:
+    """B lengths drawn log-uniformly from [lo, hi]; the first is hi (padding reads up to the longest)."""
+    u = torch.rand(B, generator=gen)
+    lens = [int(round(math.exp(math.log(lo) + float(x) * (math.log(hi) - math.log(lo))))) for x in u]
+    lens[0] = hi
+    return lens
+
+
 def _block_table(lens: Sequence[int], page: int, gen: torch.Generator, device: str) -> torch.Tensor:
     """Each sequence's pages, drawn from a shuffled pool holding exactly the batch's pages."""
     need = [-(-n // page) for n in lens]
@@ -311,9 +319,7 @@ class PagedStudy(Study):
         section("page sizes")
         # ---- mixed lengths ------------------------------------------------------------------
         B, lo, hi = sw.mixed
-        u = torch.rand(B, generator=gen)
-        lens = [int(round(math.exp(math.log(lo) + float(x) * (math.log(hi) - math.log(lo))))) for x in u]
-        lens[0] = hi  # the longest is in the batch: padding reads up to it
+        lens = _mixed_lengths(B, lo, hi, gen)
         q, kc, vc, bt, sl, lens = setup(B, hi, page, Hq, Hkv, D, lens=lens)
         for version in ("v1", "v2", "auto"):
             ours("mixed", q, kc, vc, bt, sl, lens, hi, sweep="mixed", Hkv=Hkv, D=D, version=version,
