@@ -122,29 +122,15 @@ def ours_fn(q, k, v, g, h0=None, final=False):
 
 
 def fla_autotuners() -> list:
-    """Every Triton Autotuner in fla-core's loaded op modules (also behind heuristics wrappers)."""
-    from triton.runtime.autotuner import Autotuner
+    from attention_proto.studies.linear import _fla_autotuners  # the study's: the same search
 
-    found = {}
-    for name, mod in list(sys.modules.items()):
-        if not name.startswith("fla.ops") or mod is None:
-            continue
-        for obj in list(vars(mod).values()):
-            for _ in range(4):
-                if isinstance(obj, Autotuner):
-                    found[id(obj)] = obj
-                obj = getattr(obj, "fn", None)
-                if obj is None:
-                    break
-    return list(found.values())
+    return _fla_autotuners()
 
 
 def load_fla():
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
-    except Exception as e:  # noqa: BLE001 - reported, the run goes on without fla
-        return None, f"{type(e).__name__}: {str(e)[:200]}"
-    return chunk_simple_gla, None
+    from attention_proto.studies.linear import _fla
+
+    return _fla()
 
 
 # ---- compile prewarm in worker processes ----------------------------------------------------------
