@@ -150,6 +150,22 @@ def supports(
     ``config``: also the reasons this launch config cannot compile on Hopper
     (:func:`.configs.config_problems`: warp specialization needs 8 warps).
     """
+    reasons = device_and_tensor_reasons(q, k, v, out=out, check_device=check_device, config=config, rank=4,
+                                        tokens_dim=2, empty="empty sequence (Nq or Nk = 0)")
+    if varlen:
+        reasons.append("varlen (cu_seqlens) is not supported by the TMA path")
+    if rope is not None and q.shape[-1] % 2:
+        reasons.append(f"RoPE needs an even head dim; got D={q.shape[-1]}")
+    return reasons
+
+
+def device_and_tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: Optional[torch.Tensor],
+                              check_device: bool, config: Optional[FwdConfig], rank: int, tokens_dim: int,
+                              empty: str) -> List[str]:
+    """What every TMA forward kernel needs (the dense and the varlen one): a config that compiles,
+    tensor descriptors, a Hopper GPU (unless ``check_device=False``), ``rank``-D fp16/bf16 tensors
+    with D a power of two in [16, 256] (Dv == D), tokens along ``tokens_dim``, unit last strides and
+    16-byte alignment."""
     reasons: List[str] = []
     if config is not None:
         reasons.extend(config_problems(config))
@@ -164,20 +180,17 @@ def supports(
             major, minor = _capability(q.device)
             if major < 9:
                 reasons.append(f"compute capability {major}.{minor}; TMA needs >= 9.0 (Hopper)")
-    if varlen:
-        reasons.append("varlen (cu_seqlens) is not supported by the TMA path")
-    if rope is not None and q.shape[-1] % 2:
-        reasons.append(f"RoPE needs an even head dim; got D={q.shape[-1]}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        reasons.append(f"q/k/v must be 4-D BHSD views; got {q.dim()}-D/{k.dim()}-D/{v.dim()}-D")
+    if q.dim() != rank or k.dim() != rank or v.dim() != rank:
+        layout = "BHSD views" if rank == 4 else "packed [T, H, D]"
+        reasons.append(f"q/k/v must be {rank}-D {layout}; got {q.dim()}-D/{k.dim()}-D/{v.dim()}-D")
         return reasons
     if q.dtype not in TMA_DTYPES:
         reasons.append(f"dtype {q.dtype}; the TMA path supports float16 and bfloat16")
     D = q.shape[-1]
     if D not in TMA_HEAD_DIMS or v.shape[-1] != D:
         reasons.append(f"head dim {D} (v: {v.shape[-1]}); the TMA path supports D in {TMA_HEAD_DIMS} with Dv == D")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        reasons.append("empty sequence (Nq or Nk = 0)")
+    if q.shape[tokens_dim] == 0 or k.shape[tokens_dim] == 0:
+        reasons.append(empty)
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t is None:
             continue
@@ -226,16 +239,23 @@ def tma_launch_parts(
     num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
     ints_a = (lse.stride() if lse is not None else (0, 0, 0)) + (Nq, Nk, H, H // Hkv, num_m)
     ints_b = (left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED) + tuple(rope_ints)
-    consts = dict(
-        ROPE=rope_mode, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
+    consts = dict(ROPE=rope_mode, WARP_SPEC=config.path == "tma+ws",
+                  **tma_constexprs(D, config, causal, window, has_softcap, has_alibi, score_mod, mask_mod, positive_scale))
+    return (num_m, B * H), specs, ints_a, ints_b, consts
+
+
+def tma_constexprs(D: int, config: FwdConfig, causal: bool, window: Tuple[int, int], has_softcap: bool,
+                   has_alibi: bool, score_mod: Any, mask_mod: Any, positive_scale: bool) -> dict:
+    """The constexprs (and launch options) both TMA forward kernels take."""
+    left, right = window
+    return dict(
+        HEAD_DIM=D, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
         IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=has_alibi, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
         USE_NATURAL=natural_scores(has_softcap, has_alibi, bool(causal), score_mod, positive_scale),
         HAS_HOOKS=score_mod is not None or mask_mod is not None, REVERSE_M=bool(causal),
-        NUM_STAGES=config.num_stages, WARP_SPEC=config.path == "tma+ws",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return (num_m, B * H), specs, ints_a, ints_b, consts
 
 
 def flash_attention_forward_tma(

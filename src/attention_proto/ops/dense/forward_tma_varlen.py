@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from .common import WINDOW_UNBOUNDED, kv_block_range
-from .configs import FwdConfig, config_problems
-from .forward import alibi_lse_shift, attn_step, natural_scores
-from .forward_tma import TMA_DTYPES, TMA_HEAD_DIMS, TensorDescriptor, _aligned, _capability
+from .configs import FwdConfig
+from .forward import alibi_lse_shift, attn_step
+from .forward_tma import device_and_tensor_reasons, tma_constexprs
 
 
 @triton.jit
@@ -117,43 +117,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope: Any = N
 
     ``check_device=False`` skips the GPU checks (the interpreter emulates descriptors).
     """
-    reasons: List[str] = []
-    if config is not None:
-        reasons.extend(config_problems(config))
-        if config.path == "tma+ws":
-            reasons.append("the varlen TMA kernel has no warp-specialized loop (path 'tma+ws')")
-    if TensorDescriptor is None:
-        reasons.append("triton has no triton.tools.tensor_descriptor (needs triton >= 3.3)")
-    if check_device:
-        from ...runtime.device import interpreter_mode
-
-        if interpreter_mode():
-            reasons.append("Triton interpreter (no GPU): the portable kernel runs instead")
-        elif not q.is_cuda:
-            reasons.append(f"q is on {q.device}; TMA needs a CUDA tensor")
-        else:
-            major, minor = _capability(q.device)
-            if major < 9:
-                reasons.append(f"compute capability {major}.{minor}; TMA needs >= 9.0 (Hopper)")
+    reasons = device_and_tensor_reasons(q, k, v, out=out, check_device=check_device, config=config, rank=3,
+                                        tokens_dim=0, empty="no tokens (Tq or Tk = 0)")
+    if config is not None and config.path == "tma+ws":
+        reasons.append("the varlen TMA kernel has no warp-specialized loop (path 'tma+ws')")
     if rope is not None:
         reasons.append("RoPE with varlen runs on the portable kernel (positions restart per sequence)")
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        reasons.append(f"q/k/v must be 3-D packed [T, H, D]; got {q.dim()}-D/{k.dim()}-D/{v.dim()}-D")
-        return reasons
-    if q.dtype not in TMA_DTYPES:
-        reasons.append(f"dtype {q.dtype}; the TMA path supports float16 and bfloat16")
-    D = q.shape[-1]
-    if D not in TMA_HEAD_DIMS or v.shape[-1] != D:
-        reasons.append(f"head dim {D} (v: {v.shape[-1]}); the TMA path supports D in {TMA_HEAD_DIMS} with Dv == D")
-    if q.shape[0] == 0 or k.shape[0] == 0:
-        reasons.append("no tokens (Tq or Tk = 0)")
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if t is None:
-            continue
-        if t.stride(-1) != 1:
-            reasons.append(f"{name} has last-dim stride {t.stride(-1)}; TMA needs it contiguous (1)")
-        elif not _aligned(t):
-            reasons.append(f"{name} pointer or strides {tuple(t.stride())} are not 16-byte aligned")
     return reasons
 
 
@@ -177,12 +146,5 @@ def varlen_launch_parts(
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     ints_a = (out.stride(0), out.stride(1), out.stride(2)) + lse_strides + (H, H // Hkv, num_m)
     ints_b = (left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED)
-    consts = dict(
-        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN,
-        IS_CAUSAL=bool(causal), HAS_WINDOW=left >= 0 or right >= 0, HAS_SOFTCAP=has_softcap,
-        HAS_ALIBI=has_alibi, SCORE_MOD=score_mod, MASK_MOD=mask_mod,
-        USE_NATURAL=natural_scores(has_softcap, has_alibi, bool(causal), score_mod, positive_scale),
-        HAS_HOOKS=score_mod is not None or mask_mod is not None, REVERSE_M=bool(causal),
-        NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    consts = tma_constexprs(D, config, causal, window, has_softcap, has_alibi, score_mod, mask_mod, positive_scale)
     return (num_m, batch * H), specs, ints_a, ints_b, consts
