@@ -11,7 +11,7 @@ import attention_proto  # noqa: F401  (interpreter switch before the jit helper 
 import triton
 import triton.language as tl
 
-from attention_proto.ops.dense.common import tanh_exp2
+from attention_proto.ops.dense.common import tanh_f32
 from attention_proto.ops.paged import PagedConfig, paged_attention, plan
 from attention_proto.ops.paged.decode import kv_buffers
 from attention_proto.ops.paged.dispatch import MAX_PARTITIONS, ctas_per_sm, gpu_config, smem_bytes
@@ -317,9 +317,9 @@ def test_total_tokens_argument(gen, device):
 
 
 # ---- softcap accuracy (issue #10) -----------------------------------------------------------
-# The H100 fuzz run failed 30 of 215 paged cases: the kernel's softcap took dense's tanh_f32, which
-# is tanh.approx.f32 on the GPU (~2^-11 relative error; the interpreter runs the exact form). That
-# error breaks fp32 outputs and the fp32 LSE bound in every dtype. The kernel now uses tanh_exp2.
+# The H100 fuzz run failed 30 of 215 paged cases: the kernel's softcap took a tanh that was
+# tanh.approx.f32 on the GPU (~2^-11 relative error; the interpreter runs the exact form). That
+# error breaks fp32 outputs and the fp32 LSE bound in every dtype. The kernel now uses the exact tanh_f32.
 SOFTCAP_CASE = dict(B=3, Hq=10, Hkv=2, Nq=2, D=80, page=16, lens=[29, 4, 61])
 
 
@@ -341,7 +341,7 @@ def test_softcap_is_exact_regression(softcap, version, parts, dtype, device):
 @triton.jit
 def _tanh_11bit(x):
     # tanh rounded to fp16's 11 significant bits: a stand-in for tanh.approx.f32's error
-    return tanh_exp2(x).to(tl.float16).to(tl.float32)
+    return tanh_f32(x).to(tl.float16).to(tl.float32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="swaps a jit helper of the kernel: interpreter only")
@@ -350,6 +350,6 @@ def test_softcap_case_catches_an_approximate_tanh(monkeypatch):
     from attention_proto.ops.paged import decode
     from attention_proto.ops.paged.testing import check_paged
 
-    monkeypatch.setattr(decode, "tanh_exp2", _tanh_11bit)
+    monkeypatch.setattr(decode, "tanh_f32", _tanh_11bit)
     q, kc, vc, bt, sl = _softcap_inputs(torch.float32, "cpu")
     assert not check_paged(q, kc, vc, bt, sl, torch.float32, version="v1", softcap=1.0, scale=0.5).ok

@@ -45,16 +45,11 @@ _INTERPRETED = tl.constexpr(interpreter_mode())
 
 
 @triton.jit
-def tanh_exp2(x):
-    """tanh(x) for fp32 x: 1 - 2 / (exp(2x) + 1); saturates cleanly to +-1 (exp2 -> inf or 0)."""
+def tanh_f32(x):
+    """tanh(x) for fp32 x to fp32 accuracy: 1 - 2 / (exp(2x) + 1), saturating cleanly to +-1 (exp2 ->
+    inf or 0). What fp32 inputs, paged decode and the hooks use."""
     e = tl.math.exp2(x * 2.8853900817779268)  # 2 * log2(e)
     return 1.0 - 2.0 / (e + 1.0)
-
-
-@triton.jit
-def tanh_f32(x):
-    """tanh(x) for fp32 x to fp32 accuracy (the exp2 form): what fp32 inputs and the hooks use."""
-    return tanh_exp2(x)
 
 
 @triton.jit
@@ -67,7 +62,7 @@ def tanh_approx(x):
     special-function work on the softmax's critical path (finding modifiers-softcap-bound).
     """
     if _INTERPRETED:
-        return tanh_exp2(x)
+        return tanh_f32(x)
     else:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)

@@ -25,7 +25,7 @@ clamped into ``[0, num_pages)``: even a corrupt block table (with
 ``check_inputs=False``) cannot make the kernel read outside the pool.
 
 Score math per tile (fp32), as the dense reference: s = scale * q.k; softcap
-``c * tanh(s / c)`` (the exact exp2 form, :func:`tanh_exp2`, never ``tanh.approx``: its
+``c * tanh(s / c)`` (the exact exp2 form, :func:`tanh_f32`, never ``tanh.approx``: its
 ~2^-11 relative error breaks fp32 outputs and the fp32 LSE in every dtype, and decode is
 bound by HBM, not by special-function ops); ALiBi ``- slope * |pos - j|``; causal (``j <= pos``) and
 window (``j >= pos - left``) masks, with ``pos = seq_len - Nq + i``; then an
@@ -64,7 +64,7 @@ import triton.language as tl
 import attention_proto  # noqa: F401  (sets TRITON_INTERPRET before kernels are defined)
 from attention_proto.runtime.cache import KERNEL_CACHE
 
-from ..dense.common import tanh_exp2
+from ..dense.common import tanh_f32
 from .dispatch import PagedPlan
 from .workspace import merge_counters
 
@@ -221,8 +221,8 @@ def _paged_decode_kernel(
         if HAS_SOFTCAP or HAS_ALIBI:
             s = s * sm_scale
             if HAS_SOFTCAP:
-                # exact tanh (dense's tanh_f32 is tanh.approx on the GPU: GPU fuzz issue #10)
-                s = softcap * tanh_exp2(s / softcap)
+                # exact tanh, never tanh.approx: its ~2^-11 error broke fp32 bounds in the GPU fuzz (issue #10)
+                s = softcap * tanh_f32(s / softcap)
             if HAS_ALIBI:
                 dist = q_pos[:, None] - offs_n[None, :]
                 dist = tl.where(dist < 0, -dist, dist)
