@@ -390,8 +390,8 @@ class _Plan:
         self.specs = specs
         self.aligned = aligned
         self.direct = None
-        # TMA with RoPE: (layout mode, first key position) of the keys' rotation into a scratch
-        # tensor before the launch (the kernel rotates the queries itself); None otherwise
+        # TMA with RoPE: (rotate_into, layout mode, first key position) of the keys' rotation into a
+        # scratch tensor before the launch (the kernel rotates the queries itself); None otherwise
         self.rotate_k = rotate_k
 
 
@@ -448,7 +448,9 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
             k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
             stride_cs, max_pos, q_off, q_auto, k_off = rope_args
             rope_ints = (stride_cs, max_pos, q_off + q_auto * (Nk - Nq))
-            rotate_k = (rope_mode, k_off)
+            from .rope_kernel import rotate_into
+
+            rotate_k = (rotate_into, rope_mode, k_off)
         else:
             rope_ints = (0, 0, 0)
         reasons = forward_tma.supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
@@ -644,10 +646,9 @@ def flash_attention_forward(
     else:
         make_descriptor = specs[4]
         if plan.rotate_k is not None:
-            from .rope_kernel import rotate_into
-
+            rotate_into, mode, k_off = plan.rotate_k
             k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-            rotate_into(k, k_rot, cos, sin, plan.rotate_k[1], plan.rotate_k[0])
+            rotate_into(k, k_rot, cos, sin, k_off, mode)
             k = k_rot
         args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
                 make_descriptor(out, *specs[3]), lse, slopes, cos, sin) + plan.ints_a + floats + plan.ints_b
