@@ -400,6 +400,8 @@ def test_tma_supports_reasons():
     assert "last-dim stride" in r
     r = " ".join(supports(q, k, torch.empty(1, 2, 8, 65, dtype=torch.float16, device=DEV)[..., :64], check_device=False))
     assert "16-byte aligned" in r
+    kb = torch.randn(1, 1, 8, 64, dtype=torch.float16, device=DEV).expand(1, 2, 8, 64)  # head stride 0
+    assert "a stride is 0" in " ".join(supports(q, kb, kb, check_device=False))
     r = " ".join(supports(q, k[:, :, :0], v[:, :, :0], check_device=False))
     assert "empty sequence" in r
     from attention_proto.ops.dense import forward_tma_varlen

@@ -48,6 +48,7 @@ from attention_proto.runtime.device import interpreter_mode
 
 from .common import LOG2E as _LOG2E_F
 from .common import WINDOW_UNBOUNDED, kv_block_range, q_block_range, tanh_for
+from .forward_tma import _aligned, device_and_tensor_reasons
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -321,12 +322,6 @@ def _bwd_tma_kernel(
 # --------------------------------------------------------------------------- host side
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    """16-byte aligned base and leading strides, none of them 0 (a broadcast view): what TMA accepts."""
-    e = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s > 0 and (s * e) % 16 == 0 for s in t.stride()[:-1])
-
-
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, varlen: bool = False,
              check_device: bool = True) -> List[str]:
     """Reasons the TMA backward does not apply to q [B, H, Nq, D], k/v [B, Hkv, Nk, D] (empty: it applies).
@@ -334,32 +329,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, varlen: bool 
     ``check_device=False`` skips the GPU checks (the interpreter emulates descriptors). dO and O
     need no check: dO is copied when its layout does not suit TMA, O is read by pointers.
     """
-    reasons: List[str] = []
-    if TensorDescriptor is None:
-        reasons.append("triton has no triton.tools.tensor_descriptor (needs triton >= 3.3)")
-    if check_device:
-        if interpreter_mode():
-            reasons.append("Triton interpreter (no GPU)")
-        elif not q.is_cuda:
-            reasons.append(f"q is on {q.device}; TMA needs a CUDA tensor")
-        elif torch.cuda.get_device_capability(q.device)[0] < 9:
-            reasons.append("compute capability below 9.0; TMA needs Hopper")
+    reasons = device_and_tensor_reasons(q, k, v, out=None, check_device=check_device, config=None, rank=4,
+                                        tokens_dim=2, empty=None, head_dims=TMA_HEAD_DIMS, what="the TMA backward")
     if varlen:
         reasons.append("varlen (cu_seqlens) is not supported by the TMA backward")
-        return reasons
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        reasons.append("q/k/v must be 4-D BHSD views")
-        return reasons
-    if q.dtype not in TMA_DTYPES:
-        reasons.append(f"dtype {q.dtype}; the TMA backward supports float16 and bfloat16")
-    D = q.shape[-1]
-    if D not in TMA_HEAD_DIMS or v.shape[-1] != D:
-        reasons.append(f"head dim {D} (v: {v.shape[-1]}); the TMA backward supports D in {TMA_HEAD_DIMS} with Dv == D")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            reasons.append(f"{name} has last-dim stride {t.stride(-1)}; TMA needs it contiguous (1)")
-        elif not _aligned(t):
-            reasons.append(f"{name} pointer or strides {tuple(t.stride())} are not 16-byte aligned (or a stride is 0)")
     return reasons
 
 

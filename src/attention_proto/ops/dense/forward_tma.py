@@ -126,8 +126,9 @@ def _capability(device: torch.device) -> Tuple[int, int]:
 
 
 def _aligned(t: torch.Tensor) -> bool:
+    """16-byte aligned base and leading strides, none of them 0 (a broadcast view): what TMA accepts."""
     e = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:-1])
+    return t.data_ptr() % 16 == 0 and all(s > 0 and (s * e) % 16 == 0 for s in t.stride()[:-1])
 
 
 def supports(
@@ -161,11 +162,12 @@ def supports(
 
 def device_and_tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: Optional[torch.Tensor],
                               check_device: bool, config: Optional[FwdConfig], rank: int, tokens_dim: int,
-                              empty: str) -> List[str]:
-    """What every TMA forward kernel needs (the dense and the varlen one): a config that compiles,
-    tensor descriptors, a Hopper GPU (unless ``check_device=False``), ``rank``-D fp16/bf16 tensors
-    with D a power of two in [16, 256] (Dv == D), tokens along ``tokens_dim``, unit last strides and
-    16-byte alignment."""
+                              empty: Optional[str], head_dims: Tuple[int, ...] = TMA_HEAD_DIMS,
+                              what: str = "the TMA path") -> List[str]:
+    """What every TMA kernel needs (the dense and varlen forwards, the backward): a config that
+    compiles, tensor descriptors, a Hopper GPU (unless ``check_device=False``), ``rank``-D fp16/bf16
+    tensors with D in ``head_dims`` (Dv == D), tokens along ``tokens_dim`` (``empty``: the reason
+    when there are none; None: not checked), unit last strides and 16-byte alignment (no 0 stride)."""
     reasons: List[str] = []
     if config is not None:
         reasons.extend(config_problems(config))
@@ -185,11 +187,11 @@ def device_and_tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         reasons.append(f"q/k/v must be {rank}-D {layout}; got {q.dim()}-D/{k.dim()}-D/{v.dim()}-D")
         return reasons
     if q.dtype not in TMA_DTYPES:
-        reasons.append(f"dtype {q.dtype}; the TMA path supports float16 and bfloat16")
+        reasons.append(f"dtype {q.dtype}; {what} supports float16 and bfloat16")
     D = q.shape[-1]
-    if D not in TMA_HEAD_DIMS or v.shape[-1] != D:
-        reasons.append(f"head dim {D} (v: {v.shape[-1]}); the TMA path supports D in {TMA_HEAD_DIMS} with Dv == D")
-    if q.shape[tokens_dim] == 0 or k.shape[tokens_dim] == 0:
+    if D not in head_dims or v.shape[-1] != D:
+        reasons.append(f"head dim {D} (v: {v.shape[-1]}); {what} supports D in {head_dims} with Dv == D")
+    if empty is not None and (q.shape[tokens_dim] == 0 or k.shape[tokens_dim] == 0):
         reasons.append(empty)
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t is None:
@@ -197,7 +199,7 @@ def device_and_tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if t.stride(-1) != 1:
             reasons.append(f"{name} has last-dim stride {t.stride(-1)}; TMA needs it contiguous (1)")
         elif not _aligned(t):
-            reasons.append(f"{name} pointer or strides {tuple(t.stride())} are not 16-byte aligned")
+            reasons.append(f"{name} pointer or strides {tuple(t.stride())} are not 16-byte aligned (or a stride is 0)")
     return reasons
 
 
