@@ -5,7 +5,7 @@
 
 1. bf16 correctness of softcap, causal ALiBi, RoPE (dispatched: TMA path) and packed varlen
    (dispatched: the varlen TMA kernel) against the float64 reference (the error rule);
-2. times (``triton.testing.do_bench`` median) at D128 H16 B*N = 16k, causal: plain, softcap 50,
+2. times (``runtime.timing.bench`` median, as the studies time) at D128 H16 B*N = 16k, causal: plain, softcap 50,
    ALiBi, RoPE as dispatched, separate RoPE kernel + attention, the RoPE kernel alone, FlexAttention
    plain and softcap; packed varlen (log-uniform lengths 128..8192, 64k tokens) against each
    sequence alone and against padding.
@@ -26,8 +26,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=16384)
     args = p.parse_args()
-    import triton
-
+    from attention_proto.runtime import timing
     from attention_proto.ops.dense.forward import flash_attention_forward
     from attention_proto.ops.dense.interface import attention, attention_varlen
     from attention_proto.ops.dense.reference import alibi_slopes, attention_reference, attention_reference_varlen
@@ -71,7 +70,7 @@ def main() -> int:
     b = max(1, 16384 // n)
     q, k, v = peers.bhsd(b, 16, n, 128, dtype=dt, device=dev, seed=1)
     half = RopeSpec("half")
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200)  # noqa: E731
+    bench = lambda fn: timing.bench(fn, warmup_ms=25, rep_ms=200).ms_median  # the studies' timing  # noqa: E731
 
     def sep():
         qr, kr = apply_rope(q, k, half)
