@@ -8,8 +8,10 @@ Kernels (see :mod:`attention_proto.ops.paged.decode`):
 - **V2**: sequences are cut into partitions of ``tokens_per_partition`` tokens,
   one program each. With ``reduce="fused"`` (default) a sequence uses only the
   partitions it needs and the last program of each merges the partials (one
-  launch); with ``reduce="kernel"`` every partition runs and a second kernel
-  merges (the earlier design, kept for comparison).
+  launch); with ``reduce="kernel"`` (the GPU default) every partition runs and a
+  second kernel merges. Measured on an H100 (``scripts/bench_paged.py``, session 3):
+  the separate merge kernel ties or wins at every bar shape (B1 N64k: 78% of copy
+  against 73% fused), so the fused merge is kept as an option, not the default.
 
 The rule (:func:`plan`), with constants to be calibrated by ``scripts/bench_paged.py``:
 
@@ -74,6 +76,9 @@ MAX_PARTITIONS = 256
 MAX_BLOCK_M = 64
 VERSIONS = ("auto", "v1", "v2")
 REDUCES = ("fused", "kernel")
+#: the merge the GPU tiles use: a second kernel (faster than the fused merge at every bar shape of
+#: bench_paged.py on an H100, 2026-11-26 session 3); the interpreter's tiles keep "fused" (its tests)
+DEFAULT_REDUCE = "kernel"
 
 # Hopper (sm_90) per-SM limits for the occupancy estimate
 SMEM_PER_SM = 228 * 1024
@@ -118,7 +123,7 @@ def default_config(rows: int, head_dim: int, elem_bytes: int = 2) -> PagedConfig
     - 4 warps (8 when BLOCK_M reaches 64, and for fp32); 5 pipeline stages: two K/V buffers, so the next
       tile's loads are in flight while this one is computed (3 stages leave one buffer: the
       page-id load takes a stage). Under the interpreter: 16-token tiles, 1 stage (fast CPU tests).
-    - reduce "fused".
+    - reduce :data:`DEFAULT_REDUCE` ("kernel") on the GPU, "fused" under the interpreter.
     """
     bd = max(16, _pow2_at_least(head_dim))
     bm = min(MAX_BLOCK_M, max(16, _pow2_at_least(rows)))
@@ -133,7 +138,7 @@ def gpu_config(rows: int, head_dim: int, elem_bytes: int = 2) -> PagedConfig:
     bm = min(MAX_BLOCK_M, max(16, _pow2_at_least(rows)))
     bn = max(16, min(128, 16384 // (bd * elem_bytes)))
     # 8 warps for 64-row tiles and for fp32 (4 warps spill ~400 bytes at fp32, D 128)
-    return PagedConfig(bm, bn, bd, 8 if bm >= 64 or elem_bytes >= 4 else 4, 5)
+    return PagedConfig(bm, bn, bd, 8 if bm >= 64 or elem_bytes >= 4 else 4, 5, DEFAULT_REDUCE)
 
 
 def smem_bytes(cfg: PagedConfig, elem_bytes: int = 2) -> int:
