@@ -87,6 +87,9 @@ for tool in $TOOLS; do
   secs=$(( $(date +%s) - t0 ))
   errors=$(grep -aoE 'ERROR SUMMARY: [0-9]+' "$log" 2>/dev/null | tail -1 | grep -oE '[0-9]+$')
   hazards=$(grep -aoE 'RACECHECK SUMMARY: [0-9]+ hazard' "$log" 2>/dev/null | tail -1 | grep -oE '[0-9]+' | head -1)
+  # racecheck prints no ERROR SUMMARY: its "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)"
+  [ -z "$errors" ] && errors=$(grep -aoE 'RACECHECK SUMMARY: .*\([0-9]+ errors' "$log" 2>/dev/null | tail -1 \
+    | grep -oE '\([0-9]+' | tr -d '(')
   errors=${errors:-?}
   cases=$("$PY" - "$cases_json" <<'EOF' 2>/dev/null || echo "?"
 import json, sys

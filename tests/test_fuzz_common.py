@@ -285,6 +285,9 @@ def test_sanitize_covers_every_kernel_in_the_source():
     unmapped = [k for k in found if k not in san.KERNEL_CASES]
     assert not unmapped, f"kernels without a sanitize case (add one to scripts/sanitize.py): {unmapped}"
     assert set(san.KERNEL_CASES.values()) <= set(san.CASES)
+    # the reliability study judges the sanitizer bar against the same case list
+    from attention_proto.studies.reliability import SANITIZE_CASES
+    assert tuple(san.CASES) == SANITIZE_CASES
 
 
 def test_sanitize_script_runs(tmp_path):

@@ -5,7 +5,7 @@ import json
 
 from attention_proto.kb.store import KB
 from attention_proto.studies.base import RunData
-from attention_proto.studies.reliability import STUDY, ingest
+from attention_proto.studies.reliability import SANITIZE_CASES, STUDY, ingest
 
 
 def _run(tmp_path):
@@ -35,6 +35,7 @@ def test_ingest_and_bars_missed(tmp_path):
     assert fz.verdict == "refuted" and "236 cases" in fz.claim and "under investigation" in fz.claim
     san = f["reliability-sanitizer-memcheck"]
     assert san.verdict == "inconclusive" and "cut short" in san.claim and san.metrics["ok"] == 2
+    assert "not run: dense_fwd_hooks" in san.claim
     # ingesting again replaces the rows
     assert ingest(kb, rid, d) == 5 and len(kb.measurements(run_id=rid, study="reliability")) == 5
 
@@ -42,9 +43,40 @@ def test_ingest_and_bars_missed(tmp_path):
 def test_bars_met(tmp_path):
     kb, rid = _run(tmp_path)
     d = tmp_path / "rel"
-    _write(d, ["dense_fwd              passed   cases= 1000 failures=0 (100.0 s)"], ["[ok]   dense_fwd_portable (1.0 s)"],
-           "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
+    _write(d, ["dense_fwd              passed   cases= 1000 failures=0 (100.0 s)"],
+           [f"[ok]   {c} (1.0 s)" for c in SANITIZE_CASES], "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
     ingest(kb, rid, d)
     f = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}
     assert f["reliability-gpu-fuzz"].verdict == "supported"
     assert f["reliability-sanitizer-memcheck"].verdict == "supported"
+
+
+def test_one_case_is_not_every_kernel(tmp_path):
+    kb, rid = _run(tmp_path)
+    d = tmp_path / "rel"
+    _write(d, [], ["[ok]   dense_fwd_portable (1.0 s)"], "========= ERROR SUMMARY: 0 errors\n")
+    ingest(kb, rid, d)
+    san = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-sanitizer-memcheck"]
+    assert san.verdict == "inconclusive" and "not shown" in san.claim
+
+
+def test_tool_split_over_commands_and_racecheck_summary(tmp_path):
+    """A memcheck cut short by one command and finished by the next covers every case; racecheck's
+    summary line (no ERROR SUMMARY) counts as finished; an error in any part refutes."""
+    kb, rid = _run(tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    half = len(SANITIZE_CASES) // 2
+    _write(first, [], [f"[ok]   {c} (1.0 s)" for c in SANITIZE_CASES[:half]], "========= COMPUTE-SANITIZER\n")
+    _write(second, [], [f"[ok]   {c} (1.0 s)" for c in SANITIZE_CASES[half:]], "========= ERROR SUMMARY: 0 errors\n")
+    (second / "sanitizer-logs" / "racecheck.stdout").write_text("\n".join(f"[ok]   {c}" for c in SANITIZE_CASES))
+    (second / "sanitizer-logs" / "racecheck.log").write_text(
+        "========= COMPUTE-SANITIZER\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    ingest(kb, rid, [first, second])
+    f = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}
+    mem = f["reliability-sanitizer-memcheck"]
+    assert mem.verdict == "supported" and mem.metrics["parts"] == 2 and "cut short" in mem.claim
+    assert f["reliability-sanitizer-racecheck"].verdict == "supported"
+    (first / "sanitizer-logs" / "memcheck.log").write_text("========= Invalid __global__ read of size 4\n")
+    ingest(kb, rid, [first, second])
+    mem = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-sanitizer-memcheck"]
+    assert mem.verdict == "refuted" and mem.metrics["errors"] == 1

@@ -3,7 +3,8 @@
 Both runs are scripts (``scripts/fuzz_gpu.py``, ``scripts/sanitize.sh``): they take minutes and
 run on the GPU machine beside, not inside, ``attention-proto run``. Their outputs are brought
 into a run of the knowledge base by :func:`ingest` (``python scripts/ingest_reliability.py KB
-RUN_ID DIR``), one row per fuzzed operation and one per sanitizer case, and :meth:`analyze` turns
+RUN_ID DIR [DIR ...]``: one folder per GPU command), one row per fuzzed operation and one per
+sanitizer case, and :meth:`analyze` turns
 the rows into findings against the bars of docs/reliability.md:
 
 - GPU fuzz: at least 1,000 cases per operation with 0 failures;
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..kb.store import KB
 from .base import Finding, RunData, Study, StudyContext
@@ -50,6 +51,23 @@ def _fuzz_rows(d: Path) -> List[Dict[str, Any]]:
     return out
 
 
+#: the cases of scripts/sanitize.py (each kernel in the source maps to one of them there; a test keeps
+#: this list equal to the script's): the sanitizer bar needs every one of them clean under each tool
+SANITIZE_CASES = ("dense_fwd_portable", "dense_fwd_hooks", "dense_fwd_varlen", "dense_fwd_tma", "dense_fwd_runtime",
+                  "dense_rope_kernel", "dense_bwd", "dense_bwd_tma", "paged_decode", "paged_append", "linear")
+
+
+def _tool_summary(report: str) -> Optional[int]:
+    """The error count of the tool's closing summary, or None when the log has none (the tool was cut short).
+    memcheck/synccheck/initcheck end with ``ERROR SUMMARY: N errors``; racecheck with
+    ``RACECHECK SUMMARY: H hazards displayed (E errors, W warnings)``."""
+    summary = re.findall(r"ERROR SUMMARY: (\d+)", report)
+    if summary:
+        return int(summary[-1])
+    race = re.findall(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?", report)
+    return int(race[-1]) if race else None
+
+
 def _sanitizer_rows(d: Path) -> List[Dict[str, Any]]:
     out = []
     logs = d / "sanitizer-logs"
@@ -57,41 +75,87 @@ def _sanitizer_rows(d: Path) -> List[Dict[str, Any]]:
         tool = stdout.stem
         log = logs / f"{tool}.log"
         report = log.read_text(errors="replace") if log.exists() else ""
-        summary = re.findall(r"ERROR SUMMARY: (\d+)", report)
+        errors = _tool_summary(report)
         error_lines = [ln for ln in report.splitlines() if ln.startswith("=========")
                        and not re.search(r"SUMMARY|COMPUTE-SANITIZER", ln)]
         cases = [m.groups() for m in map(_CASE_LINE.match, stdout.read_text(errors="replace").splitlines()) if m]
         for status, case, secs in cases:
-            out.append(dict(tool=tool, case=case, status=status.lower(), seconds=float(secs) if secs else None))
-        out.append(dict(tool=tool, case="(tool)", status="finished" if summary else "cut short",
-                        errors=int(summary[-1]) if summary else None, error_lines=len(error_lines),
-                        first_errors=error_lines[:5], seconds=None))
+            out.append(dict(tool=tool, case=case, status=status.lower(), seconds=float(secs) if secs else None,
+                            part=d.name))
+        out.append(dict(tool=tool, case="(tool)", status="finished" if errors is not None else "cut short",
+                        errors=errors, error_lines=len(error_lines), first_errors=error_lines[:5], seconds=None,
+                        part=d.name))
     return out
 
 
-def ingest(kb: KB, run_id: str, d: Path) -> int:
-    """Add the rows of the fuzz and sanitizer outputs in ``d`` to run ``run_id``; returns how many."""
+def ingest(kb: KB, run_id: str, dirs: Union[Path, Sequence[Path]]) -> int:
+    """Add the rows of the fuzz and sanitizer outputs in ``dirs`` (one folder per GPU command; a tool
+    may be split over several) to run ``run_id``, replacing the run's earlier reliability rows;
+    returns how many."""
+    dirs = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(x) for x in dirs]
     run = kb.run(run_id)
-    notes = json.loads((d / "notes.json").read_text()) if (d / "notes.json").exists() else {}
     if "reliability" not in run["studies"]:
         kb.add_studies(run_id, ["reliability"])
     kb.delete_measurements(run_id, "reliability")
     n = 0
     base = dict(run_id=run_id, study="reliability", gpu=run["gpu"], mode=run["mode"])
-    for r in _fuzz_rows(d):
-        extra = dict(r)
-        if r["op"] in notes:
-            extra["note"] = notes[r["op"]]
-        kb.add_measurement(dict(base, op="fuzz_gpu", impl="attention_proto", variant=r["op"], extra=extra))
-        n += 1
-    for r in _sanitizer_rows(d):
-        extra = dict(r)
-        if r["tool"] in notes and r["case"] == "(tool)":
-            extra["note"] = notes[r["tool"]]
-        kb.add_measurement(dict(base, op="sanitizer", impl="attention_proto", variant=f"{r['tool']} {r['case']}",
-                                extra=extra))
-        n += 1
+    for d in dirs:
+        notes = json.loads((d / "notes.json").read_text()) if (d / "notes.json").exists() else {}
+        for r in _fuzz_rows(d):
+            extra = dict(r, part=d.name)
+            if r["op"] in notes:
+                extra["note"] = notes[r["op"]]
+            kb.add_measurement(dict(base, op="fuzz_gpu", impl="attention_proto", variant=r["op"], extra=extra))
+            n += 1
+        for r in _sanitizer_rows(d):
+            extra = dict(r)
+            if r["tool"] in notes and r["case"] == "(tool)":
+                extra["note"] = notes[r["tool"]]
+            kb.add_measurement(dict(base, op="sanitizer", impl="attention_proto",
+                                    variant=f"{r['tool']} {r['case']}", extra=extra))
+            n += 1
     return n
+
+
+def _sanitizer_finding(tool: str, rows: List[Dict[str, Any]]) -> Finding:
+    """One tool's finding over all the commands (parts) that ran it: the bar needs every case of
+    scripts/sanitize.py clean, no error reported by any part, and at least one part that finished."""
+    heads = [r["extra"] for r in rows if r["extra"]["case"] == "(tool)"]
+    cases = [r for r in rows if r["extra"]["case"] != "(tool)"]
+    status: Dict[str, str] = {}
+    for r in cases:
+        c, st = r["extra"]["case"], r["extra"]["status"]
+        if st not in ("ok", "skip"):
+            status[c] = "bad"
+        elif status.get(c) != "bad" and (st == "ok" or c not in status):
+            status[c] = st
+    ok_cases = [c for c in SANITIZE_CASES if status.get(c) == "ok"] + \
+        sorted(c for c, st in status.items() if st == "ok" and c not in SANITIZE_CASES)
+    bad = sorted(c for c, st in status.items() if st == "bad")
+    missing = [c for c in SANITIZE_CASES if status.get(c) != "ok"]
+    errs = sum((h.get("errors") if h.get("status") == "finished" else h.get("error_lines")) or 0 for h in heads)
+    finished = [h for h in heads if h.get("status") == "finished"]
+    parts = []
+    for h in heads:
+        ran = [r["extra"]["case"] for r in cases if r["extra"].get("part") == h.get("part")]
+        parts.append(f"{h.get('part') or 'one command'}: {len(ran)} cases, "
+                     + (f"finished with {h.get('errors')} errors" if h.get("status") == "finished" else
+                        f"cut short by the command's time limit, {h.get('error_lines')} error reports in its log up "
+                        f"to then") + (f" [{h['note']}]" if h.get("note") else ""))
+    ok = bool(finished) and errs == 0 and not bad and not missing
+    claim = (f"compute-sanitizer {tool} ran {len(ok_cases)} of the {len(SANITIZE_CASES)} cases of "
+             f"scripts/sanitize.py clean ({', '.join(ok_cases) or 'none'}"
+             + (f"; failed: {', '.join(bad)}" if bad else "")
+             + (f"; not run: {', '.join(missing)}" if missing else "") + f") over {len(heads)} command(s) ("
+             + "; ".join(parts) + f"), {errs} errors in all. The bar (0 errors over every kernel) is "
+             + ("met." if ok else ("missed." if (errs or bad) else "not shown: " + (
+                 "cases not run under the tool." if missing else "no run of the tool finished."))))
+    return Finding(
+        id=f"reliability-sanitizer-{tool}", title=f"compute-sanitizer {tool} over every kernel",
+        claim=claim, verdict="supported" if ok else ("refuted" if (errs or bad) else "inconclusive"),
+        metrics={"cases": len(status), "ok": len(ok_cases), "missing": missing, "parts": len(heads),
+                 "finished": len(finished), "errors": errs},
+        evidence=[r["id"] for r in rows])
 
 
 class ReliabilityStudy(Study):
@@ -125,30 +189,8 @@ class ReliabilityStudy(Study):
                          "failed": [r["variant"] for r in failed]},
                 evidence=[r["id"] for r in fz]))
         sz = data.rows(op="sanitizer")
-        tools = sorted({r["extra"]["tool"] for r in sz})
-        for tool in tools:
-            rows = [r for r in sz if r["extra"]["tool"] == tool]
-            head = next((r for r in rows if r["extra"]["case"] == "(tool)"), None)
-            cases = [r for r in rows if r["extra"]["case"] != "(tool)"]
-            ok_cases = [r["extra"]["case"] for r in cases if r["extra"]["status"] == "ok"]
-            bad = [r["extra"]["case"] for r in cases if r["extra"]["status"] not in ("ok", "skip")]
-            he = head["extra"] if head else {}
-            finished = he.get("status") == "finished"
-            errs = he.get("errors") if finished else he.get("error_lines")
-            ok = finished and errs == 0 and not bad
-            claim = (f"compute-sanitizer {tool} ran {len(cases)} cases of scripts/sanitize.py "
-                     f"({len(ok_cases)} ok: {', '.join(ok_cases) or 'none'}"
-                     + (f"; failed: {', '.join(bad)}" if bad else "") + "); "
-                     + (f"the tool finished with {errs} errors." if finished else
-                        f"the tool was cut short by the command's time limit after those cases, with {errs} error "
-                        f"reports in its log up to then (no ERROR SUMMARY).")
-                     + (f" [{he['note']}]" if he.get("note") else "")
-                     + f" The bar (0 errors over every kernel) is {'met' if ok else 'not shown'}.")
-            out.append(Finding(
-                id=f"reliability-sanitizer-{tool}", title=f"compute-sanitizer {tool} over every kernel",
-                claim=claim, verdict="supported" if ok else ("refuted" if (errs or bad) else "inconclusive"),
-                metrics={"cases": len(cases), "ok": len(ok_cases), "finished": finished, "errors": errs},
-                evidence=[r["id"] for r in rows]))
+        for tool in sorted({r["extra"]["tool"] for r in sz}):
+            out.append(_sanitizer_finding(tool, [r for r in sz if r["extra"]["tool"] == tool]))
         return out
 
 
