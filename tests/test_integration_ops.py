@@ -43,6 +43,29 @@ def test_opcheck_flash_fwd():
     assert all(v == "SUCCESS" for v in res.values()), res
 
 
+def test_eager_inference_skips_the_op_dispatch(monkeypatch):
+    """Eager calls without gradients run the op's body directly (no ~60 us dispatch); with gradients,
+    or while compiling, the op runs (autograd and tracing need it). Same outputs either way."""
+    direct = []
+    real = torch_ops._flash_fwd_impl
+
+    def spy(*a):
+        direct.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(torch_ops, "_flash_fwd_impl", spy)
+    q, k, v = qkv()
+    with torch.no_grad():
+        a = torch_ops.flash_attention(q, k, v, causal=True)
+    assert direct == [1]
+    b = torch_ops.flash_attention(q, k, v, causal=True)  # grad mode on, nothing requires grad
+    assert direct == [1, 1] and torch.equal(a, b)
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    c = torch_ops.flash_attention(qg, kg, vg, causal=True)
+    assert direct == [1, 1], "inputs that require grad must go through the op (its autograd)"
+    assert c.grad_fn is not None and torch.equal(a, c.detach())
+
+
 def test_opcheck_varlen_and_padded():
     q, k, v = rnd(12, 4, 16, grad=True), rnd(15, 2, 16, grad=True), rnd(15, 2, 16, grad=True)
     cq = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEV)
