@@ -101,43 +101,11 @@ class Timer:
         return self.study(replay), self.clean(replay)
 
 
-_READ_KERNEL: list = []
-
-
-def _read_kernel():
-    """A trivial streaming read (defined on first use: after attention_proto chose the interpreter or not)."""
-    if not _READ_KERNEL:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def read_kernel(X, Out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-            pid = tl.program_id(0)
-            acc = tl.zeros([BLOCK], tl.float32)
-            base = pid.to(tl.int64) * BLOCK * ITERS
-            for i in range(ITERS):
-                offs = base + i * BLOCK + tl.arange(0, BLOCK)
-                acc += tl.load(X + offs, mask=offs < n, other=0.0).to(tl.float32)
-            tl.store(Out + pid, tl.sum(acc, 0))
-
-        _READ_KERNEL.append(read_kernel)
-    return _READ_KERNEL[0]
-
-
 def read_only_fn(nbytes: int, device: str):
     """Streams ``nbytes`` (contiguous 16-bit elements), writing one fp32 per program."""
-    import triton
+    from attention_proto.runtime.ceilings import read_stream_fn
 
-    from attention_proto.runtime.cache import KERNEL_CACHE
-
-    n = nbytes // 2
-    x = torch.ones(n, dtype=torch.bfloat16 if device == "cuda" else torch.float16, device=device)
-    block, iters = (4096, 8) if device == "cuda" else (64, 2)
-    grid = (triton.cdiv(n, block * iters),)
-    out = torch.empty(grid[0], dtype=torch.float32, device=device)
-    gpu = device == "cuda"
-    return lambda: KERNEL_CACHE.launch(_read_kernel(), grid, x, out, n, BLOCK=block, ITERS=iters,
-                                       num_warps=8 if gpu else 4, num_stages=3 if gpu else 1)
+    return read_stream_fn(nbytes, device)
 
 
 def main() -> int:

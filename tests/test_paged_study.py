@@ -48,7 +48,7 @@ def test_dry_run_of_the_gpu_sweep(tmp_path, monkeypatch):
     sw = Sweep(grid=[(1, 512), (2, 64)], part_counts=(2,), part_sweep_max_b=2, page_shape=(2, 64), pages=(8, 16),
                mixed=(3, 16, 100), mha=(2, 32), d64=(2, 48), flex=[], configs=[(32, 4, 1)], config_shape=(2, 64),
                Hq=4, Hkv=2, D=32, page=16, dtype=torch.float16, check_lens=(1, 20, 37), host_shape=(1, 16),
-               host_calls=5)
+               host_calls=5, stream_shapes=((2, 64),))
     STUDY.measure_gpu(ctx, sw, device="cpu")
     assert not ctx.errors, ctx.errors
     rows = kb.measurements(run_id)
@@ -56,6 +56,7 @@ def test_dry_run_of_the_gpu_sweep(tmp_path, monkeypatch):
     assert {r["extra"]["sweep"] for r in ours} >= {"grid", "page_size", "page_size_baseline", "mixed", "mha", "d64",
                                                     "config"}
     assert any(r["variant"] == "v2-p2" for r in ours)
+    assert [r["B"] for r in rows if r["op"] == "read_stream" and r["ms_median"]] == [2]  # the size-matched ceiling
     assert all(r["extra"]["ok"] for r in rows if "ok" in r["extra"])
     # peers refuse on the CPU and say why
     assert all(r["extra"].get("unsupported") for r in rows if r["impl"].startswith("sdpa"))
@@ -95,9 +96,28 @@ def test_bar_verdicts_from_rows(tmp_path):
     assert f["paged-bar-v2-long"].verdict == "supported"       # 83% of copy, 8.3x V1
     assert f["paged-bar-v2-long"].metrics["best_partitions"] == 32
     assert "90%" in f["paged-bar-copy"].claim
+    assert "trivial" not in f["paged-bar-copy"].claim        # no read-stream rows: no size-matched ceiling
     assert f["paged-dispatch-choice"].verdict == "supported"   # auto (2500) >= 95% of best (2600)
     scale = f["paged-partition-scaling"]
     assert "P=32" in scale.claim
+
+
+def test_bar_claims_quote_the_size_matched_read_stream(tmp_path):
+    kb, run_id, ctx = _ctx(tmp_path, "stream")
+    _row(ctx, "auto", 8, 4096, _ms(8, 4096, 2000), "v2", 4)
+    _row(ctx, "v1", 1, 65536, _ms(1, 65536, 300), "v1")
+    _row(ctx, "v2", 1, 65536, _ms(1, 65536, 2400), "v2", 25)
+    for B, N, gbps in ((8, 4096, 2250), (1, 65536, 2650)):
+        ms = _ms(B, N, gbps)
+        ctx.record(op="read_stream", impl="triton_read", variant="contiguous", B=B, H=32, Hkv=8, N=1, Nk=N, D=128,
+                   dtype="bfloat16", timing=Timing(ms, ms, ms), nbytes=2.0 * B * N * 8 * 128 * 2,
+                   extra={"sweep": "grid"})
+    f = {x.id: x for x in STUDY.analyze(_data(kb, run_id))}
+    copy_bar = f["paged-bar-copy"]
+    assert copy_bar.verdict == "refuted"                       # the bar is against the copy ceiling, as issued
+    assert "2250 GB/s (75% of copy; ours 89% of it)" in copy_bar.claim
+    assert abs(copy_bar.metrics["points"][0]["fraction_of_stream"] - 2000 / 2250) < 1e-6
+    assert "2650 GB/s" in f["paged-bar-v2-long"].claim
 
 
 def test_bar_refuted_when_slow(tmp_path):

@@ -59,6 +59,9 @@ class Sweep:
     host_shape: Tuple[int, int] = (1, 512)  # tiny: the wall time per call is the host's
     host_calls: int = 500
     bench_ms: Tuple[float, float] = (10.0, 40.0)  # warmup, rep
+    # the bar shapes, where a trivial read of the same bytes is timed beside ours (a size-matched ceiling)
+    stream_shapes: Tuple[Tuple[int, int], ...] = ((1, 65536), (8, 4096), (8, 32768), (32, 4096), (32, 32768),
+                                                  (128, 4096))
 
     @staticmethod
     def full() -> "Sweep":
@@ -185,6 +188,7 @@ class PagedStudy(Study):
     def measure_gpu(self, ctx: StudyContext, sw: Sweep, device: str = "cuda") -> None:
         """The timed sweep (``device`` and a tiny ``sw`` let a CPU dry run walk the same code)."""
         from ..ops.paged import explain, paged_attention
+        from ..runtime.ceilings import read_stream_fn
 
         gen = torch.Generator().manual_seed(0)
         pools = _Pools(sw.max_tokens() * sw.Hkv * sw.D, device, sw.dtype)
@@ -248,6 +252,15 @@ class PagedStudy(Study):
                            Nk=max(lens), D=k.shape[-1], dtype=dname, causal=False, timing=t,
                            nbytes=_kv_bytes(lens, k.shape[1], k.shape[-1]), extra=ex)
 
+        def stream(lens, Hkv, D):
+            # the bar shapes' size-matched ceiling: a trivial read of the same bytes, same protocol
+            nbytes = _kv_bytes(lens, Hkv, D)
+            with ctx.guard(f"read stream B{len(lens)} N{max(lens)}"):
+                t = bench(read_stream_fn(int(nbytes), device))
+                ctx.record(op="read_stream", impl="triton_read", variant="contiguous", B=len(lens), H=Hq, Hkv=Hkv,
+                           N=1, Nk=max(lens), D=D, dtype=dname, timing=t, nbytes=nbytes,
+                           extra={"sweep": "grid", "timing_mode": bench.mode})
+
         def section(label: str):
             ctx.log(f"{label}: {time.perf_counter() - t0:.1f} s")
 
@@ -276,6 +289,8 @@ class PagedStudy(Study):
             k, v = pools.contiguous(B, Hkv, N, D)
             for impl in ("sdpa_cudnn", "sdpa_flash"):
                 peer(impl, q, k, v, lens, sweep="grid")
+            if (B, N) in sw.stream_shapes:
+                stream(lens, Hkv, D)
             if (B, N) in sw.flex:
                 peer("flex", q, k, v, lens, sweep="grid")
             bar.update(1, f"grid B{B} N{N}")
