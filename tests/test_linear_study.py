@@ -101,6 +101,10 @@ def test_gpu_path_dry_run_on_cpu(tmp_path, monkeypatch):
     for name, val in dict(TOKENS=64, H=2, D=16, NS_QUICK=(32, 64), BAR_NS=(64,), DECODE_B=2, CHECK_N=40,
                           DTYPE=torch.float16, DEVICE="cpu").items():
         monkeypatch.setattr(L, name, val)
+    import attention_proto.studies.linear_varlen as LV
+
+    for name, val in dict(H=2, D=16, TOKENS_QUICK=60, LENGTHS=(4, 24)).items():
+        monkeypatch.setattr(LV, name, val)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     kb = KB.in_dir(tmp_path)
     env = {"mode": "gpu", "gpu": "dry run", "triton": "3.6.0"}
@@ -131,10 +135,12 @@ def test_gpu_path_dry_run_on_cpu(tmp_path, monkeypatch):
     findings = L.STUDY.analyze(RunData(kb, run_id))
     ids = {f.id for f in findings}
     assert {"linear-gated-backward-hopper", "linear-crossover-fwd-attention_proto", "linear-chunk-size",
-            "linear-decode-new-state", "linear-vs-fla-fwd-ungated"} <= ids, ids
+            "linear-decode-new-state", "linear-vs-fla-fwd-ungated", "linear-varlen-packing"} <= ids, ids
+    packed = [r for r in rows if r["op"] == "linear_fwd_varlen"]
+    assert {r["variant"] for r in packed} >= {"packed", "padded", "each alone (sum)"}
     # every part of the run logs its seconds (the study has a time budget)
     for part in ("prewarm", "first calls of ours", "gradient checks", "fla-core autotune", "N32", "N64",
-                 "chunk sweep N64", "decode"):
+                 "chunk sweep N64", "decode", "packed sequences"):
         assert any(m.startswith(f"[linear] {part}") and " s (total " in m for m in logs), (part, logs)
     kb.close()
 
@@ -171,6 +177,10 @@ def toy(monkeypatch):
     for name, val in dict(TOKENS=64, H=2, D=16, DECODE_B=2, DTYPE=torch.float16, DEVICE="cpu",
                           FLA_TUNE_N=32).items():
         monkeypatch.setattr(L, name, val)
+    import attention_proto.studies.linear_varlen as LV
+
+    for name, val in dict(H=2, D=16, TOKENS_QUICK=60, LENGTHS=(4, 24)).items():
+        monkeypatch.setattr(LV, name, val)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     return L
 

@@ -51,7 +51,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from ..runtime.timing import attention_flops
-from . import peers
+from . import linear_varlen, peers
 from .base import Finding, RunData, Study, StudyContext, correctness_finding, fmt, pct, ratio, speedup_verdict
 
 TOKENS = 32768
@@ -224,6 +224,8 @@ class LinearStudy(Study):
             self._decode(ctx)
         clock.part("decode")
         bar.update(1, "decode")
+        linear_varlen.measure(ctx, fla)
+        clock.part("packed sequences")
 
     def _interpreter(self, ctx: StudyContext) -> None:
         B, N, Hh, K, V = 2, 45, 2, 24, 40
@@ -400,7 +402,8 @@ class LinearStudy(Study):
         f = correctness_finding(self.name, data, "linear_grad_check")
         if f:
             out.append(f)
-        for fn in (self._gated_bwd_finding, self._crossovers, self._vs_fla, self._chunk_finding, self._decode_finding):
+        for fn in (self._gated_bwd_finding, self._crossovers, self._vs_fla, self._chunk_finding, self._decode_finding,
+                   linear_varlen.analyze):
             out.extend(fn(data))
         return out
 
