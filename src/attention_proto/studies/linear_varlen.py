@@ -61,7 +61,6 @@ def measure(ctx: StudyContext, fla=None) -> None:
         t = bench(lambda: ours(qp, kp, vp, gp))
         ctx.record(op=OP, impl="attention_proto", variant="padded", timing=t,
                    extra=dict(extra, padded_tokens=len(lens) * longest), **fields)
-        del qp, kp, vp, gp
     with ctx.guard("linear varlen alone"):
         total_ms = 0.0
         for s, n in zip(cu[:-1].tolist(), lens):
