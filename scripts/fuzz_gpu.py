@@ -15,6 +15,16 @@ Usage::
 
 ``--cpu`` runs the CPU variants instead (a smoke test of this script without a GPU).
 
+Variant pools: compiles, not the cases, are what a GPU fuzz run spends its time on (every new
+head dim, dtype, modifier combination or int specialization class is a Triton compile of 1-20 s;
+without pools the first H100 run managed 21-521 cases per operation in 470 s). So the GPU tests
+draw each case's kernel-shaping part from a fixed, covering pool per operation
+(``tests/fuzz_pools.py``: 16-32 variants in which every value of every dimension and the main
+pairwise interactions appear) and only the rest freely; a variant compiles once and a few times
+more for int specialization, and seeded ``--shards`` of one operation now mostly share compiles
+through Triton's disk cache. The recorded run uses the pools; ``ATTENTION_PROTO_FUZZ_POOL=0`` in
+the environment restores independent draws (the summary's ``pools`` says which ran).
+
 Summary JSON (schema ``attention-proto/fuzz-gpu/1``)::
 
     {"schema": ..., "examples_requested": 1000, "started": ISO time, "wall_seconds": float,
@@ -28,6 +38,7 @@ Summary JSON (schema ``attention-proto/fuzz-gpu/1``)::
                            "crash_case": the case running when the process died, or null,
                            "pytest_tail": last lines of pytest's output (when not passed)}, ...},
      "total_cases": int, "total_failures": int,
+     "pools": {"enabled": bool, "variants": {op: pool size}} (null with --cpu: the CPU tests draw freely),
      "ok": true iff every op ran >= examples_requested cases with 0 failures}
 """
 from __future__ import annotations
@@ -81,6 +92,20 @@ def environment() -> dict:
     except ImportError:
         pass
     return env
+
+
+#: operation -> its variant pool in tests/fuzz_pools.py (the varlen forward and backward share one)
+POOL_OF = {op: ("dense_varlen" if op.startswith("dense_varlen") else op) for op in OPS}
+
+
+def pool_summary(ops) -> dict:
+    """Whether the GPU tests draw from the variant pools (the env var is inherited), and their sizes."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from fuzz_pools import POOLS, pools_enabled
+    except Exception as e:  # noqa: BLE001 - the summary still gets written (the tests will fail the same way)
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"enabled": pools_enabled(), "variants": {op: POOLS[POOL_OF[op]].size for op in ops}}
 
 
 def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, shard: int = -1) -> dict:
@@ -180,6 +205,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results = {}
     env = environment()
+    pools = None if args.cpu else pool_summary(ops)
 
     def write_summary() -> dict:
         # written after every operation: a command stopped by its time limit keeps what finished
@@ -193,6 +219,7 @@ def main(argv=None) -> int:
             "ops": dict(results),
             "total_cases": sum(r["cases"] for r in results.values()),
             "total_failures": sum(r["failures"] for r in results.values()),
+            "pools": pools,
             "complete": len(results) == len(ops),
         }
         summary["ok"] = summary["complete"] and all(

@@ -11,6 +11,13 @@ hypothesis keeps no example database.
 
 Fuzz log: when ``ATTENTION_PROTO_FUZZ_LOG`` names a file, every executed case appends one JSON
 line ``{"op", "ok", "case", "error"}`` to it (``scripts/fuzz_gpu.py`` aggregates them).
+
+Variant pools: a GPU run's time goes into Triton compiles (every new head dim, dtype, modifier
+combination or int specialization class is one, 1-20 s each), so the ``gpu``-marked tests draw
+each case's kernel-shaping part from a fixed covering pool per operation (``fuzz_pools.py``) and
+the rest freely; the recorded run (``scripts/fuzz_gpu.py``) uses them, and
+``ATTENTION_PROTO_FUZZ_POOL=0`` restores independent draws. The tests below sample every GPU
+strategy (no kernels run) and check that its cases stay in their pool and reach every value.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from hypothesis import HealthCheck, settings
 
 import attention_proto  # noqa: F401  - interpreter switch before any kernel module
 from attention_proto.runtime.device import kernel_device
+from fuzz_pools import GPU_DTYPES, POOLS  # noqa: F401  - GPU_DTYPES: re-exported (it lives with the pools)
 
 DEV = kernel_device()
 ON_GPU = DEV == "cuda"
@@ -36,7 +44,6 @@ CPU_DEFAULT_EXAMPLES = 12
 GPU_DEFAULT_EXAMPLES = 50
 #: dtypes the kernels can compute here (the interpreter has no bf16 arithmetic)
 CPU_DTYPES = (torch.float16, torch.float32)
-GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 gpu = pytest.mark.gpu
 
@@ -255,6 +262,91 @@ def test_nan_empty_fixture(nan_empty):
 
 
 # ------------------------------------------------------------------------------------------------
+# the GPU strategies' variant pools (sampled here; no kernel runs)
+# ------------------------------------------------------------------------------------------------
+
+def gpu_strategies() -> dict:
+    """Pool name -> the GPU strategy drawing from it (dense_varlen serves the varlen forward and backward)."""
+    import test_fuzz_dense as dense
+    import test_fuzz_linear as linear
+    import test_fuzz_paged as paged
+
+    return {"dense_fwd": dense.dense_gpu_cases("dense_fwd"), "dense_bwd": dense.dense_gpu_cases("dense_bwd"),
+            "dense_varlen": dense.varlen_gpu_cases(), "paged_decode": paged.paged_gpu_cases(),
+            "paged_append": paged.cache_gpu_cases(),
+            **{op: linear.linear_gpu_cases(op) for op in ("linear_chunk_fwd", "linear_recurrent_fwd", "linear_bwd")},
+            "linear_step": linear.step_gpu_cases()}
+
+
+def sample_cases(strategy, n: int) -> list:
+    """``n`` derandomized draws of ``strategy`` (hypothesis' generate phase only)."""
+    from hypothesis import Phase, given
+
+    got = []
+
+    @settings(max_examples=n, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def collect(case):
+        got.append(case)
+
+    collect()
+    return got
+
+
+@pytest.mark.parametrize("op", sorted(POOLS))
+def test_pool_covers_every_value_and_pair(op):
+    import itertools
+
+    from fuzz_pools import covering_pool
+
+    pool = POOLS[op]
+    variants = pool.variants
+    assert len(variants) == pool.size == len(pool.variant_keys()), "duplicate variants waste compiles"
+    assert all(pool.valid(v) for v in variants)
+    for name, values in pool.dims.items():
+        assert {v[name] for v in variants} == set(values), f"{name}: values missing from the pool"
+    for a, b in pool.pairs:
+        held = {(v[a], v[b]) for v in variants}
+        missing = [(x, y) for x, y in itertools.product(pool.dims[a], pool.dims[b])
+                   if (x, y) not in held and pool.valid(dict(variants[0], **{a: x, b: y}))]
+        assert not missing, f"{a} x {b}: pairs missing {missing}"
+    assert covering_pool(pool.dims, pool.size, pool.pairs, pool.seed, pool.valid) == variants  # deterministic
+
+
+def test_pools_do_not_depend_on_the_hash_seed():
+    """The pools (and so the derandomized GPU cases) are the same in every process."""
+    code = ("import hashlib, sys; sys.path.insert(0, 'tests'); from fuzz_pools import POOLS; "
+            "print(hashlib.sha256(repr([p.variants for p in POOLS.values()]).encode()).hexdigest())")
+    root = Path(__file__).resolve().parents[1]
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                              env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("1", "2")}
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("op", sorted(POOLS))
+def test_gpu_strategy_draws_from_its_pool(op, monkeypatch):
+    """Sampled GPU cases select only the pool's kernels, and every value of every pool dimension occurs."""
+    monkeypatch.delenv("ATTENTION_PROTO_FUZZ_POOL", raising=False)
+    pool = POOLS[op]
+    keys = [pool.key(c) for c in sample_cases(gpu_strategies()[op], 300)]
+    outside = set(keys) - pool.variant_keys()
+    assert not outside, ("cases outside the pool (a free draw changed a kernel-shaping value): "
+                         f"{sorted(outside, key=repr)[:3]}")
+    assert len(set(keys)) <= pool.size
+    for i, (name, values) in enumerate(pool.dims.items()):
+        assert {k[i] for k in keys} == set(values), f"{name}: values never drawn"
+
+
+def test_pools_off_draws_unbounded(monkeypatch):
+    monkeypatch.setenv("ATTENTION_PROTO_FUZZ_POOL", "0")
+    strategies = gpu_strategies()
+    for op in ("dense_fwd", "paged_decode", "linear_step"):
+        keys = {POOLS[op].key(c) for c in sample_cases(strategies[op], 60)}
+        assert keys - POOLS[op].variant_keys(), f"{op}: ATTENTION_PROTO_FUZZ_POOL=0 still drew only pool variants"
+
+
+# ------------------------------------------------------------------------------------------------
 # the reliability scripts (smoke tests; the real runs are on the GPU)
 # ------------------------------------------------------------------------------------------------
 
@@ -307,6 +399,7 @@ def test_fuzz_gpu_script_cpu_smoke(tmp_path):
     assert rc.returncode == 0, rc.stdout + rc.stderr
     assert d["schema"] == "attention-proto/fuzz-gpu/1" and d["ok"]
     assert d["ops"]["linear_step"]["cases"] == 2 and d["ops"]["linear_step"]["failures"] == 0
+    assert d["pools"] is None  # the CPU variants draw freely
 
 
 def test_fuzz_gpu_script_shards_cpu_smoke(tmp_path):

@@ -11,7 +11,10 @@ padded layouts put NaN around every input (a read outside the tensor shows up as
 low-level entry writes into a view of a NaN buffer whose outside must stay NaN.
 
 CPU: tiny shapes, fp16/fp32, ``ATTENTION_PROTO_FUZZ_EXAMPLES`` (default small) examples per test.
-GPU (``gpu`` mark): larger shapes, bf16 too; ``scripts/fuzz_gpu.py`` runs them at >= 1000 each.
+GPU (``gpu`` mark): larger shapes, bf16 too; ``scripts/fuzz_gpu.py`` runs them at >= 1000 each. A
+GPU case takes its kernel-shaping part (D, dtype, modifier kinds, layout, entry, GQA or not,
+deterministic) from a fixed pool per operation (``fuzz_pools.py``: compiles dominate otherwise)
+and draws the rest (B, heads, lengths, window sizes, softcap values, scales, RoPE offsets, seed).
 """
 from __future__ import annotations
 
@@ -32,13 +35,14 @@ from attention_proto.ops.dense.reference import (alibi_slopes, attention_referen
                                                  dense_mask)
 from attention_proto.ops.dense.rope import RopeSpec, apply_rope_reference
 from attention_proto.testing import assert_close_rule
-from test_fuzz_common import (CPU_DTYPES, DEV, GPU_DTYPES, assert_canary, canary_view, fuzz_settings, gen, gpu,
-                              layout_view, nan_empty, nan_padded, randn, run_case)
+from fuzz_pools import DENSE_HEADS, DENSE_LAYOUTS, POOLS, VARLEN_HEADS
+from test_fuzz_common import (CPU_DTYPES, DEV, assert_canary, canary_view, fuzz_settings, gen, gpu, layout_view,
+                              nan_empty, nan_padded, randn, run_case)
 
 __all__ = ["nan_empty"]  # the fixture, imported for the tests of this module
 
 #: "bcast": every batch row is row 0 through an expand (stride 0 on B: overlapping reads)
-LAYOUTS = ("bhsd", "bshd", "bhsd_pad", "bshd_pad", "dstride", "bcast")
+LAYOUTS = DENSE_LAYOUTS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,15 +132,15 @@ def modifiers(draw, nk: int, D: int, hooks: bool):
 
 
 @st.composite
-def dense_cases(draw, big: bool = False, hooks: bool = True):
-    Hkv = draw(st.integers(1, 4 if big else 2))
-    group = draw(st.sampled_from([1, 2, 3, 4] if big else [1, 2, 3]))
-    nq, nk = draw(_lengths(big)), draw(_lengths(big))
-    # GPU: a handful of head dims (every new one is a compile of each modifier variant)
-    D = draw(st.sampled_from([16, 40, 64, 80, 128, 256] if big else [8, 16, 24, 40]))
+def dense_cases(draw, hooks: bool = True):
+    """A CPU case: tiny shapes, every dimension drawn freely."""
+    Hkv = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 3]))
+    nq, nk = draw(_lengths(False)), draw(_lengths(False))
+    D = draw(st.sampled_from([8, 16, 24, 40]))
     case = dict(
-        B=draw(st.integers(1, 3 if big else 2)), H=Hkv * group, Hkv=Hkv, Nq=nq, Nk=nk, D=D,
-        dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
+        B=draw(st.integers(1, 2)), H=Hkv * group, Hkv=Hkv, Nq=nq, Nk=nk, D=D,
+        dtype=draw(st.sampled_from(CPU_DTYPES)),
         layout=draw(st.sampled_from(LAYOUTS)),
         # public: ops.dense.interface; api: the dispatching attention_proto.attention (custom ops);
         # lowlevel: flash_attention_forward into canary-guarded outputs
@@ -145,6 +149,55 @@ def dense_cases(draw, big: bool = False, hooks: bool = True):
     )
     case.update(draw(modifiers(nk, D, hooks)))
     # default RoPE query positions (Nk - Nq + i) go negative when Nq > Nk: fuzzed as they come
+    return case
+
+
+def _gpu_length(length_class: str):
+    """A GPU sequence length (1-700) of the given specialization class (``fuzz_pools.LENGTH_CLASSES``)."""
+    if length_class == "1":
+        return st.just(1)
+    if length_class == "x16":
+        return st.integers(1, 43).map(lambda n: 16 * n)
+    return _lengths(True).filter(lambda n: n != 1 and n % 16 != 0)
+
+
+def _mod_int(int_class: str, hi: int):
+    """A window size or RoPE offset in 0..hi of the given class ("0", "1", "other": 2..hi, not a multiple of 16)."""
+    if int_class in ("0", "1"):
+        return st.just(int(int_class))
+    return st.integers(2, max(hi, 2)).filter(lambda n: n % 16 != 0)
+
+
+def _gpu_modifiers(draw, variant: dict, nk: int) -> dict:
+    """Modifier values of a GPU case of the given kinds (``fuzz_pools.dense_kinds`` reads them back)."""
+    size = _mod_int(variant["mod_ints"], nk + 2)
+    side = st.one_of(st.just(-1), size)  # -1: unbounded; (-1, -1) is the "none" kernel, left to the CPU fuzz
+    window = {"none": st.none(), "left": size,
+              "pair": st.tuples(side, side).filter(lambda w: w != (-1, -1))}[variant["window"]]
+    scale = {"default": st.none(), "positive": st.sampled_from([0.05, 0.3, 1.0]),
+             "natural": st.sampled_from([0.0, -0.4])}[variant["scale"]]
+    rope = None
+    if variant["rope"] is not None:
+        q_offset = draw(_mod_int(variant["mod_ints"], 6)) if variant["rope_q"] == "given" else None
+        rope = (variant["rope"], q_offset, draw(_mod_int(variant["mod_ints"], 4)))
+    return dict(causal=variant["causal"], window=draw(window),
+                softcap=draw(st.sampled_from([0.5, 5.0, 30.0])) if variant["softcap"] else None,
+                alibi=variant["alibi"], rope=rope, scale=draw(scale),
+                score_hook=variant.get("score_hook", False), mask_hook=variant.get("mask_hook", False))
+
+
+@st.composite
+def dense_gpu_cases(draw, op: str):
+    """A GPU case of ``op`` ("dense_fwd" or "dense_bwd"): a pool variant plus free shapes and values."""
+    variant = POOLS[op].draw(draw)
+    Hkv, group = draw(st.sampled_from(DENSE_HEADS[variant["heads"]]))
+    nq, nk = draw(_gpu_length(variant["nq"])), draw(_gpu_length(variant["nk"]))
+    case = dict(B=draw(st.integers(1, 3)), H=Hkv * group, Hkv=Hkv, Nq=nq, Nk=nk, D=variant["D"],
+                dtype=variant["dtype"], layout=variant["layout"], entry=variant["entry"],
+                seed=draw(st.integers(0, 2**31 - 1)))
+    case.update(_gpu_modifiers(draw, variant, nk))
+    if "deterministic" in variant:
+        case["deterministic"] = variant["deterministic"]
     return case
 
 
@@ -279,20 +332,56 @@ def check_dense_backward(case):
 
 
 @st.composite
-def varlen_cases(draw, big: bool = False):
+def varlen_cases(draw):
+    """A CPU varlen case: tiny shapes, every dimension drawn freely."""
     Hkv = draw(st.integers(1, 2))
     group = draw(st.sampled_from([1, 2, 3]))
-    nseq = draw(st.integers(1, 5 if big else 4))
-    lim = 300 if big else 13
-    lq = draw(st.lists(st.integers(0, lim), min_size=nseq, max_size=nseq))
-    lk = draw(st.lists(st.integers(0, lim), min_size=nseq, max_size=nseq))
-    D = draw(st.sampled_from([16, 40, 64, 96, 128, 256] if big else [8, 16, 24]))
+    nseq = draw(st.integers(1, 4))
+    lq = draw(st.lists(st.integers(0, 13), min_size=nseq, max_size=nseq))
+    lk = draw(st.lists(st.integers(0, 13), min_size=nseq, max_size=nseq))
+    D = draw(st.sampled_from([8, 16, 24]))
     case = dict(lq=lq, lk=lk, H=Hkv * group, Hkv=Hkv, D=D, entry=draw(st.sampled_from(["public", "api"])),
-                dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
+                dtype=draw(st.sampled_from(CPU_DTYPES)),
                 seed=draw(st.integers(0, 2**31 - 1)), slack=draw(st.integers(0, 3)),
                 deterministic=draw(st.booleans()))
     case.update(draw(modifiers(max(lk), D, hooks=False)))
     return case
+
+
+@st.composite
+def varlen_gpu_cases(draw):
+    """A GPU varlen case (forward and backward): a pool variant plus free lengths and values.
+
+    The kernels take ``max_seqlen`` (the longest sequence plus ``slack``) as an int: the variant
+    picks its class, one sequence is that long (less the slack) and the others are drawn below it."""
+    variant = POOLS["dense_varlen"].draw(draw)
+    Hkv, group = draw(st.sampled_from(VARLEN_HEADS[variant["heads"]]))
+    nseq = draw(st.integers(1, 5))
+    mq, mk = draw(_varlen_max(variant["nq"])), draw(_varlen_max(variant["nk"]))
+    slack = draw(st.integers(0, min(3, mq, mk)))
+    lq, lk = (draw(_varlen_lengths(nseq, m - slack)) for m in (mq, mk))
+    case = dict(lq=lq, lk=lk, H=Hkv * group, Hkv=Hkv, D=variant["D"], entry=variant["entry"],
+                dtype=variant["dtype"], seed=draw(st.integers(0, 2**31 - 1)), slack=slack,
+                deterministic=variant["deterministic"])
+    case.update(_gpu_modifiers(draw, variant, max(lk)))
+    return case
+
+
+def _varlen_max(length_class: str):
+    """A max_seqlen (1-303) of the given specialization class."""
+    if length_class == "1":
+        return st.just(1)
+    if length_class == "x16":
+        return st.integers(1, 18).map(lambda n: 16 * n)
+    return st.integers(2, 303).filter(lambda n: n % 16 != 0)
+
+
+@st.composite
+def _varlen_lengths(draw, nseq: int, longest: int):
+    """``nseq`` lengths in 0..longest, one of them ``longest``."""
+    lengths = draw(st.lists(st.integers(0, longest), min_size=nseq, max_size=nseq))
+    lengths[draw(st.integers(0, nseq - 1))] = longest
+    return lengths
 
 
 def _varlen_inputs(case, with_do=False):
@@ -369,34 +458,34 @@ def test_fuzz_dense_varlen_backward(nan_empty, poison_backward, case):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU fuzz: larger shapes, bf16; scripts/fuzz_gpu.py runs these at >= 1000 examples
+# GPU fuzz: larger shapes, bf16, kernel-shaping parts from fuzz_pools.POOLS; scripts/fuzz_gpu.py runs
+# these at >= 1000 examples
 # ------------------------------------------------------------------------------------------------
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=dense_cases(big=True))
+@given(case=dense_gpu_cases("dense_fwd"))
 def test_fuzz_dense_forward_gpu(nan_empty, case):
     run_case("dense_fwd", case, lambda: check_dense_forward(case))
 
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=dense_cases(big=True, hooks=False), deterministic=st.booleans(), api=st.booleans())
-def test_fuzz_dense_backward_gpu(nan_empty, poison_backward, case, deterministic, api):
-    case = dict(case, deterministic=deterministic, entry="api" if api else "public")
+@given(case=dense_gpu_cases("dense_bwd"))
+def test_fuzz_dense_backward_gpu(nan_empty, poison_backward, case):
     run_case("dense_bwd", case, lambda: check_dense_backward(case))
 
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=varlen_cases(big=True))
+@given(case=varlen_gpu_cases())
 def test_fuzz_dense_varlen_forward_gpu(nan_empty, case):
     run_case("dense_varlen_fwd", case, lambda: check_varlen(case, backward=False))
 
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=varlen_cases(big=True))
+@given(case=varlen_gpu_cases())
 def test_fuzz_dense_varlen_backward_gpu(nan_empty, poison_backward, case):
     run_case("dense_varlen_bwd", case, lambda: check_varlen(case, backward=True))
 
@@ -460,3 +549,13 @@ def test_varlen_number_of_sequences_changes_with_same_shapes(nan_empty):
         o, ro = _varlen_run(lq, lk)
         assert not torch.isnan(o).any(), f"unwritten rows for lq={lq}, lk={lk}"
         assert_close_rule(o, ro.float(), ro, torch.float32)
+
+
+@pytest.mark.xfail(reason="varlen backward, interleaved RoPE, scale <= 0, one visible key per row: dv off by ~1 fp16 "
+                          "ulp where torch is exact (a pooled GPU case run under the interpreter; not yet diagnosed)",
+                   strict=DEV == "cpu", raises=AssertionError)
+def test_varlen_backward_interleaved_rope_natural_scale_single_key(nan_empty):
+    case = dict(lq=[16], lk=[1], H=2, Hkv=2, D=64, entry="public", dtype=torch.float16, seed=653439, slack=0,
+                deterministic=True, causal=True, window=0, softcap=None, alibi=None, rope=("interleaved", None, 0),
+                scale=-0.4, score_hook=False, mask_hook=False)
+    check_varlen(case, backward=True)

@@ -6,6 +6,11 @@ an initial state, the final state, the chunk size, the mode and packed sequences
 (``cu_seqlens`` with empty and length-1 sequences). Outputs are held to the error rule against
 the float64 parallel form (``ops/linear/reference.py``); gradients (q, k, v, g, h0, through the
 final state too) with factor 3. Outputs come from NaN-filled ``torch.empty``.
+
+GPU cases (``gpu`` mark) take their kernel-shaping part from a fixed pool per operation
+(``fuzz_pools.py``: K, V, H, dtype, layout, packed or not, gate, initial/final state, chunk size,
+mode; compiles dominate otherwise) and draw the rest freely (B, N, packed lengths, padded views,
+scale, seeds).
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ import attention_proto  # noqa: F401
 from attention_proto.ops.linear.interface import linear_attention, linear_attention_step
 from attention_proto.ops.linear.reference import linear_attention_parallel, step_reference
 from attention_proto.testing import assert_close_rule
-from test_fuzz_common import (CPU_DTYPES, DEV, GPU_DTYPES, fuzz_settings, gen, gpu, nan_empty, nan_padded, randn,
-                              run_case)
+from fuzz_pools import POOLS
+from test_fuzz_common import CPU_DTYPES, DEV, fuzz_settings, gen, gpu, nan_empty, nan_padded, randn, run_case
 
 __all__ = ["nan_empty"]
 
@@ -27,25 +32,49 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:Deprecati
 
 
 @st.composite
-def linear_cases(draw, big: bool = False, mode: str = ""):
-    dims = [16, 32, 48, 64, 100, 128, 256] if big else [8, 16, 24]
+def linear_cases(draw):
+    """A CPU case: tiny shapes, every dimension drawn freely."""
+    dims = [8, 16, 24]
     packed = draw(st.booleans())
     if packed:
-        lens = draw(st.lists(st.integers(0, 300 if big else 40), min_size=1, max_size=5 if big else 3))
+        lens = draw(st.lists(st.integers(0, 40), min_size=1, max_size=3))
         B, N = 1, sum(lens)
     else:
         lens = None
-        B = draw(st.integers(1, 3 if big else 2))
-        N = draw(st.one_of(st.integers(0, 70), st.integers(71, 2000))) if big else draw(st.integers(0, 45))
+        B = draw(st.integers(1, 2))
+        N = draw(st.integers(0, 45))
     return dict(
-        B=B, N=N, lens=lens, H=draw(st.integers(1, 4 if big else 2)),
+        B=B, N=N, lens=lens, H=draw(st.integers(1, 2)),
         K=draw(st.sampled_from(dims)), V=draw(st.sampled_from(dims)),
-        dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
+        dtype=draw(st.sampled_from(CPU_DTYPES)),
         layout=draw(st.sampled_from(["bshd", "bhsd"])), padded=draw(st.booleans()),
         gated=draw(st.booleans()), h0=draw(st.booleans()), final=draw(st.booleans()),
-        chunk=draw(st.sampled_from([32, 64, 128] if big else [32, 64])),
-        mode=mode or draw(st.sampled_from(["chunk", "recurrent"])),
+        chunk=draw(st.sampled_from([32, 64])),
+        mode=draw(st.sampled_from(["chunk", "recurrent"])),
         scale=draw(st.one_of(st.none(), st.sampled_from([0.1, 1.0]))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@st.composite
+def linear_gpu_cases(draw, op: str):
+    """A GPU case of ``op``: a pool variant plus free lengths and values. Dimensions the op's pool
+    leaves out (the chunk size of the recurrent forward, the final state of the backward) are
+    drawn freely: they do not select a kernel there. Padded inputs are copied to contiguous ones."""
+    variant = POOLS[op].draw(draw)
+    if variant["packed"]:
+        lens = draw(st.lists(st.integers(0, 300), min_size=1, max_size=5))
+        B, N = 1, sum(lens)
+    else:
+        lens = None
+        B = draw(st.integers(1, 3))
+        N = draw(st.one_of(st.integers(0, 70), st.integers(71, 2000)))
+    return dict(
+        B=B, N=N, lens=lens, H=variant["H"], K=variant["K"], V=variant["V"], dtype=variant["dtype"],
+        layout=variant["layout"], padded=draw(st.booleans()), gated=variant["gated"], h0=variant["h0"],
+        final=variant["final"] if "final" in variant else draw(st.booleans()),
+        chunk=variant["chunk"] if "chunk" in variant else draw(st.sampled_from([32, 64, 128])),
+        mode=variant["mode"], scale=draw(st.one_of(st.none(), st.sampled_from([0.1, 1.0]))),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -145,12 +174,23 @@ def _from_layout_pair(res, case):
 
 
 @st.composite
-def step_cases(draw, big: bool = False):
-    dims = [16, 64, 100, 128, 256] if big else [8, 16, 24]
-    return dict(B=draw(st.integers(1, 8 if big else 3)), H=draw(st.integers(1, 4)),
+def step_cases(draw):
+    """A CPU decode-step case: tiny shapes, every dimension drawn freely."""
+    dims = [8, 16, 24]
+    return dict(B=draw(st.integers(1, 3)), H=draw(st.integers(1, 4)),
                 K=draw(st.sampled_from(dims)), V=draw(st.sampled_from(dims)),
-                dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
+                dtype=draw(st.sampled_from(CPU_DTYPES)),
                 four_d=draw(st.booleans()), gated=draw(st.booleans()), inplace=draw(st.booleans()),
+                scale=draw(st.one_of(st.none(), st.just(0.5))), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@st.composite
+def step_gpu_cases(draw):
+    """A GPU decode-step case: K, V, H, dtype and gate from the pool; the rest free (the 4-D form and
+    ``inplace`` reshape or alias the same tensors: the same kernel)."""
+    variant = POOLS["linear_step"].draw(draw)
+    return dict(B=draw(st.integers(1, 8)), H=variant["H"], K=variant["K"], V=variant["V"], dtype=variant["dtype"],
+                four_d=draw(st.booleans()), gated=variant["gated"], inplace=draw(st.booleans()),
                 scale=draw(st.one_of(st.none(), st.just(0.5))), seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -199,32 +239,32 @@ def test_fuzz_linear_step(nan_empty, case):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU: larger shapes, bf16; scripts/fuzz_gpu.py runs these at >= 1000 examples
+# GPU: larger shapes, bf16, kernel-shaping parts from fuzz_pools.POOLS; >= 1000 examples in scripts/fuzz_gpu.py
 # ------------------------------------------------------------------------------------------------
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=linear_cases(big=True, mode="chunk"))
+@given(case=linear_gpu_cases("linear_chunk_fwd"))
 def test_fuzz_linear_chunk_forward_gpu(nan_empty, case):
     run_case("linear_chunk_fwd", case, lambda: check_linear_forward(case))
 
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=linear_cases(big=True, mode="recurrent"))
+@given(case=linear_gpu_cases("linear_recurrent_fwd"))
 def test_fuzz_linear_recurrent_forward_gpu(nan_empty, case):
     run_case("linear_recurrent_fwd", case, lambda: check_linear_forward(case))
 
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=linear_cases(big=True))
+@given(case=linear_gpu_cases("linear_bwd"))
 def test_fuzz_linear_backward_gpu(nan_empty, case):
     run_case("linear_bwd", case, lambda: check_linear_backward(case))
 
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=step_cases(big=True))
+@given(case=step_gpu_cases())
 def test_fuzz_linear_step_gpu(nan_empty, case):
     run_case("linear_step", case, lambda: check_linear_step(case))

@@ -11,6 +11,11 @@ NaN-filled ``torch.empty``.
 Cache cases drive :class:`PagedKVCache` through random appends (mixed counts, shuffled free
 lists, both layouts, frees and reuse), then check every sequence's tokens, that pages no
 sequence owns still hold their sentinel (no stray write), and one decode step.
+
+GPU cases (``gpu`` mark) take their kernel-shaping part from a fixed pool per operation
+(``fuzz_pools.py``: D, dtype, page size, version, GQA group, query-length bucket, modifier flags,
+padded q, index dtype; compiles dominate otherwise) and draw the rest freely (batch, KV heads,
+lengths, partition counts, window sizes, pool layout, ``max_seq_len`` bounds, seeds).
 """
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ from attention_proto.ops.paged.cache import PagedKVCache
 from attention_proto.ops.paged.interface import paged_attention
 from attention_proto.ops.paged.reference import gather_kv
 from attention_proto.ops.paged.testing import compare_paged, make_paged
-from test_fuzz_common import (CPU_DTYPES, DEV, GPU_DTYPES, fuzz_settings, gen, gpu, nan_empty, nan_padded, randn,
-                              run_case)
+from fuzz_pools import PAGED_Q_LENS, POOLS
+from test_fuzz_common import CPU_DTYPES, DEV, fuzz_settings, gen, gpu, nan_empty, nan_padded, randn, run_case
 
 __all__ = ["nan_empty"]
 
@@ -33,20 +38,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:Deprecati
 
 
 @st.composite
-def paged_cases(draw, big: bool = False):
-    Hkv = draw(st.integers(1, 4 if big else 2))
-    group = draw(st.sampled_from([1, 2, 4, 5, 8] if big else [1, 2, 3, 4]))
-    B = draw(st.integers(1, 6 if big else 3))
-    Nq = draw(st.one_of(st.just(1), st.integers(1, 16))) if big else draw(st.integers(1, 4))
-    page = draw(st.sampled_from([8, 16, 32, 64, 128, 256] if big else [2, 4, 8, 16, 32]))
-    top = draw(st.sampled_from([64, 600, 4000])) if big else 50
-    lens = draw(st.lists(st.integers(Nq, max(Nq, top)), min_size=B, max_size=B))
+def paged_cases(draw):
+    """A CPU decode case: tiny shapes, every dimension drawn freely."""
+    Hkv = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 3, 4]))
+    B = draw(st.integers(1, 3))
+    Nq = draw(st.integers(1, 4))
+    page = draw(st.sampled_from([2, 4, 8, 16, 32]))
+    lens = draw(st.lists(st.integers(Nq, max(Nq, 50)), min_size=B, max_size=B))
     version = draw(st.sampled_from(["auto", "v1", "v2"]))
     parts = draw(st.one_of(st.none(), st.integers(1, 8))) if version != "v1" else None
     case = dict(
         B=B, Hq=Hkv * group, Hkv=Hkv, Nq=Nq, page=page, lens=lens, version=version, num_partitions=parts,
-        D=draw(st.sampled_from([16, 32, 64, 80, 96, 128, 256] if big else [8, 16, 24, 32])),
-        dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
+        D=draw(st.sampled_from([8, 16, 24, 32])),
+        dtype=draw(st.sampled_from(CPU_DTYPES)),
         pool_layout=draw(st.sampled_from(["nhd", "hnd"])),
         q_padded=draw(st.booleans()),
         index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),  # block_table / seq_lens
@@ -61,6 +66,35 @@ def paged_cases(draw, big: bool = False):
         seed=draw(st.integers(0, 2**31 - 1)),
     )
     return case
+
+
+@st.composite
+def paged_gpu_cases(draw):
+    """A GPU decode case: a pool variant plus free shapes and values (``fuzz_pools.paged_kinds`` reads it back).
+
+    Free: the window's form (an int and ``(left, 0)`` give the same kernel), the pool layout (its
+    strides stay multiples of 16) and strided index tensors (the interface copies them)."""
+    variant = POOLS["paged_decode"].draw(draw)
+    Hkv = draw(st.integers(1, 4))
+    B = draw(st.integers(1, 6))
+    Nq = draw(st.integers(*PAGED_Q_LENS[variant["q_len"]]))
+    top = draw(st.sampled_from([64, 600, 4000]))
+    lens = draw(st.lists(st.integers(Nq, max(Nq, top)), min_size=B, max_size=B))
+    window = None
+    if variant["window"]:
+        window = draw(st.one_of(st.integers(0, 40), st.tuples(st.integers(0, 40), st.just(0))))
+    return dict(
+        B=B, Hq=Hkv * variant["group"], Hkv=Hkv, Nq=Nq, page=variant["page"], lens=lens, version=variant["version"],
+        num_partitions=draw(st.integers(1, 8)) if variant["parts"] else None,
+        D=variant["D"], dtype=variant["dtype"], pool_layout=draw(st.sampled_from(["nhd", "hnd"])),
+        q_padded=variant["q_padded"], index_dtype=variant["index_dtype"], index_strided=draw(st.booleans()),
+        extra_pages=draw(st.integers(0, 3)), bound=draw(st.sampled_from(["none", "exact", "loose"])),
+        check_inputs=draw(st.booleans()),
+        softcap=draw(st.sampled_from([1.0, 20.0])) if variant["softcap"] else None,
+        alibi=variant["alibi"], window=window,
+        scale=draw(st.one_of(st.none(), st.sampled_from([0.1, 0.5]))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def check_paged_case(case):
@@ -93,19 +127,31 @@ def check_paged_case(case):
 
 
 @st.composite
-def cache_cases(draw, big: bool = False):
-    steps = draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40 if big else 12)), min_size=1, max_size=6))
+def cache_cases(draw):
+    """A CPU cache case: tiny shapes, every dimension drawn freely."""
+    steps = draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12)), min_size=1, max_size=6))
     return dict(
-        page=draw(st.sampled_from([1, 2, 4, 8, 16] if not big else [8, 16, 64, 256])),
+        page=draw(st.sampled_from([1, 2, 4, 8, 16])),
         Hkv=draw(st.integers(1, 3)),
-        D=draw(st.sampled_from([8, 16, 24] if not big else [16, 64, 96, 128, 256])),
-        dtype=draw(st.sampled_from(GPU_DTYPES if big else CPU_DTYPES)),
+        D=draw(st.sampled_from([8, 16, 24])),
+        dtype=draw(st.sampled_from(CPU_DTYPES)),
         layout=draw(st.sampled_from(["nhd", "hnd"])),
         shuffle=draw(st.one_of(st.none(), st.integers(0, 1000))),
         steps=steps,  # (sequence slot, tokens appended); a count of 0 frees and re-adds the slot
         group=draw(st.sampled_from([1, 2])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
+
+
+@st.composite
+def cache_gpu_cases(draw):
+    """A GPU cache case: page size, D, dtype and the decode step's GQA group from the pool; the rest free
+    (the pool layout's strides stay multiples of 16: the same kernels)."""
+    variant = POOLS["paged_append"].draw(draw)
+    steps = draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40)), min_size=1, max_size=6))
+    return dict(page=variant["page"], Hkv=draw(st.integers(1, 3)), D=variant["D"], dtype=variant["dtype"],
+                layout=draw(st.sampled_from(["nhd", "hnd"])), shuffle=draw(st.one_of(st.none(), st.integers(0, 1000))),
+                steps=steps, group=variant["group"], seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def check_cache_case(case):
@@ -175,19 +221,19 @@ def test_fuzz_paged_cache_append(nan_empty, case):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU: larger shapes, bf16; scripts/fuzz_gpu.py runs these at >= 1000 examples
+# GPU: larger shapes, bf16, kernel-shaping parts from fuzz_pools.POOLS; >= 1000 examples in scripts/fuzz_gpu.py
 # ------------------------------------------------------------------------------------------------
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=paged_cases(big=True))
+@given(case=paged_gpu_cases())
 def test_fuzz_paged_decode_gpu(nan_empty, case):
     run_case("paged_decode", case, lambda: check_paged_case(case))
 
 
 @gpu
 @fuzz_settings(big=True)
-@given(case=cache_cases(big=True))
+@given(case=cache_gpu_cases())
 def test_fuzz_paged_cache_append_gpu(nan_empty, case):
     run_case("paged_append", case, lambda: check_cache_case(case))
 
