@@ -83,7 +83,7 @@ from . import backward_tma
 from .common import LOG2E as _LOG2E_F
 from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_for
 from .reference import normalize_window
-from .rope import RopeSpec, rope_cos_sin
+from .rope import RopeSpec, theta_tables
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -570,13 +570,6 @@ def _validate(do, q, k, v, o, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, var
         require_same_device(("q", "alibi_slopes"), (q, alibi_slopes))
 
 
-@functools.lru_cache(maxsize=16)
-def _theta_tables(theta: float, D: int, first: int, end: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [end - first, D/2] for positions first..end-1, cached: training repeats the same shapes."""
-    cos, sin = rope_cos_sin(torch.arange(first, end), D, theta, torch.float32)
-    return cos.to(device).contiguous(), sin.to(device).contiguous()
-
-
 def _rope_tables(rope: RopeSpec, D: int, spans, device) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """fp32 cos/sin tables covering every position in ``spans`` ((first, last + 1) intervals), and the
     position of their row 0 (below 0 when Nq > Nk puts queries before key 0)."""
@@ -586,7 +579,7 @@ def _rope_tables(rope: RopeSpec, D: int, spans, device) -> Tuple[torch.Tensor, t
     pmin = min((a for a, _ in spans), default=0)
     pmax = max((b for _, b in spans), default=1)
     if rope.cos is None:
-        return (*_theta_tables(float(rope.theta), D, pmin, max(pmax, pmin + 1), str(device)), pmin)
+        return (*theta_tables(float(rope.theta), D, pmin, max(pmax, pmin + 1), str(device)), pmin)
     if tuple(rope.cos.shape[1:]) != (D // 2,):
         raise ValueError(f"rope cos/sin must have shape [max_pos, {D // 2}]; got {describe(rope.cos)}")
     if pmin < 0 or pmax > rope.cos.shape[0]:

@@ -49,7 +49,7 @@ from ...runtime.device import interpreter_mode
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
                      load_tile, tanh_for)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
-from .rope import RopeSpec
+from .rope import RopeSpec, theta_tables
 
 _LOG2E = 1.4426950408889634
 
@@ -605,8 +605,15 @@ def flash_attention_forward(
                     "and given cos/sin tables have no negative rows; pass RopeSpec(q_offset=...) explicitly "
                     "(q_offset=0: positions restart at 0 in each sequence)")
             q_off, k_off = shift, k_off + shift
+        else:
+            shift = 0
         needed = max(q_off + Nk if q_auto else q_off + Nq, k_off + Nk)
-        cos, sin = rope_tables(rope, D, needed, q.device)
+        if shift:
+            # the shifted indices read a table whose row r holds position r - shift: the rotation
+            # stays at the true positions (as in the backward and the reference), only the indices move
+            cos, sin = theta_tables(float(rope.theta), D, -shift, needed - shift, str(q.device))
+        else:
+            cos, sin = rope_tables(rope, D, needed, q.device)
         rope_mode = 1 if rope.layout == "half" else 2
         rope_args = (cos.stride(0), cos.shape[0], q_off, int(q_auto), k_off)
         ptrs |= cos.data_ptr() | sin.data_ptr()

@@ -12,6 +12,7 @@ instead of theta; rows are looked up by position.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -52,6 +53,17 @@ def rope_cos_sin(
     inv_freq = theta ** (-torch.arange(half, dtype=torch.float64, device=positions.device) * 2.0 / dim)
     ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def theta_tables(theta: float, D: int, first: int, end: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [end - first, D/2] for positions first..end-1 (first may be negative), cached.
+
+    The forward and the backward read the same rows for the same positions, so a score is rotated
+    identically in both (the backward recomputes P from the forward's LSE: any rounding difference
+    between the two rotations would leave P != exp(s - lse))."""
+    cos, sin = rope_cos_sin(torch.arange(first, end), D, theta, torch.float32)
+    return cos.to(device).contiguous(), sin.to(device).contiguous()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
