@@ -224,14 +224,9 @@ def _check_threads(jobs, n_threads, rounds):
             assert torch.equal(a, b), f"{name}: a result computed in a thread differs from the sequential one"
 
 
-@pytest.mark.xfail(interpreter_mode(), strict=True, reason=(
-    "Triton's interpreter is not thread-safe: it patches triton.language globally for the duration of "
-    "each interpreted launch, so two kernels interpreted at once in two threads fail with "
-    "InterpreterError('Did you forget to add @triton.jit ? (`_semantic` argument must be provided "
-    "outside of JIT functions.)'). Fix (runtime/cache.py): under interpreter_mode(), serialise "
-    "KernelCache.launch's kernel[grid](...) call with a process-wide lock (compiled GPU launches are "
-    "thread-safe and need none)."))
 def test_ops_from_threads():
+    """Ops from several threads at once (on the CPU the kernel cache serialises interpreted launches:
+    Triton's interpreter patches triton.language globally while a launch runs)."""
     _check_threads(_jobs(big=not interpreter_mode()), n_threads=6, rounds=4)
 
 

@@ -58,6 +58,19 @@ def _dtype_of_first_tensor(args: Tuple[Any, ...]) -> Hashable:
     return None
 
 
+#: Triton's interpreter patches triton.language globally for the duration of each interpreted
+#: launch, so two launches interpreted at once in two threads fail (InterpreterError); compiled
+#: GPU launches are thread-safe and take no lock
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _run(kernel: Any, grid: Any, args: Sequence[Any], constexprs: Dict[str, Any]) -> Any:
+    if interpreter_mode():
+        with _INTERPRETER_LOCK:
+            return kernel[grid](*args, **constexprs)
+    return kernel[grid](*args, **constexprs)
+
+
 class KernelCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -100,11 +113,11 @@ class KernelCache:
                         self._entries[key] = entry
                         self.stats.misses += 1
                         self.stats.compile_seconds += dt
-                    return kernel[grid](*args, **constexprs)
+                    return _run(kernel, grid, args, constexprs)
         with self._lock:
             entry.hits += 1
             self.stats.hits += 1
-        return kernel[grid](*args, **constexprs)
+        return _run(kernel, grid, args, constexprs)
 
     def direct(self, kernel: Any, compiled: Any, args: Sequence[Any], constexprs: Dict[str, Any]) -> Optional["DirectLaunch"]:
         """A :class:`DirectLaunch` of ``compiled`` (what :meth:`launch` just returned for these
