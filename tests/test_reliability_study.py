@@ -80,3 +80,20 @@ def test_tool_split_over_commands_and_racecheck_summary(tmp_path):
     ingest(kb, rid, [first, second])
     mem = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-sanitizer-memcheck"]
     assert mem.verdict == "refuted" and mem.metrics["errors"] == 1
+
+
+def test_fuzz_summaries_of_several_commands(tmp_path):
+    """Every fuzz*.json summary in a folder is read (the dense and the other operations may be run by
+    separate commands); files of another schema are ignored."""
+    kb, rid = _run(tmp_path)
+    d = tmp_path / "rel"
+    d.mkdir()
+    schema = "attention-proto/fuzz-gpu/1"
+    (d / "fuzz-dense.json").write_text(json.dumps({"schema": schema, "examples_requested": 1000, "ops": {
+        "dense_fwd": {"status": "passed", "cases": 1000, "failures": 0, "seconds": 90.0}}}))
+    (d / "fuzz-rest.json").write_text(json.dumps({"schema": schema, "examples_requested": 1000, "ops": {
+        "paged_decode": {"status": "passed", "cases": 1200, "failures": 0, "seconds": 60.0}}}))
+    (d / "fuzz-notes.json").write_text(json.dumps({"not": "a summary"}))
+    assert ingest(kb, rid, d) == 2
+    fz = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-gpu-fuzz"]
+    assert fz.verdict == "supported" and "2200 cases over 2 operations" in fz.claim

@@ -10,8 +10,8 @@ the rows into findings against the bars of docs/reliability.md:
 - GPU fuzz: at least 1,000 cases per operation with 0 failures;
 - compute-sanitizer: 0 errors (memcheck, racecheck) over every kernel.
 
-Inputs read from DIR: ``fuzz.out`` (the per-operation table ``fuzz_gpu.py`` prints), or
-``fuzz-gpu.json`` when the script finished; ``sanitizer-logs/<tool>.stdout`` (the per-case
+Inputs read from DIR: ``fuzz.out`` (the per-operation table ``fuzz_gpu.py`` prints), or the
+``fuzz*.json`` summaries it writes (one per command, e.g. dense and the rest split); ``sanitizer-logs/<tool>.stdout`` (the per-case
 ``[ok]``/``[FAIL]`` lines of ``sanitize.py`` under the tool) and ``sanitizer-logs/<tool>.log``
 (the tool's own report: error lines and ``ERROR SUMMARY``). ``notes.json`` (optional) maps an
 operation or tool to a diagnosis made after the run (stored in the row's ``extra.note``).
@@ -34,12 +34,13 @@ _CASE_LINE = re.compile(r"^\[(ok|FAIL|fail|skip|error)\]\s+(\S+)(?:\s+\(([\d.]+)
 
 
 def _fuzz_rows(d: Path) -> List[Dict[str, Any]]:
-    js = d / "fuzz-gpu.json"
-    if js.exists():
-        data = json.loads(js.read_text())
+    # every summary scripts/fuzz_gpu.py wrote here (one per command: fuzz-gpu.json, fuzz-dense.json, ...)
+    summaries = [json.loads(p.read_text()) for p in sorted(d.glob("fuzz*.json"))]
+    summaries = [x for x in summaries if str(x.get("schema", "")).startswith("attention-proto/fuzz-gpu/")]
+    if summaries:
         return [dict(op=op, status=r.get("status"), cases=r.get("cases"), failures=r.get("failures"),
                      seconds=r.get("seconds"), examples_requested=data.get("examples_requested"))
-                for op, r in data.get("ops", {}).items()]
+                for data in summaries for op, r in data.get("ops", {}).items()]
     out = []
     txt = d / "fuzz.out"
     if txt.exists():
