@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -178,40 +177,20 @@ def worker(spec_json: str) -> None:
 
 
 def prewarm(jobs: List[Tuple[str, bool]], with_fla: bool, workers: int, timeout_s: float) -> str:
-    """Spread the compiles over ``workers`` processes; returns a one-line summary."""
-    import tempfile
+    """Spread the compiles over ``workers`` processes (the linear study's spawner); returns a one-line summary."""
+    from attention_proto.studies.linear import spawn_workers
 
-    procs, lines = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(workers):
-            spec = {"index": i, "workers": workers, "fla": with_fla, "ours": jobs[i::workers]}
-            out = open(os.path.join(tmp, f"{i}.out"), "w+")
-            err = open(os.path.join(tmp, f"{i}.err"), "w+")
-            procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                           stdout=out, stderr=err, stdin=subprocess.DEVNULL), out, err))
-        deadline = time.monotonic() + timeout_s
-        failed, busiest = [], 0.0
-        for p, out, err in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            out.seek(0)
-            err.seek(0)
-            rep = next((ln for ln in reversed(out.read().splitlines()) if ln.startswith("PREWARM ")), None)
-            if p.returncode == 0 and rep:
-                done = json.loads(rep[len("PREWARM "):])
-                busiest = max(busiest, sum(d[1] for d in done))
-                failed += [f"{d[0]}: {d[2]}" for d in done if d[2]]
-            else:
-                tail = [ln for ln in err.read().splitlines() if ln.strip()][-1:] or [""]
-                failed.append(f"worker exit {p.returncode}: {tail[0][:160]}")
-            out.close()
-            err.close()
-        lines.append(f"prewarm: {workers} workers, {len(jobs)} jobs of ours{' + fla slices' if with_fla else ''}, "
-                     f"busiest worker {busiest:.0f} s" + (f"; failed: {'; '.join(failed)[:600]}" if failed else ""))
-    return "\n".join(lines)
+    specs = [{"index": i, "workers": workers, "fla": with_fla, "ours": jobs[i::workers]} for i in range(workers)]
+    results = spawn_workers(specs, timeout_s, [sys.executable, os.path.abspath(__file__), "--worker"])
+    failed, busiest = [], 0.0
+    for r in results:
+        if isinstance(r, dict):  # {"error": ...}: the worker failed or ran late
+            failed.append(f"worker {r['error'][:160]}")
+            continue
+        busiest = max(busiest, sum(d[1] for d in r))
+        failed += [f"{d[0]}: {d[2]}" for d in r if d[2]]
+    return (f"prewarm: {workers} workers, {len(jobs)} jobs of ours{' + fla slices' if with_fla else ''}, "
+            f"busiest worker {busiest:.0f} s" + (f"; failed: {'; '.join(failed)[:600]}" if failed else ""))
 
 
 # ---- correctness --------------------------------------------------------------------------------

@@ -203,9 +203,9 @@ def test_spawn_workers_reports_and_kills_late_ones():
     from attention_proto.studies import linear as L
 
     spec = {"index": 0, "workers": 1, "fla": False, "fla_gated_bwd": False, "jobs": [["noop"], ["nonsense"]]}
-    (ok,) = L._spawn_workers([spec], timeout_s=120)
+    (ok,) = L.spawn_workers([spec], timeout_s=120)
     assert [j[0] for j in ok["jobs"]] == ["noop", "nonsense"] and ok["jobs"][0][2] is None, ok
-    (late,) = L._spawn_workers([spec], timeout_s=0.05)   # Python cannot even start in 50 ms
+    (late,) = L.spawn_workers([spec], timeout_s=0.05)   # Python cannot even start in 50 ms
     assert "timed out" in late["error"], late
 
 

@@ -801,7 +801,7 @@ def _prewarm(ctx: StudyContext, plan: _Plan, with_fla: bool, fla_gated_bwd: bool
     jobs = _jobs(plan)
     specs = [{"index": i, "workers": n, "fla": with_fla, "fla_gated_bwd": fla_gated_bwd, "jobs": jobs[i::n]}
              for i in range(n)]
-    results = _spawn_workers(specs, PREWARM_TIMEOUT_S)
+    results = spawn_workers(specs, PREWARM_TIMEOUT_S)
     failed = [f"worker {i}: {r['error']}" for i, r in enumerate(results) if r.get("error")]
     failed += [f"{j[0]}: {j[2]}" for r in results for j in r.get("jobs", []) if j[2]]
     busiest = max((sum(j[1] for j in r.get("jobs", [])) for r in results), default=0.0)
@@ -810,20 +810,24 @@ def _prewarm(ctx: StudyContext, plan: _Plan, with_fla: bool, fla_gated_bwd: bool
             + (f"; {len(failed)} failed: {'; '.join(failed)[:400]}" if failed else ""))
 
 
-def _spawn_workers(specs: List[Dict], timeout_s: float) -> List[Dict]:
-    """Run ``_prewarm_worker(spec)`` in one new Python process per spec (not multiprocessing: a spawned
-    child would re-run ``python -m attention_proto``); returns each one's report or {"error": ...}."""
+def spawn_workers(specs: List[Dict], timeout_s: float, argv: Optional[List[str]] = None) -> List:
+    """Run one new Python process per spec, ``argv + [json(spec)]`` (default: this study's
+    ``_prewarm_worker(spec)``; not multiprocessing: a spawned child would re-run ``python -m
+    attention_proto``); each prints one ``PREWARM <json>`` line. Returns each one's JSON or
+    {"error": ...} (a failed or late process: killed at ``timeout_s``)."""
     import subprocess
     import sys
     import tempfile
 
-    code = "import sys; from attention_proto.studies.linear import _prewarm_worker; _prewarm_worker(sys.argv[1])"
+    if argv is None:
+        code = "import sys; from attention_proto.studies.linear import _prewarm_worker; _prewarm_worker(sys.argv[1])"
+        argv = [sys.executable, "-c", code]
     procs, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         try:
             for i, spec in enumerate(specs):
                 out, err = (open(os.path.join(tmp, f"{i}.{x}"), "w+") for x in ("out", "err"))
-                procs.append((subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=out, stderr=err,
+                procs.append((subprocess.Popen(argv + [json.dumps(spec)], stdout=out, stderr=err,
                                                stdin=subprocess.DEVNULL), out, err))
             deadline = time.monotonic() + timeout_s
             for p, out, err in procs:
