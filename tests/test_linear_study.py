@@ -277,3 +277,17 @@ def test_fla_gated_bwd_refusal_asks_fla(monkeypatch):
     assert L._fla_gated_bwd_refusal().startswith("RuntimeError: Triton >= 3.4.0")
     install(IndexError("tuple index out of range"))
     assert L._fla_gated_bwd_refusal() is None
+
+
+def test_packing_bars_of_issue_11():
+    """Shared by the flash and linear packed-sequence findings: >= 0.9x one by one, and >= 1.5x over
+    padding only when the mean length is under half the longest."""
+    from attention_proto.studies.flash_varlen import packing_bars
+
+    def row(ms, mean=100.0, longest=1000):
+        return {"ms_median": ms, "extra": {"mean": mean, "longest": longest}}
+
+    assert packing_bars(row(1.0), row(2.0), row(0.95)) == (2.0, 0.95, True)
+    assert packing_bars(row(1.0), row(1.4), row(1.0))[2] is False            # padding not beaten by 1.5x
+    assert packing_bars(row(1.0, mean=600), row(1.4), row(1.0))[2] is True   # ... not required then
+    assert packing_bars(row(1.0), row(3.0), row(0.8))[2] is False            # slower than one by one

@@ -21,7 +21,7 @@ from typing import List
 import torch
 
 from .base import Finding, RunData, StudyContext, fmt
-from .flash_varlen import _lengths
+from .flash_varlen import _lengths, packing_bars
 
 H, D, CHUNK = 16, 128, 64
 TOKENS, TOKENS_QUICK, LENGTHS = 65536, 16384, (128, 8192)  # the flash study's packed batch
@@ -29,7 +29,7 @@ OP = "linear_fwd_varlen"
 
 
 def measure(ctx: StudyContext, fla=None) -> None:
-    """The GPU rows (``ctx.timing``); ``fla`` is fla-core's chunk_simple_gla or None."""
+    """The timed rows (the linear study's GPU half); ``fla`` is fla-core's chunk_simple_gla or None."""
     from ..ops.linear import linear_attention
     from ..runtime.timing import Timing
 
@@ -44,7 +44,7 @@ def measure(ctx: StudyContext, fla=None) -> None:
              "chunk_size": CHUNK, "gated": True, "K": D, "V": D}
     fields = dict(B=len(lens), H=H, N=longest, D=D, dtype=str(dtype).replace("torch.", ""), causal=True,
                   mods=["gated"])
-    bench = ctx.bench if ctx.timing else _once
+    bench = ctx.bench
 
     def ours(q_, k_, v_, g_, cu_=None):
         return linear_attention(q_, k_, v_, g=g_, chunk_size=CHUNK, cu_seqlens=cu_)[0]
@@ -65,8 +65,7 @@ def measure(ctx: StudyContext, fla=None) -> None:
         total_ms = 0.0
         for s, n in zip(cu[:-1].tolist(), lens):
             qs, ks, vs, gs = (x[:, s:s + n] for x in (q, k, v, g))
-            t = bench(lambda: ours(qs, ks, vs, gs), warmup_ms=5, rep_ms=20) if ctx.timing else _once(
-                lambda: ours(qs, ks, vs, gs))
+            t = bench(lambda: ours(qs, ks, vs, gs), warmup_ms=5, rep_ms=20)
             total_ms += t.ms_median
         ctx.record(op=OP, impl="attention_proto", variant="each alone (sum)",
                    timing=Timing(total_ms, total_ms, total_ms), extra=extra, **fields)
@@ -75,18 +74,6 @@ def measure(ctx: StudyContext, fla=None) -> None:
             cu64 = cu.long()  # fla-core takes int64 offsets
             t = bench(lambda: fla(q, k, v, g=g, cu_seqlens=cu64)[0])
             ctx.record(op=OP, impl="fla", variant="packed", timing=t, extra=extra, **fields)
-
-
-def _once(fn, **_):
-    """One timed call (the CPU dry run walks the GPU code without timing it)."""
-    import time
-
-    from ..runtime.timing import Timing
-
-    t0 = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    return Timing(ms, ms, ms)
 
 
 def analyze(data: RunData) -> List[Finding]:
@@ -99,11 +86,8 @@ def analyze(data: RunData) -> List[Finding]:
     if not (packed and padded and alone):
         return []
     e = packed["extra"]
-    vs_pad = padded["ms_median"] / packed["ms_median"]
-    vs_alone = alone["ms_median"] / packed["ms_median"]
+    vs_pad, vs_alone, ok = packing_bars(packed, padded, alone)
     fla = rows.get(("fla", "packed"))
-    pad_needed = e["mean"] < e["longest"] / 2
-    ok = vs_alone >= 0.9 and (vs_pad >= 1.5 or not pad_needed)
     return [Finding(
         id="linear-varlen-packing", title="Packed linear attention against padding and separate runs",
         claim=(f"Gated chunked linear attention over a packed batch of {len(e['lengths'])} sequences "
