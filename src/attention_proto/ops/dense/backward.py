@@ -57,7 +57,6 @@ that fp32 results are fp32-accurate.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple

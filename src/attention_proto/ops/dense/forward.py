@@ -292,7 +292,6 @@ def _fwd_kernel(
 # host side
 # ----------------------------------------------------------------------------------------------
 
-_ROPE_TABLES: dict = {}
 _ALIBI: dict = {}
 _NO_WINDOW = (-1, -1)
 
@@ -329,13 +328,18 @@ def resolve_alibi(alibi_slopes: Any, H: int, device: torch.device) -> Optional[t
     return alibi_slopes
 
 
-def rope_tables(spec: RopeSpec, D: int, needed: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables [max_pos, D/2] on ``device`` covering positions < ``needed``.
+def rope_tables(spec: RopeSpec, D: int, needed: int, device: torch.device,
+                first: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables [max_pos, D/2] on ``device`` whose row r holds position ``first + r``,
+    covering rows < ``needed``.
 
-    User tables are checked and converted (no copy when already fp32, contiguous, on device);
-    theta tables are computed in float64 once per (theta, D, device) and grown by doubling.
+    User tables are checked and converted (no copy when already fp32, contiguous, on device; their
+    row r is position r, so ``first`` must be 0); theta tables are views into one cached table
+    (:func:`.rope.theta_tables`, shared with the backward).
     """
     if spec.cos is not None:
+        if first:
+            raise ValueError(f"rope: given cos/sin tables have no rows for negative positions (first={first})")
         cos, sin = spec.cos, spec.sin
         if cos.dim() != 2 or cos.shape[1] != D // 2:
             raise ValueError(f"rope cos/sin tables must be [max_pos, D/2] = [*, {D // 2}]; got {tuple(cos.shape)}")
@@ -346,16 +350,7 @@ def rope_tables(spec: RopeSpec, D: int, needed: int, device: torch.device) -> Tu
         if sin.dtype != torch.float32 or sin.device != device or not sin.is_contiguous():
             sin = sin.to(device=device, dtype=torch.float32).contiguous()
         return cos, sin
-    key = (float(spec.theta), int(D), device)
-    tabs = _ROPE_TABLES.get(key)
-    if tabs is None or tabs[0].shape[0] < needed:
-        from .rope import rope_cos_sin
-
-        n = _next_pow2(max(needed, 1024))
-        c, s = rope_cos_sin(torch.arange(n), D, spec.theta, torch.float64)
-        tabs = (c.to(device=device, dtype=torch.float32).contiguous(), s.to(device=device, dtype=torch.float32).contiguous())
-        _ROPE_TABLES[key] = tabs
-    return tabs
+    return theta_tables(spec.theta, D, first, first + needed, device)
 
 
 def _tma_path_usable(q, k, v, out, varlen: bool = False) -> bool:
@@ -608,12 +603,9 @@ def flash_attention_forward(
         else:
             shift = 0
         needed = max(q_off + Nk if q_auto else q_off + Nq, k_off + Nk)
-        if shift:
-            # the shifted indices read a table whose row r holds position r - shift: the rotation
-            # stays at the true positions (as in the backward and the reference), only the indices move
-            cos, sin = theta_tables(float(rope.theta), D, -shift, needed - shift, str(q.device))
-        else:
-            cos, sin = rope_tables(rope, D, needed, q.device)
+        # the shifted indices read a table whose row r holds position r - shift: the rotation stays at
+        # the true positions (as in the backward and the reference), only the indices move
+        cos, sin = rope_tables(rope, D, needed, q.device, first=-shift)
         rope_mode = 1 if rope.layout == "half" else 2
         rope_args = (cos.stride(0), cos.shape[0], q_off, int(q_auto), k_off)
         ptrs |= cos.data_ptr() | sin.data_ptr()

@@ -12,7 +12,6 @@ instead of theta; rows are looked up by position.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -55,15 +54,28 @@ def rope_cos_sin(
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-@functools.lru_cache(maxsize=16)
-def theta_tables(theta: float, D: int, first: int, end: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [end - first, D/2] for positions first..end-1 (first may be negative), cached.
+_THETA_TABLES: dict = {}  # (theta, D, device) -> (cos, sin, n): positions -n .. n-1
 
-    The forward and the backward read the same rows for the same positions, so a score is rotated
+
+def theta_tables(theta: float, D: int, first: int, end: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [rows, D/2] whose row r holds position ``first + r``, covering at least
+    positions ``first .. end - 1`` (``first`` may be negative).
+
+    Views into one table per (theta, D, device) over positions -n .. n-1, computed in float64 and
+    grown by doubling (n >= 1024): a call with new offsets costs no computation and no copy. The
+    forward and the backward read the same rows for the same positions, so a score is rotated
     identically in both (the backward recomputes P from the forward's LSE: any rounding difference
     between the two rotations would leave P != exp(s - lse))."""
-    cos, sin = rope_cos_sin(torch.arange(first, end), D, theta, torch.float32)
-    return cos.to(device).contiguous(), sin.to(device).contiguous()
+    key = (float(theta), int(D), str(device))
+    tabs = _THETA_TABLES.get(key)
+    reach = max(-first, end, 1)
+    if tabs is None or tabs[2] < reach:
+        n = max(1024, 1 << (reach - 1).bit_length())
+        cos, sin = rope_cos_sin(torch.arange(-n, n), D, theta, torch.float32)
+        tabs = (cos.to(device).contiguous(), sin.to(device).contiguous(), n)
+        _THETA_TABLES[key] = tabs
+    cos, sin, n = tabs
+    return cos[n + first:], sin[n + first:]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
