@@ -41,6 +41,42 @@ def _args():
     return p.parse_args()
 
 
+def _attention_alone(model, N, dt):
+    """One layer's attention call at the model's shapes, q/k/v as the model hands them (BSHD views)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from attention_proto.integrations import torch_ops
+    from attention_proto.integrations import transformers as ap_tf
+    from attention_proto.runtime.timing import bench
+
+    cfg = model.config
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(1, N, H, D, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+    k = torch.randn(1, N, Hkv, D, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+    v = torch.randn(1, N, Hkv, D, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+    attn = model.model.layers[0].self_attn
+    pos = torch.arange(N, device="cuda")[None]
+    calls = {
+        "alone_hf_ours_ms": lambda: ap_tf.attention_forward(attn, q, k, v, None, scaling=D ** -0.5, position_ids=pos),
+        "alone_hf_sdpa_ms": lambda: sdpa_attention_forward(attn, q, k, v, None, scaling=D ** -0.5, is_causal=True),
+        "alone_op_ours_ms": lambda: torch_ops.flash_attention(q, k, v, causal=True),
+        "alone_sdpa_gqa_ms": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+    }
+    r = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            try:
+                fn()
+                r[name] = bench(fn, warmup_ms=50, rep_ms=200).ms_median
+            except Exception as e:  # noqa: BLE001 - a peer missing here is reported, not fatal
+                r[name] = f"{type(e).__name__}: {e}"[:27]
+    return r
+
+
 def main() -> int:
     args = _args()
     if args.cpu:
@@ -62,6 +98,8 @@ def main() -> int:
     model = hm.build_model("llama", dtype=dt, device=dev, seed=12, **size)
     ids, _ = hm.random_batch(1, N, model.config.vocab_size, device=dev, seed=13)
     out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     rows = {}
     for impl in ("attention_proto", "sdpa"):
         model.set_attn_implementation(impl)
@@ -127,9 +165,17 @@ def main() -> int:
             r["all_kernel_ms"] = sum(dev_us(e) for e in kernels) / 1e3
             r["attn_kernels"] = ", ".join(sorted({e.key[:40] for e in attn}))[:200]
         if out_dir:
-            sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
-            Path(out_dir, f"profile_model_{impl}.txt").write_text(ev.table(sort_by=sort, row_limit=60))
+            table = None
+            for sort in (("self_device_time_total", "self_cuda_time_total") if gpu else ("self_cpu_time_total",)):
+                try:
+                    table = ev.table(sort_by=sort, row_limit=60)
+                    break
+                except (KeyError, AttributeError, ValueError):
+                    continue
+            Path(out_dir, f"profile_model_{impl}.txt").write_text(table or ev.table(row_limit=60))
         rows[impl] = r
+    if gpu:
+        rows["attention alone"] = _attention_alone(model, N, dt)
     keys = sorted({k for r in rows.values() for k in r})
     print(f"\nllama {size['layers']}L h{size['hidden']} seq{N} {dt} on {dev}"
           + (f" ({torch.cuda.get_device_name()})" if gpu else " (smoke run: no timings)"))
