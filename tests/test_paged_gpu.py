@@ -57,7 +57,9 @@ def test_fused_merge_in_cuda_graph_replays(gen):
 
     lens = [3000, 17, 700, 4096]
     q, kc, vc, bt, sl = make_paged(4, 32, 8, 1, 128, 16, lens, torch.bfloat16, "cuda", gen)
-    kw = dict(version="v2", num_partitions=8, check_inputs=False, max_seq_len=4096)
+    # the fused merge is no longer the default (DEFAULT_REDUCE = "kernel"): ask for it
+    kw = dict(version="v2", num_partitions=8, check_inputs=False, max_seq_len=4096,
+              config=dataclasses.replace(gpu_config(4, 128), reduce="fused"))
     eager = paged_attention(q, kc, vc, bt, sl, **kw)  # creates the slab
     before = workspace.slab_usage(0)
     static_q = q.clone()
@@ -82,7 +84,8 @@ def test_fused_merge_in_cuda_graph_replays(gen):
 def test_fused_merge_on_concurrent_streams(gen):
     lens = [5000, 300, 4096, 2048]
     q, kc, vc, bt, sl = make_paged(4, 32, 8, 1, 128, 16, lens, torch.bfloat16, "cuda", gen)
-    kw = dict(version="v2", num_partitions=16, check_inputs=False, max_seq_len=5000)
+    kw = dict(version="v2", num_partitions=16, check_inputs=False, max_seq_len=5000,
+              config=dataclasses.replace(gpu_config(4, 128), reduce="fused"))
     ref = paged_attention(q, kc, vc, bt, sl, **kw)
     streams = [torch.cuda.Stream() for _ in range(4)]
     torch.cuda.synchronize()
