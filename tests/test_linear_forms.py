@@ -139,6 +139,10 @@ def test_gpu_config_rules(monkeypatch, tiles):
     assert common.kernel_config("chunk_h_long", 128, 128, 128)["num_stages"] == 3
     o = common.kernel_config("chunk_o", 64, 128, 128)
     assert (o["BK"], o["BV"], o["num_warps"], o["num_stages"]) == (64, 64, 4, 3)
+    # narrow heads keep the 8-warp tile (the 4-warp one reads shared memory out of bounds there, session 4)
+    for K, V in ((64, 16), (64, 32), (32, 64), (16, 16)):
+        assert common.kernel_config("chunk_o", 64, K, V)["num_warps"] == 8, (K, V)
+    assert common.kernel_config("chunk_o", 64, 64, 64)["num_warps"] == 4
     assert common.kernel_config("chunk_o", 128, 128, 128)["BK"] == 128      # other chunks keep their tile
     assert common.kernel_config("chunk_dv", 64, 128, 128)["BV"] == 128      # the backward's is unchanged
     # chunk_h_long: which launches take it (programs of 64 x 64 state tiles against 2 per SM)

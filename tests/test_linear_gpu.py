@@ -82,6 +82,18 @@ def test_head_dims(K, V):
     compare(inputs, torch.bfloat16, 64)
 
 
+@pytest.mark.parametrize("K,V", [(64, 16), (64, 32), (32, 16), (16, 16), (128, 16), (32, 64), (96, 40)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_small_head_dims_fp16(K, V, packed):
+    # session-4 GPU fuzz: chunk_o's 4-warp tile at chunk 64 read shared memory out of bounds when V or K
+    # gave a 16- or 32-wide tile (wrong outputs, then an illegal address); forward only, as found
+    lens = [293, 198, 137, 247, 207]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV) if packed else None
+    inputs = random_inputs(1, sum(lens), 1, K, V, torch.float16, DEV, gated=False, h0=True,
+                           num_seqs=len(lens) if packed else 1, generator=gen(9))
+    compare(inputs, torch.float16, 64, cu=cu, backward=False)
+
+
 def test_varlen_bf16():
     cu_l = [0, 1, 300, 301, 301, 1024]
     cu = torch.tensor(cu_l, dtype=torch.int32, device=DEV)

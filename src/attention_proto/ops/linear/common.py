@@ -208,10 +208,13 @@ def kernel_config(name: str, BT: int, K: int, V: int) -> Dict[str, int]:
         # (3 at chunk 128: two programs per SM must still fit in shared memory)
         cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=8 if BT >= 128 else 4,
                    num_stages=(4 if BT <= 64 else 3) if (name == "chunk_h_long" and NEW_FORWARD_TILES) else 2)
-    elif name == "chunk_o" and BT == 64 and not wide and NEW_FORWARD_TILES:
+    elif name == "chunk_o" and BT == 64 and not wide and NEW_FORWARD_TILES and Kp >= 64 and Vp >= 64:
         # fla-core's autotuned choice on the H100 (both gates): K in two pipelined 64-wide steps, 4 warps.
         # The single 128 x 128 step needs 173-176 registers gated (one 8-warp CTA per SM; ungated 128: two)
-        cfg = dict(BK=min(64, Kp), BV=min(64, Vp), num_warps=4, num_stages=3)
+        # Only for full 64 x 64 tiles: with 4 warps and a 16- or 32-wide tile (V or K <= 32) Triton 3.6's
+        # code reads shared memory out of bounds on the H100 (compute-sanitizer, GPU fuzz of session 4:
+        # wrong outputs, then an illegal address); the 8-warp tile below is clean there
+        cfg = dict(BK=64, BV=64, num_warps=4, num_stages=3)
     elif name in ("chunk_o", "chunk_dv"):
         bv = min(64 if (BT >= 128 or wide) else 128, Vp)
         cfg = dict(BK=min(128, Kp), BV=bv, num_warps=8 if BT * (bv + BT) > 4096 else 4, num_stages=2)
