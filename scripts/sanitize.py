@@ -274,7 +274,7 @@ def _linear():
     from attention_proto.ops.linear.interface import linear_attention, linear_attention_step
 
     g32 = torch.Generator().manual_seed(3)
-    for K, V in ((64, 48), (40, 128)):
+    for K, V in ((64, 48), (40, 128), (64, 16)):  # (64, 16): narrow chunk_o tiles (session-4 fuzz find)
         q, k, v = rnd(2, 77, 3, K, scale=0.3), rnd(2, 77, 3, K, scale=0.3), rnd(2, 77, 3, V)
         gate = torch.nn.functional.logsigmoid(torch.randn(2, 77, 3, generator=g32) + 2).to(DEV)
         h0 = rnd(2, 3, K, V, dtype=torch.float32)

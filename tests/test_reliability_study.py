@@ -96,4 +96,23 @@ def test_fuzz_summaries_of_several_commands(tmp_path):
     (d / "fuzz-notes.json").write_text(json.dumps({"not": "a summary"}))
     assert ingest(kb, rid, d) == 2
     fz = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-gpu-fuzz"]
-    assert fz.verdict == "supported" and "2200 cases over 2 operations" in fz.claim
+    assert fz.verdict == "supported" and "each of 2 operations executed 2200 cases" in fz.claim
+
+
+def test_fuzz_later_folder_supersedes(tmp_path):
+    """An operation fuzzed again in a later folder (after a fix) is judged by that run; the earlier
+    one is still listed, with its note."""
+    kb, rid = _run(tmp_path)
+    schema = "attention-proto/fuzz-gpu/1"
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d, ops in ((old, {"linear_chunk_fwd": {"status": "failed", "cases": 56, "failures": 10, "seconds": 225.0},
+                          "dense_fwd": {"status": "passed", "cases": 1001, "failures": 0, "seconds": 490.0}}),
+                   (new, {"linear_chunk_fwd": {"status": "passed", "cases": 1000, "failures": 0, "seconds": 300.0}})):
+        d.mkdir()
+        (d / "fuzz.json").write_text(json.dumps({"schema": schema, "examples_requested": 1000, "ops": ops}))
+    (old / "notes.json").write_text(json.dumps({"linear_chunk_fwd": "fixed in abc"}))
+    assert ingest(kb, rid, [old, new]) == 3
+    fz = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-gpu-fuzz"]
+    assert fz.verdict == "supported" and fz.metrics["superseded"] == 1
+    assert "Superseded by those: linear_chunk_fwd 56 cases, 10 failures (old) [fixed in abc]" in fz.claim
+    assert len(fz.evidence) == 3

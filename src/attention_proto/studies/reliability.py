@@ -169,26 +169,38 @@ class ReliabilityStudy(Study):
 
     def analyze(self, data: RunData) -> List[Finding]:
         out: List[Finding] = []
-        fz = data.rows(op="fuzz_gpu")
-        if fz:
+        all_fz = data.rows(op="fuzz_gpu")
+        if all_fz:
+            # an operation fuzzed by several commands is judged by the last folder ingested that ran it
+            # (folders are passed oldest first; a later run follows a fix); the earlier ones are listed
+            latest: Dict[str, Dict[str, Any]] = {}
+            for r in sorted(all_fz, key=lambda r: r["id"]):
+                latest[r["variant"]] = r
+            fz = list(latest.values())
+            older = [r for r in all_fz if latest[r["variant"]] is not r]
             short = [r for r in fz if (r["extra"].get("cases") or 0) < FUZZ_BAR]
             failed = [r for r in fz if r["extra"].get("failures")]
             parts = []
             for r in fz:
                 e = r["extra"]
                 parts.append(f"{r['variant']} {e.get('cases')} cases, {e.get('failures')} failures ({e.get('status')}, "
-                             f"{e.get('seconds'):.0f} s)" + (f" [{e['note']}]" if e.get("note") else ""))
+                             f"{e.get('seconds'):.0f} s" + (f", {e['part']}" if e.get("part") else "") + ")"
+                             + (f" [{e['note']}]" if e.get("note") else ""))
+            earlier = [f"{r['variant']} {r['extra'].get('cases')} cases, {r['extra'].get('failures')} failures"
+                       + (f" ({r['extra']['part']})" if r["extra"].get("part") else "")
+                       + (f" [{r['extra']['note']}]" if r["extra"].get("note") else "") for r in older]
             ok = not short and not failed
             out.append(Finding(
                 id="reliability-gpu-fuzz", title=f"GPU fuzz: >= {FUZZ_BAR} cases per operation, 0 failures",
-                claim=(f"The GPU fuzz run executed {sum(r['extra'].get('cases') or 0 for r in fz)} cases over "
-                       f"{len(fz)} operations: " + "; ".join(parts) + f". The bar ({FUZZ_BAR} cases per operation, "
-                       f"0 failures) is {'met' if ok else 'missed'}: {len(short)} operations below {FUZZ_BAR} cases, "
-                       f"{len(failed)} with failures."),
+                claim=(f"The latest GPU fuzz run of each of {len(fz)} operations executed "
+                       f"{sum(r['extra'].get('cases') or 0 for r in fz)} cases: " + "; ".join(parts)
+                       + (". Superseded by those: " + "; ".join(earlier) if earlier else "")
+                       + f". The bar ({FUZZ_BAR} cases per operation, 0 failures) is {'met' if ok else 'missed'}: "
+                       f"{len(short)} operations below {FUZZ_BAR} cases, {len(failed)} with failures."),
                 verdict="supported" if ok else "refuted",
                 metrics={"ops": len(fz), "short": [r["variant"] for r in short],
-                         "failed": [r["variant"] for r in failed]},
-                evidence=[r["id"] for r in fz]))
+                         "failed": [r["variant"] for r in failed], "superseded": len(older)},
+                evidence=[r["id"] for r in all_fz]))
         sz = data.rows(op="sanitizer")
         for tool in sorted({r["extra"]["tool"] for r in sz}):
             out.append(_sanitizer_finding(tool, [r for r in sz if r["extra"]["tool"] == tool]))
