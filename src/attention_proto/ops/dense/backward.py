@@ -68,6 +68,7 @@ import triton.language as tl
 import attention_proto  # noqa: F401  (sets TRITON_INTERPRET before kernels are defined)
 from attention_proto.runtime.cache import KERNEL_CACHE
 from attention_proto.runtime.device import interpreter_mode
+from attention_proto.runtime.offsets import host_offsets
 from attention_proto.runtime.validation import (
     describe,
     require_dtype,
@@ -647,11 +648,13 @@ def flash_attention_backward(
     if varlen:
         H, Hkv, B = q.shape[1], k.shape[1], cu_seqlens_q.numel() - 1
         if max_seqlen_q is None or max_seqlen_k is None or rope is not None:
-            lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-            lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-            if cu_seqlens_q[-1].item() != q.shape[0] or cu_seqlens_k[-1].item() != k.shape[0] or min(lq + lk) < 0:
+            cq, _ = host_offsets(cu_seqlens_q)  # the forward's host copy when the tensor is unchanged
+            ck, _ = host_offsets(cu_seqlens_k)
+            lq = [b - a for a, b in zip(cq, cq[1:])]
+            lk = [b - a for a, b in zip(ck, ck[1:])]
+            if cq[-1] != q.shape[0] or ck[-1] != k.shape[0] or min(lq + lk) < 0:
                 raise ValueError(f"cu_seqlens must be non-decreasing and end at Tq={q.shape[0]} / Tk={k.shape[0]}; "
-                                 f"got {cu_seqlens_q.tolist()} and {cu_seqlens_k.tolist()}")
+                                 f"got {cq} and {ck}")
         nq = max(max_seqlen_q or 0, max(lq) if lq else 0)  # grid sizes
         nk = max(max_seqlen_k or 0, max(lk) if lk else 0)
     else:

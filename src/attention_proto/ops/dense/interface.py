@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 
 from ...runtime.device import interpreter_mode
+from ...runtime.offsets import host_offsets
 from ...runtime.validation import describe
 from .forward import flash_attention_forward, normalize_window_arg, resolve_alibi
 from .rope import RopeSpec
@@ -266,7 +267,8 @@ def _check_cu_seqlens(name: str, cu: Any, total: int, device: torch.device, tota
         raise ValueError(f"{name} must be 1-D of length B + 1 >= 1; got {describe(cu)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device {device}; got {describe(cu)}")
-    vals = cu.tolist()  # one host sync: the checks below need the values
+    # the checks below need the values: one host sync per offsets tensor (layers sharing it reuse the copy)
+    vals, _ = host_offsets(cu)
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0; got {name}[0] = {vals[0]}")
     if any(b < a for a, b in zip(vals, vals[1:])):

@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ...runtime.device import interpreter_mode
+from ...runtime.offsets import host_offsets
 from ...runtime.validation import describe
 from .autograd import LinearAttentionFunction, linear_forward
 from .common import SeqInfo
@@ -98,7 +99,8 @@ def _check_state(name: str, s, shape: Tuple[int, ...], device: torch.device) -> 
 
 
 def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -> List[int]:
-    """Validate packed-sequence offsets; returns the sequence lengths (one host sync)."""
+    """Validate packed-sequence offsets; returns the sequence lengths (one host sync per offsets
+    tensor: calls with the same unchanged tensor reuse its host copy, :mod:`...runtime.offsets`)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be None or an int32 torch.Tensor [NS + 1]; got {describe(cu_seqlens)}")
     if cu_seqlens.dtype != torch.int32:
@@ -109,7 +111,7 @@ def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -
         raise ValueError(f"cu_seqlens must be on q's device {device}; got {describe(cu_seqlens)}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the batch dimension must be 1 (sequences packed along N); got B={batch}")
-    cu = [int(x) for x in cu_seqlens.tolist()]
+    cu, _ = host_offsets(cu_seqlens)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0; got {cu[:8]}{' ...' if len(cu) > 8 else ''}")
     bad = next((i for i in range(1, len(cu)) if cu[i] < cu[i - 1]), None)
@@ -191,6 +193,9 @@ def linear_attention(
 
     scale = K ** -0.5 if scale is None else float(scale)
     info = SeqInfo(B=B, T=N, H=H, K=K, V=Vdim, head_first=head_first, cu_seqlens=cu_seqlens, lengths=lengths)
+    if cu_seqlens is not None:
+        # chunk plans (index tensors copied to the device) are kept with the offsets' host copy
+        info._plans = host_offsets(cu_seqlens)[1].setdefault("linear_chunk_plans", {})
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     g32 = None if g is None else g.to(torch.float32).contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
