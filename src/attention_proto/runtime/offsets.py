@@ -24,8 +24,7 @@ MEMO_SIZE = 16
 @dataclass
 class _Entry:
     ref: Any
-    version: int
-    ptr: int
+    version: Tuple[int, int]
     values: List[int]
     extras: Dict[Any, Any] = field(default_factory=dict)
 
@@ -34,10 +33,12 @@ _MEMO: "OrderedDict[int, _Entry]" = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def _version(t: torch.Tensor) -> Optional[int]:
+def _version(t: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(version counter, storage address), or None where either is unavailable: inference tensors
+    do not track versions, fake and meta tensors have no storage."""
     try:
-        return int(t._version)
-    except RuntimeError:  # inference tensors do not track versions
+        return int(t._version), int(t.data_ptr())
+    except (RuntimeError, NotImplementedError):
         return None
 
 
@@ -49,13 +50,13 @@ def host_offsets(t: torch.Tensor) -> Tuple[List[int], Dict[Any, Any]]:
     if version is not None and not torch.compiler.is_compiling():
         with _LOCK:
             e = _MEMO.get(id(t))
-            if e is not None and e.ref() is t and e.version == version and e.ptr == t.data_ptr():
+            if e is not None and e.ref() is t and e.version == version:
                 _MEMO.move_to_end(id(t))
                 return e.values, e.extras
     values = [int(x) for x in t.tolist()]
     if version is None or torch.compiler.is_compiling():
         return values, {}
-    e = _Entry(weakref.ref(t), version, t.data_ptr(), values)
+    e = _Entry(weakref.ref(t), version, values)
     with _LOCK:
         _MEMO[id(t)] = e
         _MEMO.move_to_end(id(t))
