@@ -95,6 +95,13 @@ BWD_PATHS = ("portable", "tma")
 TMA_BACKWARD_DEFAULT = True
 #: tests set this to fill every output and scratch buffer with NaN before the kernels run
 POISON_OUTPUTS = False
+#: float32 inputs: form delta = rowsum(dO * O) as the diagonal of dO @ O^T through the same IEEE dot
+#: that forms dP in the main kernels, so that a row seeing one key (P = 1, O = V exactly) gets
+#: dP - delta = 0 exactly, as PyTorch's softmax backward does (session-4 GPU fuzz: 1.3e-5 to 2.8e-5
+#: there against a float32 bound of 1e-5). Off until run on a GPU (tests/test_dense_backward.py::
+#: test_gpu_fp32_single_key_exact): the interpreter's BLAS rounds positions of one product
+#: differently, so only Triton's GPU lowering (each element summed in k order) can show it
+DELTA_DOT_FP32 = False
 
 
 # --------------------------------------------------------------------------- configs
@@ -342,8 +349,9 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok,
 def _bwd_preprocess(O, DO, DELTA, CU_Q,
                     stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
                     stride_lb, stride_lh, stride_lm, H, nq,
-                    IS_VARLEN: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32, one program per (query block, head)."""
+                    IS_VARLEN: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    DELTA_DOT: tl.constexpr = False):
+    """delta = rowsum(dO * O) in fp32, one program per (query block, head); DELTA_DOT: see DELTA_DOT_FP32."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -356,7 +364,12 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q,
                   HEAD_DV, BLOCK_DV, True)
     do = load_tile(DO + b64 * stride_dob + h * stride_doh, rows, q_start + seqlen_q, stride_dom, stride_dod,
                    HEAD_DV, BLOCK_DV, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if DELTA_DOT:
+        prod = tl.dot(do, tl.trans(o), input_precision="ieee")
+        eye = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+        delta = tl.sum(tl.where(eye, prod, 0.0), axis=1)  # adding zeros keeps the diagonal exact
+    else:
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + b64 * stride_lb + h * stride_lh + rows * stride_lm, delta, mask=rows < q_start + seqlen_q)
 
 
@@ -732,6 +745,7 @@ def flash_attention_backward(
         _bwd_preprocess, (triton.cdiv(nq, pre_m), B * H),
         o, do, delta, cu_q, *_strides4(o, varlen), *_strides4(do, varlen), *_lse_strides(delta, varlen), H, nq,
         IS_VARLEN=varlen, HEAD_DV=Dv, BLOCK_M=pre_m, BLOCK_DV=BDV, num_warps=1 if small else 4,
+        DELTA_DOT=DELTA_DOT_FP32 and o.dtype == torch.float32 and do.dtype == torch.float32,
     )
     fuse = not deterministic
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if fuse else dq
