@@ -152,13 +152,19 @@ def dense_cases(draw, hooks: bool = True):
     return case
 
 
-def _gpu_length(length_class: str):
-    """A GPU sequence length (1-700) of the given specialization class (``fuzz_pools.LENGTH_CLASSES``)."""
+def _of_length_class(length_class: str, hi: int, other):
+    """A length up to ``hi`` of the given specialization class (``fuzz_pools.LENGTH_CLASSES``): 1, a
+    multiple of 16, or one drawn from ``other`` that is neither."""
     if length_class == "1":
         return st.just(1)
     if length_class == "x16":
-        return st.integers(1, 43).map(lambda n: 16 * n)
-    return _lengths(True).filter(lambda n: n != 1 and n % 16 != 0)
+        return st.integers(1, hi // 16).map(lambda n: 16 * n)
+    return other.filter(lambda n: n != 1 and n % 16 != 0)
+
+
+def _gpu_length(length_class: str):
+    """A GPU sequence length (1-700) of the given specialization class."""
+    return _of_length_class(length_class, 700, _lengths(True))
 
 
 def _mod_int(int_class: str, hi: int):
@@ -369,11 +375,7 @@ def varlen_gpu_cases(draw):
 
 def _varlen_max(length_class: str):
     """A max_seqlen (1-303) of the given specialization class."""
-    if length_class == "1":
-        return st.just(1)
-    if length_class == "x16":
-        return st.integers(1, 18).map(lambda n: 16 * n)
-    return st.integers(2, 303).filter(lambda n: n % 16 != 0)
+    return _of_length_class(length_class, 303, st.integers(2, 303))
 
 
 @st.composite
