@@ -136,6 +136,17 @@ def packing_bars(packed, padded, alone) -> Tuple[float, float, bool]:
     return vs_pad, vs_alone, vs_alone >= 0.9 and (vs_pad >= 1.5 or e["mean"] >= e["longest"] / 2)
 
 
+#: the bars of :func:`packing_bars`, as the findings quote them
+PACKING_BARS_TEXT = "(bars: >= 1.5x vs padding when mean < longest/2, >= 0.9x vs separate)"
+
+
+def packed_batch_text(packed) -> str:
+    """'packed batch of N sequences (T tokens, mean length M, longest L)' from a packed row's extra."""
+    e = packed["extra"]
+    return (f"packed batch of {len(e['lengths'])} sequences ({e['total_tokens']} tokens, mean length "
+            f"{fmt(e['mean'], 0)}, longest {e['longest']})")
+
+
 def analyze(data: RunData) -> List[Finding]:
     if data.mode != "gpu":
         return []
@@ -145,18 +156,15 @@ def analyze(data: RunData) -> List[Finding]:
     alone = rows.get(("attention_proto", "each alone (sum)"))
     out: List[Finding] = []
     if packed and padded and alone:
-        e = packed["extra"]
         vs_pad, vs_alone, ok = packing_bars(packed, padded, alone)
         cud = rows.get(("sdpa_cudnn", "padded"))
         flex = rows.get(("flex", "document mask"))
         out.append(Finding(
             id="flash-varlen-packing", title="Packed sequences against padding and separate runs",
-            claim=(f"A packed batch of {len(e['lengths'])} sequences ({e['total_tokens']} tokens, mean length "
-                   f"{fmt(e['mean'], 0)}, longest {e['longest']}) runs {fmt(vs_pad)}x faster packed than padded to the "
+            claim=(f"A {packed_batch_text(packed)} runs {fmt(vs_pad)}x faster packed than padded to the "
                    f"longest (SDPA cuDNN padded: {fmt(cud['ms_median'] / packed['ms_median']) if cud else 'n/a'}x our "
                    f"packed time; FlexAttention document mask: {fmt(flex['ms_median'] / packed['ms_median']) if flex else 'n/a'}x), "
-                   f"and at {fmt(vs_alone)}x the throughput of the sequences run one by one (bars: >= 1.5x vs padding "
-                   f"when mean < longest/2, >= 0.9x vs separate)."),
+                   f"and at {fmt(vs_alone)}x the throughput of the sequences run one by one {PACKING_BARS_TEXT}."),
             verdict="supported" if ok else "refuted",
             metrics={"vs_padded": vs_pad, "vs_alone": vs_alone,
                      "cudnn_padded_over_packed": cud["ms_median"] / packed["ms_median"] if cud else None,

@@ -21,7 +21,7 @@ from typing import List
 import torch
 
 from .base import Finding, RunData, StudyContext, fmt
-from .flash_varlen import _lengths, packing_bars
+from .flash_varlen import PACKING_BARS_TEXT, _lengths, packed_batch_text, packing_bars
 
 H, D, CHUNK = 16, 128, 64
 TOKENS, TOKENS_QUICK, LENGTHS = 65536, 16384, (128, 8192)  # the flash study's packed batch
@@ -85,17 +85,14 @@ def analyze(data: RunData) -> List[Finding]:
     alone = rows.get(("attention_proto", "each alone (sum)"))
     if not (packed and padded and alone):
         return []
-    e = packed["extra"]
     vs_pad, vs_alone, ok = packing_bars(packed, padded, alone)
     fla = rows.get(("fla", "packed"))
     return [Finding(
         id="linear-varlen-packing", title="Packed linear attention against padding and separate runs",
-        claim=(f"Gated chunked linear attention over a packed batch of {len(e['lengths'])} sequences "
-               f"({e['total_tokens']} tokens, mean length {fmt(e['mean'], 0)}, longest {e['longest']}) runs "
-               f"{fmt(vs_pad)}x faster packed than padded to the longest, at {fmt(vs_alone)}x the throughput of the "
+        claim=(f"Gated chunked linear attention over a {packed_batch_text(packed)} runs {fmt(vs_pad)}x faster packed than padded to the longest, at {fmt(vs_alone)}x the throughput of the "
                f"sequences run one by one, and fla-core's chunk_simple_gla over the same packed tokens takes "
                f"{fmt(fla['ms_median'] / packed['ms_median']) + 'x our time' if fla else 'n/a (not run)'} "
-               f"(bars: >= 1.5x vs padding when mean < longest/2, >= 0.9x vs separate)."),
+               f"{PACKING_BARS_TEXT}."),
         verdict="supported" if ok else "refuted",
         metrics={"vs_padded": vs_pad, "vs_alone": vs_alone,
                  "fla_over_packed": fla["ms_median"] / packed["ms_median"] if fla else None},
