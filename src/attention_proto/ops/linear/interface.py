@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -98,9 +98,10 @@ def _check_state(name: str, s, shape: Tuple[int, ...], device: torch.device) -> 
         raise ValueError(f"{name} must be on q's device {device}; got {describe(s)}")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -> List[int]:
-    """Validate packed-sequence offsets; returns the sequence lengths (one host sync per offsets
-    tensor: calls with the same unchanged tensor reuse its host copy, :mod:`...runtime.offsets`)."""
+def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -> Tuple[List[int], Dict]:
+    """Validate packed-sequence offsets; returns the sequence lengths and the dict kept with the
+    offsets' host copy (one host sync per offsets tensor: calls with the same unchanged tensor reuse
+    both, :mod:`...runtime.offsets`)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be None or an int32 torch.Tensor [NS + 1]; got {describe(cu_seqlens)}")
     if cu_seqlens.dtype != torch.int32:
@@ -111,7 +112,7 @@ def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -
         raise ValueError(f"cu_seqlens must be on q's device {device}; got {describe(cu_seqlens)}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the batch dimension must be 1 (sequences packed along N); got B={batch}")
-    cu, _ = host_offsets(cu_seqlens)
+    cu, kept = host_offsets(cu_seqlens)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0; got {cu[:8]}{' ...' if len(cu) > 8 else ''}")
     bad = next((i for i in range(1, len(cu)) if cu[i] < cu[i - 1]), None)
@@ -119,7 +120,7 @@ def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -
         raise ValueError(f"cu_seqlens must be non-decreasing; entry {bad} = {cu[bad]} < entry {bad - 1} = {cu[bad - 1]}")
     if cu[-1] != total:
         raise ValueError(f"cu_seqlens must end at the number of tokens N = {total}; got last entry {cu[-1]}")
-    return [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+    return [cu[i + 1] - cu[i] for i in range(len(cu) - 1)], kept
 
 
 # ---- public API ----------------------------------------------------------------------------------
@@ -184,8 +185,9 @@ def linear_attention(
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool; got {describe(output_final_state)}")
     lengths: List[int] = []
+    kept: Dict = {}
     if cu_seqlens is not None:
-        lengths = check_cu_seqlens(cu_seqlens, N, B, q.device)
+        lengths, kept = check_cu_seqlens(cu_seqlens, N, B, q.device)
         cu_seqlens = cu_seqlens.contiguous()  # the kernels index it as a contiguous array
     num_seqs = len(lengths) if cu_seqlens is not None else B
     if initial_state is not None:
@@ -195,7 +197,7 @@ def linear_attention(
     info = SeqInfo(B=B, T=N, H=H, K=K, V=Vdim, head_first=head_first, cu_seqlens=cu_seqlens, lengths=lengths)
     if cu_seqlens is not None:
         # chunk plans (index tensors copied to the device) are kept with the offsets' host copy
-        info._plans = host_offsets(cu_seqlens)[1].setdefault("linear_chunk_plans", {})
+        info._plans = kept.setdefault("linear_chunk_plans", {})
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     g32 = None if g is None else g.to(torch.float32).contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
