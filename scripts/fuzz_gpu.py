@@ -247,8 +247,8 @@ def main(argv=None) -> int:
             return op, r
 
         # shards run in their own pool (ops x shards processes, at most --jobs at once)
-        inner = ThreadPoolExecutor(max_workers=max(1, args.jobs))
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs if args.shards <= 1 else len(ops))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as inner, \
+                ThreadPoolExecutor(max_workers=max(1, args.jobs if args.shards <= 1 else len(ops))) as pool:
             for fut in as_completed([pool.submit(one, op) for op in ops]):
                 op, r = fut.result()
                 results[op] = r
