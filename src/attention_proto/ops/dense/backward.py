@@ -98,10 +98,10 @@ POISON_OUTPUTS = False
 #: float32 inputs: form delta = rowsum(dO * O) as the diagonal of dO @ O^T through the same IEEE dot
 #: that forms dP in the main kernels, so that a row seeing one key (P = 1, O = V exactly) gets
 #: dP - delta = 0 exactly, as PyTorch's softmax backward does (session-4 GPU fuzz: 1.3e-5 to 2.8e-5
-#: there against a float32 bound of 1e-5). Off until run on a GPU (tests/test_dense_backward.py::
+#: there against a float32 bound of 1e-5). Exactness is a GPU property (tests/test_dense_backward.py::
 #: test_gpu_fp32_single_key_exact): the interpreter's BLAS rounds positions of one product
 #: differently, so only Triton's GPU lowering (each element summed in k order) can show it
-DELTA_DOT_FP32 = False
+DELTA_DOT_FP32 = True
 
 
 # --------------------------------------------------------------------------- configs
