@@ -287,6 +287,8 @@ _LOCK = threading.Lock()
 _REGISTRY: Tuple[Backend, ...] = ()
 _VERSION = [0]
 _DECISIONS: Dict[Tuple[Any, ...], Decision] = {}
+#: choose()'s plain results, keyed with the registry version like _DECISIONS
+_CHOICES: Dict[Tuple[Any, ...], Tuple[Any, ...]] = {}
 _MAX_DECISIONS = 4096
 
 
@@ -303,6 +305,7 @@ def register_backend(backend: Backend, *, replace_existing: bool = False) -> Non
         _REGISTRY = tuple(sorted(regs, key=lambda b: (b.priority, b.name)))
         _VERSION[0] += 1
         _DECISIONS.clear()
+        _CHOICES.clear()
 
 
 def unregister_backend(name: str) -> None:
@@ -313,6 +316,7 @@ def unregister_backend(name: str) -> None:
         _REGISTRY = tuple(b for b in _REGISTRY if b.name != name)
         _VERSION[0] += 1
         _DECISIONS.clear()
+        _CHOICES.clear()
 
 
 def backends() -> Tuple[Backend, ...]:
@@ -417,13 +421,27 @@ def choose(kind: str, device_type: str, dtype: torch.dtype, head_dim: int, head_
     Returns ``(backend name or None, ((rejected name, reasons), ...), printable decision)``; the
     chosen backend's runner for ``kind`` is resolved (imported) here, outside any traced code.
     """
+    # the model integrations ask once per layer and call: building the request and its printable
+    # decision cost ~6 us of host time, so the plain result is kept per (arguments, registry version)
+    version = _VERSION[0]
+    key = (kind, device_type, dtype, head_dim, head_dim_v, num_heads, num_kv_heads, layout, tuple(modifiers),
+           needs_grad, q_len, prefer if prefer is None or isinstance(prefer, (str, tuple)) else tuple(prefer), version)
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit
     req = Request(kind=kind, device_type=device_type, dtype=dtype, head_dim=head_dim, head_dim_v=head_dim_v,
                   num_heads=num_heads, num_kv_heads=num_kv_heads, layout=layout, modifiers=frozenset(modifiers),
                   needs_grad=needs_grad, q_len=q_len)
     d = explain_request(req, prefer=prefer)
     if d.backend is not None:
         get_backend(d.backend).runner(kind)
-    return d.backend, tuple((r.backend, r.reasons) for r in d.rejected), str(d)
+    res = (d.backend, tuple((r.backend, r.reasons) for r in d.rejected), str(d))
+    with _LOCK:
+        if version == _VERSION[0]:
+            if len(_CHOICES) >= _MAX_DECISIONS:
+                _CHOICES.clear()
+            _CHOICES[key] = res
+    return res
 
 
 def reasons_from(rejected: Tuple[Tuple[str, Tuple[str, ...]], ...], name: str) -> Tuple[str, ...]:
@@ -437,6 +455,7 @@ def reasons_from(rejected: Tuple[Tuple[str, Tuple[str, ...]], ...], name: str) -
 def clear_decisions() -> None:
     with _LOCK:
         _DECISIONS.clear()
+        _CHOICES.clear()
 
 
 # ---------------------------------------------------------------------------------------------
