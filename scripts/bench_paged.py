@@ -59,10 +59,6 @@ class Timer:
 
     def __init__(self, gpu: bool, warmup_ms: float, rep_ms: float) -> None:
         self.gpu, self.warmup_ms, self.rep_ms = gpu, warmup_ms, rep_ms
-        if gpu:
-            self.flush_buf = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda")  # 256 MB
-            self.flush_buf.fill_(1.0)
-            self.flush_out = torch.empty((), dtype=torch.float32, device="cuda")
 
     def study(self, replay) -> float:
         from attention_proto.runtime.timing import bench
@@ -71,25 +67,9 @@ class Timer:
 
     def clean(self, replay) -> float:
         # L2 emptied of the inputs by reading 256 MB (clean lines: nothing to write back)
-        est = []
-        for _ in range(3):
-            torch.sum(self.flush_buf, dim=0, out=self.flush_out)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            replay()
-            e.record()
-            torch.cuda.synchronize()
-            est.append(s.elapsed_time(e))
-        n = max(5, min(400, int(self.rep_ms / max(1e-3, min(est)))))
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        for s, e in ev:
-            torch.sum(self.flush_buf, dim=0, out=self.flush_out)
-            s.record()
-            replay()
-            e.record()
-        torch.cuda.synchronize()
-        ts = sorted(s.elapsed_time(e) for s, e in ev)
-        return ts[len(ts) // 2]
+        from attention_proto.runtime.timing import bench_clean_l2
+
+        return bench_clean_l2(replay, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms).ms_median
 
     def both(self, fn) -> Tuple[float, float]:
         if not self.gpu:

@@ -45,6 +45,7 @@ def test_dry_run_of_the_gpu_sweep(tmp_path, monkeypatch):
         return Timing(ms, ms, ms)
 
     monkeypatch.setattr(ctx, "bench", fake_bench)
+    monkeypatch.setattr(ctx, "bench_clean_l2", fake_bench)
     sw = Sweep(grid=[(1, 512), (2, 64)], part_counts=(2,), part_sweep_max_b=2, page_shape=(2, 64), pages=(8, 16),
                mixed=(3, 16, 100), mha=(2, 32), d64=(2, 48), flex=[], configs=[(32, 4, 1)], config_shape=(2, 64),
                Hq=4, Hkv=2, D=32, page=16, dtype=torch.float16, check_lens=(1, 20, 37), host_shape=(1, 16),
@@ -56,7 +57,12 @@ def test_dry_run_of_the_gpu_sweep(tmp_path, monkeypatch):
     assert {r["extra"]["sweep"] for r in ours} >= {"grid", "page_size", "page_size_baseline", "mixed", "mha", "d64",
                                                     "config"}
     assert any(r["variant"] == "v2-p2" for r in ours)
-    assert [r["B"] for r in rows if r["op"] == "read_stream" and r["ms_median"]] == [2]  # the size-matched ceiling
+    # the size-matched ceiling, under both protocols (the bar shapes are timed again with L2 emptied by a read)
+    assert [(r["B"], r["extra"]["sweep"]) for r in rows if r["op"] == "read_stream" and r["ms_median"]] == [
+        (2, "grid"), (2, "grid_clean_l2")]
+    clean = [r for r in ours if r["extra"]["sweep"] == "grid_clean_l2"]
+    assert [(r["B"], r["variant"]) for r in clean] == [(2, "auto")]
+    assert all(r["extra"]["timing_protocol"].startswith("clean_l2") for r in clean)
     assert all(r["extra"]["ok"] for r in rows if "ok" in r["extra"])
     # peers refuse on the CPU and say why
     assert all(r["extra"].get("unsupported") for r in rows if r["impl"].startswith("sdpa"))
@@ -100,6 +106,30 @@ def test_bar_verdicts_from_rows(tmp_path):
     assert f["paged-dispatch-choice"].verdict == "supported"   # auto (2500) >= 95% of best (2600)
     scale = f["paged-partition-scaling"]
     assert "P=32" in scale.claim
+
+
+def test_bars_under_the_clean_l2_protocol(tmp_path):
+    kb, run_id, ctx = _ctx(tmp_path, "clean")
+    _row(ctx, "auto", 8, 4096, _ms(8, 4096, 2000), "v2", 4)       # do_bench protocol: 67%
+    _row(ctx, "v2", 1, 65536, _ms(1, 65536, 2380), "v2", 25)
+    for B, N, gbps in ((8, 4096, 2400), (8, 32768, 2850)):
+        _row(ctx, "auto", B, N, _ms(B, N, gbps), "v2", 4, sweep="grid_clean_l2")
+        _row(ctx, "contiguous", B, N, _ms(B, N, 2500), None, impl="sdpa_cudnn", sweep="grid_clean_l2")
+    _row(ctx, "v1", 1, 65536, _ms(1, 65536, 200), "v1", sweep="grid_clean_l2")
+    _row(ctx, "v2", 1, 65536, _ms(1, 65536, 2560), "v2", 25, sweep="grid_clean_l2")
+    ctx.record(op="read_stream", impl="triton_read", variant="contiguous", B=8, H=32, Hkv=8, N=1, Nk=4096, D=128,
+               dtype="bfloat16", timing=Timing(_ms(8, 4096, 2700), 0, 0), nbytes=2.0 * 8 * 4096 * 8 * 128 * 2,
+               extra={"sweep": "grid_clean_l2"})
+    f = {x.id: x for x in STUDY.analyze(_data(kb, run_id))}
+    c = f["paged-bars-clean-l2"]
+    assert c.verdict == "refuted"                      # B8 N4k: 2400 / 3000 = 80% < 85%
+    assert c.metrics["worst_fraction"] == pytest.approx(0.8)
+    assert c.metrics["long"]["fraction"] == pytest.approx(2560 / 3000)
+    assert c.metrics["long_speedup_vs_v1"] == pytest.approx(12.8)
+    assert "do_bench protocol: 67%" in c.claim and "the trivial read 90%" in c.claim
+    # the do_bench bars read only do_bench rows (the clean stream is not their size-matched ceiling)
+    assert "trivial" not in f["paged-bar-copy"].claim
+    assert f["paged-bar-copy"].metrics["worst_fraction"] == pytest.approx(2000 / 3000)
 
 
 def test_bar_claims_quote_the_size_matched_read_stream(tmp_path):

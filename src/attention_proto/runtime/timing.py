@@ -46,6 +46,51 @@ def bench(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100
     return t
 
 
+_FLUSH: dict = {}
+
+
+def bench_clean_l2(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0,
+                   flush_bytes: int = 256 * 2**20) -> Timing:
+    """:func:`bench` with the L2 cache emptied by *reading* ``flush_bytes`` before each repetition.
+
+    do_bench empties L2 by writing a 256 MB buffer, so the timed region starts with L2 full of
+    dirty lines (~50 MB on an H100) that its own reads evict and write back: a fixed tax of
+    ~15 us, 10-25% of a memory-bound kernel reading ~100 MB (paged decode at B8 N4k). A read
+    leaves clean lines: the timed kernel starts as cold, with nothing of another's to write.
+    Same estimate / warm-up / repeat scheme as do_bench, events around ``fn`` only.
+    """
+    import torch
+
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        buf = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
+        _FLUSH[dev] = (buf, torch.empty((), dtype=torch.float32, device="cuda"))
+    buf, sink = _FLUSH[dev]
+
+    def timed(n: int) -> List[float]:
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for s, e in ev:
+            torch.sum(buf, dim=0, out=sink)
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in ev]
+
+    fn()
+    torch.cuda.synchronize()
+    est = statistics.median(timed(5))
+    timed(max(1, int(warmup_ms / max(est, 1e-3))))
+    ts = sorted(timed(max(1, int(rep_ms / max(est, 1e-3)))))
+    q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
+    t = Timing(statistics.median(ts), q[1], q[7])
+    if t.ms_median < SHORT_KERNEL_MS:
+        msg = f"timed region of {t.ms_median * 1000:.1f} us is close to launch overhead; the number is mostly overhead"
+        t.warnings.append(msg)
+        warnings.warn(msg, ShortKernelWarning, stacklevel=2)
+    return t
+
+
 def wall_time_per_call(fn: Callable[[], object], calls: int = 2000, sync: Optional[Callable[[], None]] = None) -> float:
     """Host wall time per call in microseconds (no CUDA graph): the host-overhead measure."""
     for _ in range(min(50, calls)):

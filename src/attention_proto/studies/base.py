@@ -91,6 +91,13 @@ class StudyContext:
             return None
         return _timing.bench(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
+    def bench_clean_l2(self, fn: Callable[[], object], warmup_ms: float = 25.0,
+                       rep_ms: float = 100.0) -> Optional[_timing.Timing]:
+        """:meth:`bench` with L2 emptied by a read instead of a write (see timing.bench_clean_l2)."""
+        if not self.timing:
+            return None
+        return _timing.bench_clean_l2(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+
     def record(self, *, op: str, impl: str, variant: str = "", mods: Sequence[str] = (), B: int | None = None,
                H: int | None = None, Hkv: int | None = None, N: int | None = None, Nk: int | None = None,
                D: int | None = None, dtype: str | None = None, causal: bool | None = None,

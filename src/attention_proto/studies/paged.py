@@ -93,6 +93,14 @@ class Sweep:
         return max(cands)
 
 
+#: the sweep name of the rows timed with L2 emptied by a read (the bar shapes only)
+CLEAN_SWEEP = "grid_clean_l2"
+
+
+def _protocol(clean: bool) -> str:
+    return "clean_l2 (L2 emptied by a 256 MB read)" if clean else "do_bench (L2 emptied by a 256 MB write)"
+
+
 def _kv_bytes(lens: Sequence[int], Hkv: int, D: int, elem: int = 2) -> float:
     return 2.0 * sum(lens) * Hkv * D * elem
 
@@ -197,7 +205,7 @@ class PagedStudy(Study):
         bar = ctx.progress(n_steps, "paged")
         use_graphs = device == "cuda"
 
-        def bench(fn):
+        def bench(fn, clean=False):
             # decode kernels last tens of microseconds: replay a CUDA graph so that no implementation's host
             # overhead (ours validates, plans and launches two kernels from Python) leaks into its time
             mode = "eager"
@@ -208,17 +216,18 @@ class PagedStudy(Study):
                     mode = f"eager (graph capture failed: {type(e).__name__}: {str(e)[:80]})"
                     torch.cuda.synchronize()
             bench.mode = mode
-            return ctx.bench(fn, *sw.bench_ms)
+            # clean: L2 emptied by a read, not do_bench's write (whose dirty lines the kernel would write back)
+            return (ctx.bench_clean_l2 if clean else ctx.bench)(fn, *sw.bench_ms)
 
         def ours(tag: str, q, kc, vc, bt, sl, lens, N, *, sweep, Hkv, D, version="auto", parts=None, config=None,
-                 extra=None):
+                 extra=None, clean=False):
             with ctx.guard(f"{tag} {version}{'/' + str(parts) if parts else ''}"):
                 # the checks (off here: timed) would count the tokens; mixed batches are split by them
                 p = explain(q, kc, bt, max_seq_len=max(lens), version=version, num_partitions=parts, config=config,
                             total_tokens=sum(lens))
                 kw = dict(version=version, num_partitions=parts, max_seq_len=max(lens), check_inputs=False,
                           config=config, total_tokens=sum(lens))
-                t = bench(lambda: paged_attention(q, kc, vc, bt, sl, **kw))
+                t = bench(lambda: paged_attention(q, kc, vc, bt, sl, **kw), clean=clean)
                 variant = version if parts is None else f"v2-p{parts}"
                 if config is not None:
                     variant = f"cfg n{config.BLOCK_N} w{config.num_warps} s{config.num_stages}"
@@ -229,20 +238,20 @@ class PagedStudy(Study):
                       "BLOCK_N": p.config.BLOCK_N if config is None else config.BLOCK_N,
                       "num_warps": p.config.num_warps if config is None else config.num_warps,
                       "num_stages": p.config.num_stages if config is None else config.num_stages}
-                ex.update(extra or {}, timing_mode=bench.mode)
+                ex.update(extra or {}, timing_mode=bench.mode, timing_protocol=_protocol(clean))
                 return ctx.record(op=OP, impl=OURS, variant=variant, B=len(lens), H=q.shape[1], Hkv=Hkv, N=1,
                                   Nk=max(lens), D=D, dtype=dname, causal=True, timing=t,
                                   nbytes=_kv_bytes(lens, Hkv, D), extra=ex)
 
-        def peer(impl: str, q, k, v, lens, *, sweep, variant="contiguous", extra=None):
+        def peer(impl: str, q, k, v, lens, *, sweep, variant="contiguous", extra=None, clean=False):
             with ctx.guard(f"{impl} {sweep} B{len(lens)} N{max(lens)}"):
                 if impl == "flex":
                     fn, why = peers.make_flex(q, k, v, causal=False)
                 else:
                     fn, why = peers.make_sdpa(impl, q, k, v, causal=False)
-                t = bench(fn) if fn else None
+                t = bench(fn, clean=clean) if fn else None
                 ex = {"sweep": sweep, "kv_bytes": _kv_bytes(lens, k.shape[1], k.shape[-1]), "read_bytes":
-                      2.0 * k.numel() * k.element_size()}
+                      2.0 * k.numel() * k.element_size(), "timing_protocol": _protocol(clean)}
                 if why:
                     ex["unsupported"] = why
                 else:
@@ -252,14 +261,14 @@ class PagedStudy(Study):
                            Nk=max(lens), D=k.shape[-1], dtype=dname, causal=False, timing=t,
                            nbytes=_kv_bytes(lens, k.shape[1], k.shape[-1]), extra=ex)
 
-        def stream(lens, Hkv, D):
+        def stream(lens, Hkv, D, sweep="grid", clean=False):
             # the bar shapes' size-matched ceiling: a trivial read of the same bytes, same protocol
             nbytes = _kv_bytes(lens, Hkv, D)
             with ctx.guard(f"read stream B{len(lens)} N{max(lens)}"):
-                t = bench(read_stream_fn(int(nbytes), device))
+                t = bench(read_stream_fn(int(nbytes), device), clean=clean)
                 ctx.record(op="read_stream", impl="triton_read", variant="contiguous", B=len(lens), H=Hq, Hkv=Hkv,
                            N=1, Nk=max(lens), D=D, dtype=dname, timing=t, nbytes=nbytes,
-                           extra={"sweep": "grid", "timing_mode": bench.mode})
+                           extra={"sweep": sweep, "timing_mode": bench.mode, "timing_protocol": _protocol(clean)})
 
         def section(label: str):
             ctx.log(f"{label}: {time.perf_counter() - t0:.1f} s")
@@ -295,6 +304,18 @@ class PagedStudy(Study):
                 peer("flex", q, k, v, lens, sweep="grid")
             bar.update(1, f"grid B{B} N{N}")
         section("grid")
+        # ---- the bar shapes again, L2 emptied by a read (timing.bench_clean_l2) --------------------
+        for B, N in sw.grid:
+            if (B, N) not in sw.stream_shapes:
+                continue
+            q, kc, vc, bt, sl, lens = setup(B, N, page, Hq, Hkv, D)
+            args = (q, kc, vc, bt, sl, lens, N)
+            for version in (("v1", "v2", "auto") if B == 1 else ("auto",)):
+                ours(f"clean B{B} N{N}", *args, sweep=CLEAN_SWEEP, Hkv=Hkv, D=D, version=version, clean=True)
+            k, v = pools.contiguous(B, Hkv, N, D)
+            peer("sdpa_cudnn", q, k, v, lens, sweep=CLEAN_SWEEP, clean=True)
+            stream(lens, Hkv, D, sweep=CLEAN_SWEEP, clean=True)
+        section("bar shapes, clean L2")
         # ---- host overhead (eager calls, no graph) -------------------------------------------
         from ..runtime.timing import wall_time_per_call
 

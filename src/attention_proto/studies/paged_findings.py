@@ -22,7 +22,7 @@ def analyze(data: RunData) -> List[Finding]:
     if data.mode != "gpu":
         return out
     copy = (data.ceilings or {}).get("copy_gbps")
-    for fn in (_bars, _v1_v2, _partitions, _pages, _smem, _mixed, _others, _host, _configs):
+    for fn in (_bars, _bars_clean_l2, _v1_v2, _partitions, _pages, _smem, _mixed, _others, _host, _configs):
         try:
             out.extend(fn(data, copy))
         except Exception as e:  # noqa: BLE001 - one broken finding must not hide the others
@@ -89,9 +89,61 @@ def _bars(data: RunData, copy) -> List[Finding]:
     return out
 
 
-def _stream(data: RunData, B: int, N: int):
+CLEAN = "grid_clean_l2"  # studies.paged.CLEAN_SWEEP
+
+
+def _bars_clean_l2(data: RunData, copy) -> List[Finding]:
+    """The two copy-ceiling bars again, from the bar shapes timed with L2 emptied by a read."""
+    pts = [r for r in data.rows(op=OP, impl=OURS, variant="auto", extra__sweep=CLEAN)
+           if r["gbps"] and r["B"] >= 8 and r["Nk"] in (4096, 32768) and (r["H"], r["Hkv"], r["D"]) == (32, 8, 128)]
+    v2, v1 = _grid(data, "v2", 1, 65536, sweep=CLEAN), _grid(data, "v1", 1, 65536, sweep=CLEAN)
+    if not pts and not v2:
+        return []
+    old = {(r["B"], r["Nk"]): r for r in data.rows(op=OP, impl=OURS, variant="auto", extra__sweep="grid") if r["gbps"]}
+    old_v2 = _grid(data, "v2", 1, 65536)
+
+    def one(r, base):
+        st, cu = _stream(data, r["B"], r["Nk"], sweep=CLEAN), _grid(data, "contiguous", r["B"], r["Nk"],
+                                                                        impl="sdpa_cudnn", sweep=CLEAN)
+        txt = (f"{_pt(r)} {r['extra']['version']} {fmt(r['gbps'], 0)} GB/s = {pct(ratio(r['gbps'], copy))} of copy "
+               f"(do_bench protocol: {pct(ratio(base['gbps'], copy)) if base else 'n/a'}); the trivial read "
+               f"{pct(ratio(st['gbps'], copy)) if st else 'n/a'}, SDPA cuDNN {pct(ratio(cu['gbps'], copy)) if cu else 'n/a'}")
+        m = {"B": r["B"], "N": r["Nk"], "version": r["extra"]["version"], "gbps": r["gbps"],
+             "fraction": ratio(r["gbps"], copy), "do_bench_fraction": ratio(base["gbps"], copy) if base else None,
+             "stream_fraction": ratio(st["gbps"], copy) if st else None,
+             "cudnn_fraction": ratio(cu["gbps"], copy) if cu else None}
+        return txt, m, [x["id"] for x in (r, base, st, cu) if x]
+
+    parts, metrics, evidence, verdicts = [], {"copy_gbps": copy}, [], []
+    if pts:
+        rows = [one(r, old.get((r["B"], r["Nk"]))) for r in pts]
+        worst = min((m["fraction"] for _, m, _ in rows if m["fraction"] is not None), default=None)
+        parts.append("B >= 8, N in {4k, 32k}: " + "; ".join(t for t, _, _ in rows)
+                     + f"; worst {pct(worst)} (bar 85%)")
+        metrics.update(worst_fraction=worst, points=[m for _, m, _ in rows])
+        evidence += [i for _, _, ids in rows for i in ids]
+        verdicts.append(speedup_verdict(worst, 0.85))
+    if v2:
+        txt, m, ids = one(v2, old_v2)
+        sp = ratio(v1["ms_median"], v2["ms_median"]) if v1 else None
+        parts.append(f"B1 N64k: {txt}; {fmt(sp)}x V1 (bars 80%, 4x)")
+        metrics.update(long=m, long_speedup_vs_v1=sp)
+        evidence += ids + ([v1["id"]] if v1 else [])
+        verdicts += [speedup_verdict(m["fraction"], 0.80), speedup_verdict(sp, 4.0)]
+    verdict = ("refuted" if "refuted" in verdicts else
+               "supported" if verdicts and all(v == "supported" for v in verdicts) else "inconclusive")
+    return [Finding(
+        id="paged-bars-clean-l2",
+        title="The copy-ceiling bars with L2 emptied by a read before each timed call",
+        claim=("The bar shapes timed again with L2 emptied by reading 256 MB instead of do_bench's 256 MB "
+               "write (whose dirty lines the timed kernel must write back while it reads): "
+               + " | ".join(parts) + f". Copy ceiling {fmt(copy, 0)} GB/s (2 GiB, where neither flush matters)."),
+        verdict=verdict, metrics=metrics, evidence=evidence)]
+
+
+def _stream(data: RunData, B: int, N: int, sweep: str = "grid"):
     """The trivial read of the same bytes at (B, N), timed under the same protocol (None if not measured)."""
-    rows = [r for r in data.rows(op="read_stream", B=B, Nk=N) if r["gbps"]]
+    rows = [r for r in data.rows(op="read_stream", B=B, Nk=N, extra__sweep=sweep) if r["gbps"]]
     return rows[-1] if rows else None
 
 
