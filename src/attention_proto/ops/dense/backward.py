@@ -96,11 +96,11 @@ TMA_BACKWARD_DEFAULT = True
 #: tests set this to fill every output and scratch buffer with NaN before the kernels run
 POISON_OUTPUTS = False
 #: float32 inputs: form delta = rowsum(dO * O) as the diagonal of dO @ O^T through the same IEEE dot
-#: that forms dP in the main kernels, so that a row seeing one key (P = 1, O = V exactly) gets
-#: dP - delta = 0 exactly, as PyTorch's softmax backward does (session-4 GPU fuzz: 1.3e-5 to 2.8e-5
-#: there against a float32 bound of 1e-5). Exactness is a GPU property (tests/test_dense_backward.py::
-#: test_gpu_fp32_single_key_exact): the interpreter's BLAS rounds positions of one product
-#: differently, so only Triton's GPU lowering (each element summed in k order) can show it
+#: that forms dP in the main kernels, so that dP - delta rounds alike where a row sees one key (P = 1,
+#: O = V; the float64 and PyTorch float32 gradients are exactly 0 there). Measured on the H100
+#: (session 5, tests/test_dense_backward.py::test_gpu_fp32_delta_by_dot_reduces_single_key_error): max
+#: |dq| 2.4e-5 -> 8.4e-6, max |dk| 1.4e-4 -> 2.6e-5 on a single-key shape; closer, not exact (the
+#: rule's float32 floor is 1e-5), so the known gap stays (test_gpu_fp32_single_key_exact, xfail)
 DELTA_DOT_FP32 = True
 
 
