@@ -100,8 +100,8 @@ def test_fuzz_summaries_of_several_commands(tmp_path):
 
 
 def test_fuzz_later_folder_supersedes(tmp_path):
-    """An operation fuzzed again in a later folder (after a fix) is judged by that run; the earlier
-    one is still listed, with its note."""
+    """An operation fuzzed again in a later folder (after a fix) is judged by its largest run; the
+    other one is still listed, with its note and how its failure was resolved."""
     kb, rid = _run(tmp_path)
     schema = "attention-proto/fuzz-gpu/1"
     old, new = tmp_path / "old", tmp_path / "new"
@@ -110,9 +110,42 @@ def test_fuzz_later_folder_supersedes(tmp_path):
                    (new, {"linear_chunk_fwd": {"status": "passed", "cases": 1000, "failures": 0, "seconds": 300.0}})):
         d.mkdir()
         (d / "fuzz.json").write_text(json.dumps({"schema": schema, "examples_requested": 1000, "ops": ops}))
-    (old / "notes.json").write_text(json.dumps({"linear_chunk_fwd": "fixed in abc"}))
+    (old / "notes.json").write_text(json.dumps({"linear_chunk_fwd": "a bug",
+                                                "resolved": {"linear_chunk_fwd": "fixed in abc"}}))
     assert ingest(kb, rid, [old, new]) == 3
     fz = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-gpu-fuzz"]
-    assert fz.verdict == "supported" and fz.metrics["superseded"] == 1
-    assert "Superseded by those: linear_chunk_fwd 56 cases, 10 failures (old) [fixed in abc]" in fz.claim
+    assert fz.verdict == "supported" and fz.metrics["other_runs"] == 1
+    assert ("Other runs: linear_chunk_fwd 56 cases, 10 failures (old) [a bug] [resolved: fixed in abc]"
+            in fz.claim)
+    assert "not marked resolved" not in fz.claim
     assert len(fz.evidence) == 3
+
+
+def test_fuzz_unresolved_earlier_failure_still_counts(tmp_path):
+    """A later, shorter run of an operation that did not reach (or draw) the failing case does not
+    clear a failure nobody marked resolved."""
+    kb, rid = _run(tmp_path)
+    schema = "attention-proto/fuzz-gpu/1"
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d, ops in ((old, {"dense_bwd": {"status": "failed", "cases": 472, "failures": 3, "seconds": 500.0}}),
+                   (new, {"dense_bwd": {"status": "timeout", "cases": 1200, "failures": 0, "seconds": 450.0}})):
+        d.mkdir()
+        (d / "fuzz.json").write_text(json.dumps({"schema": schema, "examples_requested": 1000, "ops": ops}))
+    assert ingest(kb, rid, [old, new]) == 2
+    fz = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-gpu-fuzz"]
+    assert fz.verdict == "refuted" and fz.metrics["failed"] == ["dense_bwd"] and fz.metrics["short"] == []
+    assert "not marked resolved, so still counted: dense_bwd (old)" in fz.claim
+
+
+def test_fuzz_operation_judged_by_its_largest_run(tmp_path):
+    kb, rid = _run(tmp_path)
+    schema = "attention-proto/fuzz-gpu/1"
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d, cases in ((old, 1200), (new, 26)):
+        d.mkdir()
+        ops = {"dense_varlen_fwd": {"status": "timeout", "cases": cases, "failures": 0, "seconds": 400.0}}
+        (d / "fuzz.json").write_text(json.dumps({"schema": schema, "examples_requested": 1000, "ops": ops}))
+    ingest(kb, rid, [old, new])
+    fz = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-gpu-fuzz"]
+    assert fz.verdict == "supported" and "dense_varlen_fwd 1200 cases" in fz.claim
+    assert "Other runs: dense_varlen_fwd 26 cases, 0 failures (new)" in fz.claim

@@ -14,7 +14,9 @@ Inputs read from DIR: ``fuzz.out`` (the per-operation table ``fuzz_gpu.py`` prin
 ``fuzz*.json`` summaries it writes (one per command, e.g. dense and the rest split); ``sanitizer-logs/<tool>.stdout`` (the per-case
 ``[ok]``/``[FAIL]`` lines of ``sanitize.py`` under the tool) and ``sanitizer-logs/<tool>.log``
 (the tool's own report: error lines and ``ERROR SUMMARY``). ``notes.json`` (optional) maps an
-operation or tool to a diagnosis made after the run (stored in the row's ``extra.note``).
+operation or tool to a diagnosis made after the run (stored in the row's ``extra.note``); its key
+``"resolved"`` maps an operation whose failures in that folder were fixed since to how
+(``extra.resolved``). A failure stands until so marked, whatever later runs of the operation show.
 
 ``attention-proto run`` records nothing here (the study has no measurement of its own).
 """
@@ -102,10 +104,13 @@ def ingest(kb: KB, run_id: str, dirs: Union[Path, Sequence[Path]]) -> int:
     base = dict(run_id=run_id, study="reliability", gpu=run["gpu"], mode=run["mode"])
     for d in dirs:
         notes = json.loads((d / "notes.json").read_text()) if (d / "notes.json").exists() else {}
+        resolved = notes.get("resolved", {})
         for r in _fuzz_rows(d):
             extra = dict(r, part=d.name)
             if r["op"] in notes:
                 extra["note"] = notes[r["op"]]
+            if r["op"] in resolved:
+                extra["resolved"] = resolved[r["op"]]
             kb.add_measurement(dict(base, op="fuzz_gpu", impl="attention_proto", variant=r["op"], extra=extra))
             n += 1
         for r in _sanitizer_rows(d):
@@ -171,15 +176,22 @@ class ReliabilityStudy(Study):
         out: List[Finding] = []
         all_fz = data.rows(op="fuzz_gpu")
         if all_fz:
-            # an operation fuzzed by several commands is judged by the last folder ingested that ran it
-            # (folders are passed oldest first; a later run follows a fix); the earlier ones are listed
-            latest: Dict[str, Dict[str, Any]] = {}
-            for r in sorted(all_fz, key=lambda r: r["id"]):
-                latest[r["variant"]] = r
-            fz = list(latest.values())
-            older = [r for r in all_fz if latest[r["variant"]] is not r]
+            # an operation fuzzed by several commands is judged by its largest run (most cases; the
+            # later of equals: folders are passed oldest first); the others are listed, and a failure
+            # stands until marked resolved (below), so a short later run cannot hide one
+            # (a run whose failures were resolved since judges nothing: the fix made it history)
+            judged: Dict[str, Dict[str, Any]] = {}
+            for r in sorted(all_fz, key=lambda r: (not r["extra"].get("resolved"), (r["extra"].get("cases") or 0),
+                                                   r["id"])):
+                judged[r["variant"]] = r
+            fz = list(judged.values())
+            older = [r for r in all_fz if judged[r["variant"]] is not r]
             short = [r for r in fz if (r["extra"].get("cases") or 0) < FUZZ_BAR]
+            # a failure an earlier run found stands until its folder's notes.json marks it resolved: a
+            # later run that stopped short of the failing case (or drew other cases) does not clear it
+            open_failures = [r for r in older if r["extra"].get("failures") and not r["extra"].get("resolved")]
             failed = [r for r in fz if r["extra"].get("failures")]
+            failed += [r for r in open_failures if r["variant"] not in {x["variant"] for x in failed}]
             parts = []
             for r in fz:
                 e = r["extra"]
@@ -188,18 +200,23 @@ class ReliabilityStudy(Study):
                              + (f" [{e['note']}]" if e.get("note") else ""))
             earlier = [f"{r['variant']} {r['extra'].get('cases')} cases, {r['extra'].get('failures')} failures"
                        + (f" ({r['extra']['part']})" if r["extra"].get("part") else "")
-                       + (f" [{r['extra']['note']}]" if r["extra"].get("note") else "") for r in older]
+                       + (f" [{r['extra']['note']}]" if r["extra"].get("note") else "")
+                       + (f" [resolved: {r['extra']['resolved']}]" if r["extra"].get("resolved") else "")
+                       for r in older]
+            still = sorted({f"{r['variant']} ({r['extra'].get('part')})" for r in open_failures})
             ok = not short and not failed
             out.append(Finding(
                 id="reliability-gpu-fuzz", title=f"GPU fuzz: >= {FUZZ_BAR} cases per operation, 0 failures",
-                claim=(f"The latest GPU fuzz run of each of {len(fz)} operations executed "
+                claim=(f"The largest GPU fuzz run of each of {len(fz)} operations executed "
                        f"{sum(r['extra'].get('cases') or 0 for r in fz)} cases: " + "; ".join(parts)
-                       + (". Superseded by those: " + "; ".join(earlier) if earlier else "")
+                       + (". Other runs: " + "; ".join(earlier) if earlier else "")
+                       + (". Failures found by an earlier run and not marked resolved, so still counted: "
+                          + ", ".join(still) if still else "")
                        + f". The bar ({FUZZ_BAR} cases per operation, 0 failures) is {'met' if ok else 'missed'}: "
                        f"{len(short)} operations below {FUZZ_BAR} cases, {len(failed)} with failures."),
                 verdict="supported" if ok else "refuted",
                 metrics={"ops": len(fz), "short": [r["variant"] for r in short],
-                         "failed": [r["variant"] for r in failed], "superseded": len(older)},
+                         "failed": [r["variant"] for r in failed], "other_runs": len(older)},
                 evidence=[r["id"] for r in all_fz]))
         sz = data.rows(op="sanitizer")
         for tool in sorted({r["extra"]["tool"] for r in sz}):
