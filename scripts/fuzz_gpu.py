@@ -36,6 +36,8 @@ Summary JSON (schema ``attention-proto/fuzz-gpu/1``)::
                            "seconds": float, "returncode": int,
                            "first_failures": [{"case": {...}, "error": "..."}] (up to 5),
                            "crash_case": the case running when the process died, or null,
+                           "time": {in_cases_s, median_case_s, max_case_s, cases_over_1s, first_case_after_s}
+                                   (where the time went: inside cases or outside; summed over shards),
                            "pytest_tail": last lines of pytest's output (when not passed)}, ...},
      "total_cases": int, "total_failures": int,
      "pools": {"enabled": bool, "variants": {op: pool size}} (null with --cpu: the CPU tests draw freely),
@@ -120,7 +122,7 @@ def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, sha
     if shard >= 0:
         env["ATTENTION_PROTO_FUZZ_SEEDED"] = "1"
         cmd.append(f"--hypothesis-seed={1000 + shard}")
-    t0 = time.perf_counter()
+    t0, launched = time.perf_counter(), time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         rc, out, timed_out = proc.returncode, proc.stdout + proc.stderr, False
@@ -159,11 +161,24 @@ def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, sha
         "test": node, "status": status, "cases": len(rows), "passed": len(rows) - len(fails),
         "failures": len(fails), "seconds": round(secs, 1), "returncode": rc,
         "first_failures": [{"case": r["case"], "error": r["error"]} for r in fails[:5]],
-        "crash_case": crash_case,
+        "crash_case": crash_case, "time": case_time(rows, launched),
     }
     if status != "passed":
         res["pytest_tail"] = out[-4000:]
     return res
+
+
+def case_time(rows: list, launched: float) -> dict:
+    """Where one process's time went: inside its cases (kernels, references, checks) or outside them
+    (startup, compiles of a case's first kernels are inside; hypothesis and pytest are outside)."""
+    secs = sorted(r["seconds"] for r in rows if isinstance(r.get("seconds"), (int, float)))
+    ats = [r["at"] for r in rows if isinstance(r.get("at"), (int, float))]
+    if not secs:
+        return {}
+    first = min(ats) - launched - (rows[0].get("seconds") or 0.0) if ats else None
+    return {"in_cases_s": round(sum(secs), 4), "median_case_s": round(secs[len(secs) // 2], 4),
+            "max_case_s": round(secs[-1], 4), "cases_over_1s": sum(x > 1.0 for x in secs),
+            "first_case_after_s": None if first is None else round(first, 1)}
 
 
 def merge_shards(parts: list) -> dict:
@@ -177,11 +192,24 @@ def merge_shards(parts: list) -> dict:
         "returncode": max((p["returncode"] for p in parts), key=abs),
         "first_failures": [f for p in parts for f in p["first_failures"]][:5],
         "crash_case": next((p["crash_case"] for p in parts if p["crash_case"]), None),
+        "time": merge_times([p.get("time") or {} for p in parts]),
     }
     tails = [p["pytest_tail"] for p in parts if p.get("pytest_tail")]
     if tails:
         res["pytest_tail"] = tails[0]
     return res
+
+
+def merge_times(ts: list) -> dict:
+    """The shards' case_time: sums, the largest max, the median of the medians, the earliest first case."""
+    ts = [t for t in ts if t]
+    if not ts:
+        return {}
+    firsts = [t["first_case_after_s"] for t in ts if t.get("first_case_after_s") is not None]
+    meds = sorted(t["median_case_s"] for t in ts)
+    return {"in_cases_s": round(sum(t["in_cases_s"] for t in ts), 2), "median_case_s": meds[len(meds) // 2],
+            "max_case_s": max(t["max_case_s"] for t in ts), "cases_over_1s": sum(t["cases_over_1s"] for t in ts),
+            "first_case_after_s": min(firsts) if firsts else None}
 
 
 def main(argv=None) -> int:
@@ -240,8 +268,12 @@ def main(argv=None) -> int:
                 parts = list(inner.map(lambda i: run_op(op, node, per, args.timeout, work, shard=i),
                                        range(args.shards)))
                 r = merge_shards(parts)
-            print(f"{op:22s} {r['status']:8s} cases={r['cases']:5d} failures={r['failures']} ({r['seconds']} s)",
-                  flush=True)
+            tm = r.get("time") or {}
+            # the first part of the line is what studies.reliability parses; the rest says where the time went
+            print(f"{op:22s} {r['status']:8s} cases={r['cases']:5d} failures={r['failures']} ({r['seconds']} s)"
+                  + (f"  in cases {tm['in_cases_s']} s over {r.get('shards', 1)} process(es), median case "
+                     f"{tm['median_case_s'] * 1e3:.0f} ms, {tm['cases_over_1s']} over 1 s, first case after "
+                     f"{tm['first_case_after_s']} s" if tm else ""), flush=True)
             for f in (r.get("first_failures") or [])[:2]:  # on stdout too: the JSON may not come back
                 print(f"    failure: {json.dumps(f, default=str)[:600]}", flush=True)
             return op, r

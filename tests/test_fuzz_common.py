@@ -10,7 +10,7 @@ to >= 1000 for the recorded GPU run. Examples are derandomized (the same cases e
 hypothesis keeps no example database.
 
 Fuzz log: when ``ATTENTION_PROTO_FUZZ_LOG`` names a file, every executed case appends one JSON
-line ``{"op", "ok", "case", "error"}`` to it (``scripts/fuzz_gpu.py`` aggregates them).
+line ``{"op", "ok", "case", "error", "seconds", "at"}`` to it (``scripts/fuzz_gpu.py`` aggregates them).
 
 Variant pools: a GPU run's time goes into Triton compiles (every new head dim, dtype, modifier
 combination or int specialization class is one, 1-20 s each), so the ``gpu``-marked tests draw
@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -86,12 +87,15 @@ def fuzz_settings(cpu_default: int = CPU_DEFAULT_EXAMPLES, *, big: bool = False)
 _LOG_LOCK = threading.Lock()
 
 
-def record(op: str, ok: bool, case: dict, error: str = "") -> None:
+def record(op: str, ok: bool, case: dict, error: str = "", seconds: Optional[float] = None) -> None:
     path = os.environ.get("ATTENTION_PROTO_FUZZ_LOG")
     if not path:
         return
+    # seconds: the case's wall time (kernels, references, checks); at: when it ended. scripts/fuzz_gpu.py
+    # sums them to say where a run's time went (inside cases, or compiles/startup/hypothesis outside)
     line = json.dumps({"op": op, "ok": bool(ok), "case": {k: _plain(v) for k, v in case.items()},
-                       "error": error[:500]})
+                       "error": error[:500], "seconds": None if seconds is None else round(seconds, 4),
+                       "at": round(time.time(), 3)})
     with _LOG_LOCK, open(path, "a") as f:
         f.write(line + "\n")
 
@@ -114,12 +118,13 @@ def run_case(op: str, case: dict, fn: Callable[[], None]) -> None:
     if path:
         with _LOG_LOCK, open(path + ".current", "w") as f:
             f.write(json.dumps({"op": op, "case": {k: _plain(v) for k, v in case.items()}}) + "\n")
+    t0 = time.perf_counter()
     try:
         fn()
     except Exception as e:  # noqa: BLE001 - logged, then re-raised with the case
-        record(op, False, case, f"{type(e).__name__}: {e}")
+        record(op, False, case, f"{type(e).__name__}: {e}", time.perf_counter() - t0)
         raise AssertionError(f"{op} failed for case {case}: {type(e).__name__}: {e}") from e
-    record(op, True, case)
+    record(op, True, case, seconds=time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,6 +405,9 @@ def test_fuzz_gpu_script_cpu_smoke(tmp_path):
     assert d["schema"] == "attention-proto/fuzz-gpu/1" and d["ok"]
     assert d["ops"]["linear_step"]["cases"] == 2 and d["ops"]["linear_step"]["failures"] == 0
     assert d["pools"] is None  # the CPU variants draw freely
+    tm = d["ops"]["linear_step"]["time"]  # where the time went: inside the cases or outside them
+    assert 0 < tm["median_case_s"] <= tm["max_case_s"] <= tm["in_cases_s"] and tm["first_case_after_s"] > 0
+    assert "in cases" in rc.stdout and "median case" in rc.stdout
 
 
 def test_fuzz_gpu_script_shards_cpu_smoke(tmp_path):
@@ -411,3 +419,4 @@ def test_fuzz_gpu_script_shards_cpu_smoke(tmp_path):
     assert rc.returncode == 0, rc.stdout + rc.stderr
     op = d["ops"]["linear_step"]
     assert d["ok"] and op["shards"] == 2 and op["cases"] == 4 and op["failures"] == 0
+    assert op["time"]["in_cases_s"] > 0 and op["time"]["cases_over_1s"] >= 0

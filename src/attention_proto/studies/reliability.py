@@ -41,7 +41,8 @@ def _fuzz_rows(d: Path) -> List[Dict[str, Any]]:
     summaries = [x for x in summaries if str(x.get("schema", "")).startswith("attention-proto/fuzz-gpu/")]
     if summaries:
         return [dict(op=op, status=r.get("status"), cases=r.get("cases"), failures=r.get("failures"),
-                     seconds=r.get("seconds"), examples_requested=data.get("examples_requested"))
+                     seconds=r.get("seconds"), examples_requested=data.get("examples_requested"),
+                     shards=r.get("shards", 1), **({"time": r["time"]} if r.get("time") else {}))
                 for data in summaries for op, r in data.get("ops", {}).items()]
     out = []
     txt = d / "fuzz.out"
