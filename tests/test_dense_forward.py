@@ -685,3 +685,29 @@ def test_gpu_rope_default_configs_fit(D, layout):
     ro, _ = attention_reference(q, k, v, causal=True, rope=spec, device="cuda")
     to, _ = attention_reference(q, k, v, causal=True, rope=spec, compute_dtype=dtype, device="cuda")
     assert_close_rule(out, to, ro, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp32_row_with_one_visible_key_returns_the_value_exactly(causal):
+    _fp32_one_visible_key(causal)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_fp32_row_with_one_visible_key_returns_the_value_exactly(causal):
+    _fp32_one_visible_key(causal)  # the GPU is where an FMA could fuse the product (the interpreter never does)
+
+
+def _fp32_one_visible_key(causal):
+    # float32: the row max's probability is exp2(0) = 1 exactly (on the GPU the product is rounded on its
+    # own, common.mul_rn, not fused into the exponent's FMA), so a row that sees one key returns that
+    # value bit for bit, as PyTorch does; the backward's exact cancellation there rests on it
+    # (backward.DELTA_DOT_FP32). Causal: row 0 sees key 0 only; otherwise Nk = 1.
+    Nk = 70 if causal else 1
+    q = torch.randn(1, 3, 70, 40, generator=GEN).to(DEV) * 3
+    k = torch.randn(1, 3, Nk, 40, generator=GEN).to(DEV) * 3
+    v = torch.randn(1, 3, Nk, 40, generator=GEN).to(DEV)
+    out = attention(q, k, v, causal=causal, scale=0.37)
+    rows = out[:, :, :1] if causal else out
+    assert torch.equal(rows, v[:, :, :1].expand_as(rows))

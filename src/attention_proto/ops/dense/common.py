@@ -69,6 +69,19 @@ def tanh_approx(x):
 
 
 @triton.jit
+def mul_rn(x, c):
+    """``x * c`` rounded on its own: PTX ``mul.rn.f32``, which the compiler may not fuse into an FMA
+    with a following add (a plain product may be: ``x * c - m`` becomes ``fma(x, c, -m)``, which
+    leaves the product's rounding residue where ``round(x * c) - m`` is exactly 0). The interpreter
+    (numpy) never fuses: a plain product there."""
+    if _INTERPRETED:
+        return x * c
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [x, c], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
 def tanh_for(x, DTYPE: tl.constexpr):
     """tanh for scores of inputs of ``DTYPE``: :func:`tanh_approx` for 16-bit inputs (its ~2^-11 error
     is below their own rounding), :func:`tanh_f32` for fp32 inputs (it is not: on the H100 the

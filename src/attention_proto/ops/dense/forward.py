@@ -47,7 +47,7 @@ import triton.language as tl
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
-                     load_tile, tanh_for)
+                     load_tile, mul_rn, tanh_for)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
 from .rope import RopeSpec, theta_tables
 
@@ -134,6 +134,11 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
         m_use = m_new
     if USE_NATURAL:
         p = tl.math.exp2(s - m_use[:, None])
+    elif q.dtype == tl.float32:
+        # float32 inputs: the row max takes exp2(0) = 1 exactly, as in the reference's softmax (a fused
+        # s * late - m leaves the product's rounding residue), so a row with one visible key returns
+        # that value exactly and the backward cancels there (see backward.DELTA_DOT_FP32)
+        p = tl.math.exp2(mul_rn(s, late) - (m_use - shift)[:, None])
     else:
         p = tl.math.exp2(s * late - (m_use - shift)[:, None])
     alpha = tl.math.exp2(m_i - m_use)
