@@ -23,6 +23,7 @@ call replayed from a CUDA graph. Shapes: B8 N4k, B8 N32k, B32 N4k, B1 N64k and a
      wave model's choice of V1/V2 and partitions);
    - ``kernel s3`` / ``fused s3`` / ``kernel s5``: one change at a time from the old one, with the new
      dispatch's partitions;
+   - ``kernel_pdl s5``: ``kernel s5`` with the reduce launched by programmatic dependent launch;
    - ``auto``: the new default (5 stages = two K/V buffers, fused merge, new dispatch);
    - ``fused nN sS wW``: other tiles (the dispatch re-plans for their occupancy);
    - ``auto P=k``: the default tile at forced partition counts (is the dispatch's choice the best?);
@@ -132,6 +133,7 @@ def main() -> int:
         "kernel s3": (tile(64, 4, 3, "kernel"), None, None),
         "fused s3": (tile(64, 4, 3, "fused"), None, None),
         "kernel s5": (tile(64, 4, 5, "kernel"), None, None),
+        "kernel_pdl s5": (tile(64, 4, 5, "kernel_pdl"), None, None),  # the reduce without a launch gap
         "auto": (default, None, None),
         "fused n32 s7": (tile(32, 4, 7), None, None),
         "fused n64 s7": (tile(64, 4, 7), None, None),

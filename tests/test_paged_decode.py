@@ -261,7 +261,7 @@ def test_occupancy_model_matches_the_compiled_kernel():
 
 # ---- fused merge ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("reduce", ["fused", "kernel"])
+@pytest.mark.parametrize("reduce", ["fused", "kernel", "kernel_pdl"])
 def test_mixed_lengths_both_merges(reduce, gen, device):
     # sequences needing 1, 2, 3 and all 4 partitions of 16 tokens (interpreter tile 16), one of length Nq;
     # with a window the first partitions start at the window, not at token 0
@@ -353,3 +353,48 @@ def test_softcap_case_catches_an_approximate_tanh(monkeypatch):
     monkeypatch.setattr(decode, "tanh_f32", _tanh_11bit)
     q, kc, vc, bt, sl = _softcap_inputs(torch.float32, "cpu")
     assert not check_paged(q, kc, vc, bt, sl, torch.float32, version="v1", softcap=1.0, scale=0.5).ok
+
+
+_PDL_XCOMPILE = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton.language as tl
+import attention_proto.codegen.cross as X
+import attention_proto.ops.paged.decode as DEC
+DEC._INTERPRETED = tl.constexpr(False)  # this machine has no GPU; the kernels are compiled, not run
+from attention_proto.ops.paged.dispatch import PagedConfig, plan
+seen = {}
+orig = X.compile_for
+def cf(kernel, args, kw, arch=90):
+    ck = orig(kernel, args, kw, arch)
+    seen[ck.metadata.name] = (ck.metadata.launch_pdl, ck.asm["ptx"].count("griddepcontrol.wait"),
+                              ck.asm["ptx"].count("griddepcontrol.launch_dependents"))
+    return ck
+X.compile_for = cf
+q = torch.randn(2, 8, 1, 128, dtype=torch.bfloat16)
+kc = torch.randn(64, 16, 2, 128, dtype=torch.bfloat16)
+bt = torch.arange(64, dtype=torch.int32).reshape(2, 32)
+sl = torch.tensor([500, 300], dtype=torch.int32)
+p = plan(batch=2, num_q_heads=8, num_kv_heads=2, q_len=1, head_dim=128, max_seq_len=512, version="v2",
+         num_partitions=4, config=PagedConfig(16, 64, 128, 4, 5, "kernel_pdl"))
+with X.compile_launches(90):
+    DEC.paged_decode(q, kc, torch.randn_like(kc), bt, sl, p, scale=0.1)
+print(sorted(seen.items()))
+"""
+
+
+def test_kernel_pdl_merge_compiles_for_hopper():
+    # the GPU form of "kernel_pdl" (interpreted runs take the plain second launch): the decode kernel lets its
+    # dependent launch early, the reduce waits on griddepcontrol.wait and is launched as a programmatic dependent
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("Triton's bundled ptxas not found")
+    out = subprocess.run([sys.executable, "-c", _PDL_XCOMPILE], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = dict(eval(out.stdout.strip().splitlines()[-1]))
+    assert seen["_paged_decode_kernel"] == (False, 0, 1)
+    assert seen["_paged_reduce_kernel"] == (True, 1, 0)

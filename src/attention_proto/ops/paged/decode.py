@@ -60,11 +60,12 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # programmatic dependent launch
 
 import attention_proto  # noqa: F401  (sets TRITON_INTERPRET before kernels are defined)
 from attention_proto.runtime.cache import KERNEL_CACHE
 
-from ..dense.common import tanh_f32
+from ..dense.common import _INTERPRETED, tanh_f32
 from .dispatch import PagedPlan
 from .workspace import merge_counters
 
@@ -147,7 +148,11 @@ def _paged_decode_kernel(
     MODE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr,  # MODE != 0; unused here: the study looks compiled kernels up by it
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        # the reduce kernel may be scheduled now (it waits for this grid's completion itself)
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     part = tl.program_id(1)
     rb = pid % num_row_blocks
@@ -284,9 +289,11 @@ def _paged_decode_kernel(
 @triton.jit
 def _paged_reduce_kernel(
     PO, PL, Out, Lse, P,
-    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # one program per (b, h, i) row; PO [R, P, HEAD_DIM] fp32, PL [R, P] fp32, Out [R, HEAD_DIM], Lse [R]
+    if PDL:
+        gdc_wait()  # launched early (programmatic dependent launch): the partitions' writes first
     row = tl.program_id(0).to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
@@ -354,6 +361,8 @@ def paged_decode(
     P = plan.num_partitions if split else 1
     mode = MODE_SINGLE
     o_buf, l_buf, ctr = out, lse, seq_lens  # placeholders: never read in MODE_SINGLE
+    # programmatic dependent launch needs a GPU (the interpreter runs "kernel_pdl" as "kernel")
+    pdl = split and cfg.reduce == "kernel_pdl" and not _INTERPRETED
     if split:
         mode = MODE_FUSED if cfg.reduce == "fused" else MODE_SPLIT
         o_buf = torch.empty(B, Hq, Nq, P, D, device=q.device, dtype=torch.float32)
@@ -380,12 +389,13 @@ def paged_decode(
         MERGE_M=merge_m, MERGE_P=merge_p,
         MODE=mode, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=has_alibi, HAS_WINDOW=window_left >= 0,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SPLIT=mode != MODE_SINGLE,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"PDL": True} if pdl else {}),
     )
     if mode == MODE_SPLIT:
+        extra = dict(PDL=True, launch_pdl=True) if pdl else {}
         KERNEL_CACHE.launch(
             _paged_reduce_kernel, (B * Hq * Nq,),
             o_buf, l_buf, out, lse, P,
-            HEAD_DIM=D, BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=cfg.BLOCK_D, num_warps=4,
+            HEAD_DIM=D, BLOCK_P=REDUCE_BLOCK_P, BLOCK_D=cfg.BLOCK_D, num_warps=4, **extra,
         )
     return out, lse

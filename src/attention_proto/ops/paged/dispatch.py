@@ -75,7 +75,7 @@ MAX_PARTITIONS = 256
 #: at most this many query rows (GQA group x Nq) share one program (register budget of the accumulator)
 MAX_BLOCK_M = 64
 VERSIONS = ("auto", "v1", "v2")
-REDUCES = ("fused", "kernel")
+REDUCES = ("fused", "kernel", "kernel_pdl")
 #: the merge the GPU tiles use: a second kernel (faster than the fused merge at every bar shape of
 #: bench_paged.py on an H100, 2026-11-26 session 3); the interpreter's tiles keep "fused" (its tests)
 DEFAULT_REDUCE = "kernel"
@@ -101,7 +101,10 @@ class PagedConfig:
     BLOCK_M rows (GQA group x Nq, padded), BLOCK_N tokens per step, BLOCK_D head dim (padded),
     warps, pipeline stages (see :func:`attention_proto.ops.paged.decode.kv_buffers`: 3-4 stages
     give one K/V buffer, 5-6 two, 7-8 three), and ``reduce``: "fused" (the last partition
-    merges, one launch) or "kernel" (a second launch merges).
+    merges, one launch), "kernel" (a second launch merges) or "kernel_pdl" (the second launch by
+    programmatic dependent launch on Hopper: scheduled while the partitions run, it waits for
+    them on ``griddepcontrol.wait``, so no launch gap between the two; opt-in until timed on a
+    GPU; under the interpreter the same as "kernel").
     """
 
     BLOCK_M: int
@@ -262,7 +265,7 @@ def plan(
         per_seq = -(-span // t)
         if mixed:
             per_seq = max(1.0, min(per_seq, mean / t + 0.5))
-        if p > 1 and cfg.reduce == "kernel":
+        if p > 1 and cfg.reduce in ("kernel", "kernel_pdl"):
             per_seq = p  # every partition runs (empty ones write -inf partials)
         return tiles * per_seq
 
