@@ -110,13 +110,24 @@ def pool_summary(ops) -> dict:
     return {"enabled": pools_enabled(), "variants": {op: POOLS[POOL_OF[op]].size for op in ops}}
 
 
-def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, shard: int = -1) -> dict:
-    """One pytest process fuzzing ``op``; ``shard`` >= 0: seeded (``--hypothesis-seed``), its own log."""
+def cpu_threads(jobs: int) -> int:
+    """CPU threads per pytest process: the cores shared among ``jobs`` processes (at least 1). Each
+    process's PyTorch would otherwise start one OpenMP thread per core for the references and the
+    checks' CPU reductions: 15 processes x 16 spinning threads on 16 cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, shard: int = -1,
+           threads: int = 0) -> dict:
+    """One pytest process fuzzing ``op``; ``shard`` >= 0: seeded (``--hypothesis-seed``), its own log;
+    ``threads`` > 0: its OMP_NUM_THREADS (unless the caller's environment sets one)."""
     log = workdir / (f"{op}.jsonl" if shard < 0 else f"{op}.{shard}.jsonl")
     for p in (log, Path(str(log) + ".current")):
         p.unlink(missing_ok=True)
     env = dict(os.environ, ATTENTION_PROTO_FUZZ_EXAMPLES=str(examples), ATTENTION_PROTO_FUZZ_LOG=str(log),
                PYTHONUNBUFFERED="1")
+    if threads > 0:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     cmd = [sys.executable, "-m", "pytest", node, "-q", "-x", "-p", "no:cacheprovider", "-rA",
            "-W", "ignore::DeprecationWarning"]
     if shard >= 0:
@@ -256,16 +267,19 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 
+    # processes at once: --jobs (each operation's shards share the inner pool of that size)
+    threads = cpu_threads(args.jobs)
+    env["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS", str(threads))
     with tempfile.TemporaryDirectory(prefix="fuzz-gpu-") as tmp:
         work = Path(tmp)
 
         def one(op):
             node = OPS[op][1 if args.cpu else 0]
             if args.shards <= 1:
-                r = run_op(op, node, args.examples, args.timeout, work)
+                r = run_op(op, node, args.examples, args.timeout, work, threads=threads)
             else:
                 per = -(-args.examples // args.shards)
-                parts = list(inner.map(lambda i: run_op(op, node, per, args.timeout, work, shard=i),
+                parts = list(inner.map(lambda i: run_op(op, node, per, args.timeout, work, shard=i, threads=threads),
                                        range(args.shards)))
                 r = merge_shards(parts)
             tm = r.get("time") or {}
