@@ -6,6 +6,7 @@ One GPU call, compact output (also written to $OUT/bench_dense_fwd.json when $OU
     python scripts/bench_dense_fwd.py                # GPU: TFLOPS table + host overhead + A/B
     python scripts/bench_dense_fwd.py --quick        # GPU: D128 N4k/N16k only
     python scripts/bench_dense_fwd.py --host         # GPU: host overhead only
+    python scripts/bench_dense_fwd.py --lpt          # GPU: causal program order, "head" vs "lpt" (~1 min)
     python scripts/bench_dense_fwd.py --host-cpu [--src DIR]
         # no GPU needed: the Python host work of attention() with the kernel launch emulated
         # (Triton's argument binding is run, compile and the C launcher are not); --src points at
@@ -29,6 +30,7 @@ def _args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="D128 at N4k and N16k only")
     p.add_argument("--host", action="store_true", help="GPU host overhead only")
+    p.add_argument("--lpt", action="store_true", help="GPU: causal forward.CAUSAL_SCHEDULE 'head' vs 'lpt'")
     p.add_argument("--host-cpu", action="store_true", help="CPU: host overhead with the launch emulated")
     p.add_argument("--src", default=None, help="--host-cpu: import attention_proto from this src/ folder")
     p.add_argument("--calls", type=int, default=2000, help="calls per host-overhead sample")
@@ -129,6 +131,50 @@ def gpu_tflops(quick: bool, results: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def gpu_lpt(results: dict) -> None:
+    """Causal forward with each program order (forward.CAUSAL_SCHEDULE), SDPA cuDNN beside, bf16.
+
+    Shapes: the integration study's layer (B1 H16:4 N4k D128, where a list-scheduling model predicts
+    82 -> 65 units of makespan), the flash study's (B4 H16 N4k, B1 H16 N16k at D128; B4 H32 N4k D64),
+    and a large one where the L2 chunking matters (B4 H16 N16k D128 MHA: 3 heads a chunk)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attention_proto.ops.dense import forward as fwd
+    from attention_proto.ops.dense.interface import attention
+    from attention_proto.runtime.timing import attention_flops
+
+    shapes = [(1, 16, 4, 4096, 128), (4, 16, 16, 4096, 128), (1, 16, 16, 16384, 128), (4, 32, 32, 4096, 64),
+              (4, 16, 16, 16384, 128)]
+    print("\n== causal program order (TFLOPS; x cuDNN; lpt/head; lpt max|diff| vs head)")
+    for B, H, Hkv, N, D in shapes:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        flops = attention_flops(B, H, N, N, D, True)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            cud = flops / _bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                            enable_gqa=H != Hkv)) / 1e9
+        row = {"B": B, "H": H, "Hkv": Hkv, "N": N, "D": D, "cudnn": cud}
+        outs = {}
+        for sched in ("head", "lpt", "head"):  # head twice: the spread of one version
+            fwd.CAUSAL_SCHEDULE = sched
+            fn = lambda: attention(q, k, v, causal=True)  # noqa: E731
+            outs[sched] = fn()
+            row.setdefault(sched, []).append(flops / _bench_ms(fn) / 1e9)
+        fwd.CAUSAL_SCHEDULE = "head"
+        diff = float((outs["lpt"].float() - outs["head"].float()).abs().max())
+        h, l = max(row["head"]), row["lpt"][0]
+        print(f"  B{B} H{H}:{Hkv} N{N} D{D}: head {row['head'][0]:.0f}/{row['head'][1]:.0f}  lpt {l:.0f}  "
+              f"cuDNN {cud:.0f}  lpt/head {l / h:.3f}x  lpt x cuDNN {l / cud:.2f}  diff {diff:.1e}  "
+              f"chunk {fwd.lpt_heads(B, H, Hkv, N, D, 2)}")
+        results.setdefault("lpt", []).append(dict(row, diff=diff))
+        sys.stdout.flush()
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: host overhead
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +267,7 @@ def cpu_host(calls: int, results: dict) -> None:
         return orig_supports(q, k, v, **kw)
 
     FT.supports = supports
-    F._tma_path_usable = lambda q, k, v, out: not FT.supports(q, k, v, out=out)
+    F._tma_path_usable = lambda q, k, v, out, varlen=False: not FT.supports(q, k, v, out=out, varlen=varlen)
     C.pick_forward_config.cache_clear()
     backend = make_backend(GPUTarget("cuda", 90, 32))
 
@@ -321,9 +367,12 @@ def main() -> None:
 
         print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
               f"triton {__import__('triton').__version__}")
-        if not a.host:
-            gpu_tflops(a.quick, results)
-        gpu_host(a.calls, results)
+        if a.lpt:
+            gpu_lpt(results)
+        else:
+            if not a.host:
+                gpu_tflops(a.quick, results)
+            gpu_host(a.calls, results)
     if os.environ.get("OUT"):
         path = os.path.join(os.environ["OUT"], "bench_dense_fwd.json")
         with open(path, "w") as f:

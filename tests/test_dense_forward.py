@@ -711,3 +711,42 @@ def _fp32_one_visible_key(causal):
     out = attention(q, k, v, causal=causal, scale=0.37)
     rows = out[:, :, :1] if causal else out
     assert torch.equal(rows, v[:, :, :1].expand_as(rows))
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 8])
+def test_tma_lpt_schedule_computes_the_same_tiles(monkeypatch, chunk):
+    # forward.CAUSAL_SCHEDULE = "lpt" only reorders which program takes which (query block, head): every
+    # output element is computed by the same tile arithmetic, so the result is bitwise the default's;
+    # chunk 3 of 6 heads x batch 2 leaves a partial last chunk, 8 one larger than a head count multiple
+    from attention_proto.ops.dense import forward as fwd
+
+    B, H, Hkv, Nq, Nk = 2, 6, 3, 45, 45
+    q, k, v = qkv(B, H, Hkv, Nq, Nk, 32, torch.float16)
+    if chunk is not None:
+        monkeypatch.setattr(fwd, "lpt_heads", lambda *a: chunk)
+    outs = []
+    for schedule in ("head", "lpt"):
+        monkeypatch.setattr(fwd, "CAUSAL_SCHEDULE", schedule)
+        fwd.clear_launch_plans()
+        out = poison_(torch.empty_like(q))
+        lse = poison_(torch.empty(B, H, Nq, device=q.device))
+        flash_attention_forward(q, k, v, causal=True, config=TMA_CFG, out=out, lse=lse)
+        (plan,) = fwd._PLANS.values()
+        assert plan.consts.get("LPT", False) == (schedule == "lpt")
+        assert plan.ints_b[-1] == (0 if schedule == "head" else chunk or B * H)
+        outs.append((out, lse))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not torch.isnan(outs[1][0]).any()
+    check(q, k, v, torch.float16, config=TMA_CFG, causal=True)
+
+
+def test_lpt_heads_fit_half_the_l2(monkeypatch):
+    from attention_proto.ops.dense import forward as fwd
+    from attention_proto.runtime import device
+
+    monkeypatch.setattr(device, "l2_bytes", lambda: 50 * 2**20)
+    # the integration study's layer: B1 H16:4 N4k D128 bf16, K/V 8 MB in all: every head in one chunk
+    assert fwd.lpt_heads(1, 16, 4, 4096, 128, 2) == 16
+    # B4 H16 MHA N16k: 8 MB of K/V per head, 25 MB of L2: 3 heads a chunk
+    assert fwd.lpt_heads(4, 16, 16, 16384, 128, 2) == 3
+    assert fwd.lpt_heads(1, 1, 1, 10**7, 256, 4) == 1

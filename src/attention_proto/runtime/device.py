@@ -126,6 +126,11 @@ def sm_count() -> int:
     return int(facts.get("sm_count") or 132)
 
 
+def l2_bytes() -> int:
+    """The device's L2 cache in bytes (50 MB, an H100's, without a GPU)."""
+    return int(device_facts().get("l2_bytes") or 50 * 2**20)
+
+
 def is_hopper() -> bool:
     cc = device_facts().get("compute_capability")
     return bool(cc) and cc.startswith("9.")

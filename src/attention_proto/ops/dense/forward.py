@@ -395,6 +395,24 @@ class _Plan:
         self.rotate_k = rotate_k
 
 
+#: the order of a causal TMA forward's programs. "head" (the default): each head's query blocks in turn,
+#: heaviest first. "lpt": the heaviest blocks of every head first (longest processing time first),
+#: over chunks of heads whose K/V fit in half the L2 (:func:`lpt_heads`). A list-scheduling model of
+#: one program per SM predicts the makespan at B1 H16 N4k (BLOCK_M 128, 32 blocks a head, 132 SMs)
+#: 82 -> 65 units of work (ideal 64), at 64 heads 274 -> 257: opt-in until timed on a GPU
+#: (scripts/bench_dense_fwd.py compares both)
+CAUSAL_SCHEDULE = "head"
+SCHEDULES = ("head", "lpt")
+
+
+def lpt_heads(B: int, H: int, Hkv: int, Nk: int, D: int, elem_bytes: int) -> int:
+    """Query heads per LPT chunk: as many as keep their K/V (shared within a GQA group) within half the L2."""
+    from ...runtime.device import l2_bytes
+
+    kv_per_query_head = 2.0 * Nk * D * elem_bytes * Hkv / H
+    return max(1, min(B * H, int(l2_bytes() // 2 // max(1.0, kv_per_query_head))))
+
+
 _PLANS: Dict[Hashable, _Plan] = {}
 _MAX_PLANS = 4096  # distinct call signatures kept (cleared when full: shapes of a long-running server)
 
@@ -456,10 +474,15 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         reasons = forward_tma.supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
         if reasons:
             raise ValueError("the TMA forward path does not apply: " + "; ".join(reasons))
+        if CAUSAL_SCHEDULE not in SCHEDULES:
+            raise ValueError(f"forward.CAUSAL_SCHEDULE must be one of {SCHEDULES}; got {CAUSAL_SCHEDULE!r}")
+        lpt = 0
+        if CAUSAL_SCHEDULE == "lpt" and causal and score_mod is None and mask_mod is None:
+            lpt = lpt_heads(B, H, Hkv, Nk, D, k.element_size())
         grid, specs, ints_a, ints_b, consts = forward_tma.tma_launch_parts(
             q, k, v, out, lse, causal=causal, window=(left, right), has_softcap=has_softcap, has_alibi=has_alibi,
             score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale,
-            rope_mode=rope_mode, rope_ints=rope_ints)
+            rope_mode=rope_mode, rope_ints=rope_ints, lpt_heads=lpt)
         specs = specs + (forward_tma.make_descriptor,)  # kept with the specs: no import per call
         return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate_k)
 
@@ -629,7 +652,7 @@ def flash_attention_forward(
     # every integer argument, constexpr and path/config choice is a function of this key
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
-           rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0)
+           rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,

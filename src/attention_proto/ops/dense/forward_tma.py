@@ -53,16 +53,28 @@ TMA_HEAD_DIMS = (16, 32, 64, 128, 256)
 def _fwd_tma_kernel(
     desc_q, desc_k, desc_v, desc_o, LSE, ALIBI, COS, SIN,
     slb, slh, slm, seqlen_q, seqlen_k, H, GROUP, num_m_blocks,
-    sm_scale, qk_scale2, softcap, win_left, win_right, stride_cs, max_pos, rope_q_pos0,
+    sm_scale, qk_scale2, softcap, win_left, win_right, stride_cs, max_pos, rope_q_pos0, heads_per_chunk,
     ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
-    REVERSE_M: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+    REVERSE_M: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr, LPT: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    if REVERSE_M:
-        pid_m = num_m_blocks - 1 - pid_m
+    if LPT:
+        # causal, longest first across heads: blocks are issued in linear program order, so the linear id
+        # walks the query blocks from the heaviest (last) down with every head of a chunk at each block
+        # (chunks: heads whose K/V fit in L2 together); see forward.CAUSAL_SCHEDULE
+        lin = tl.program_id(0) + tl.program_id(1) * num_m_blocks
+        per_chunk = heads_per_chunk * num_m_blocks
+        c = lin // per_chunk
+        r = lin - c * per_chunk
+        in_chunk = tl.minimum(heads_per_chunk, tl.num_programs(1) - c * heads_per_chunk)
+        pid_m = num_m_blocks - 1 - r // in_chunk
+        pid_bh = c * heads_per_chunk + r % in_chunk
+    else:
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        if REVERSE_M:
+            pid_m = num_m_blocks - 1 - pid_m
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -220,6 +232,7 @@ def tma_launch_parts(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
     causal: bool, window: Tuple[int, int], has_softcap: bool, has_alibi: bool, score_mod: Any, mask_mod: Any,
     config: FwdConfig, positive_scale: bool = True, rope_mode: int = 0, rope_ints: Tuple[int, int, int] = (0, 0, 0),
+    lpt_heads: int = 0,
 ) -> Tuple[Tuple[int, int], tuple, tuple, tuple, dict]:
     """What a TMA launch takes that depends on neither data pointers nor float values.
 
@@ -230,7 +243,8 @@ def tma_launch_parts(
     and ``rope_ints`` (table row stride, table rows, first query position): ``k`` must then be the
     already rotated keys. :func:`.forward.flash_attention_forward` caches these per call
     signature (its launch plan). ``positive_scale``: sm_scale > 0 (else the scores take the
-    natural-units path, see :func:`.forward.attn_step`).
+    natural-units path, see :func:`.forward.attn_step`). ``lpt_heads`` > 0: issue the programs
+    longest first across chunks of that many heads (causal; :data:`.forward.CAUSAL_SCHEDULE`).
     """
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -240,9 +254,12 @@ def tma_launch_parts(
     left, right = window
     num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
     ints_a = (lse.stride() if lse is not None else (0, 0, 0)) + (Nq, Nk, H, H // Hkv, num_m)
-    ints_b = (left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED) + tuple(rope_ints)
+    ints_b = ((left if left >= 0 else WINDOW_UNBOUNDED, right if right >= 0 else WINDOW_UNBOUNDED) + tuple(rope_ints)
+              + (int(lpt_heads),))
     consts = dict(ROPE=rope_mode, WARP_SPEC=config.path == "tma+ws",
                   **tma_constexprs(D, config, causal, window, has_softcap, has_alibi, score_mod, mask_mod, positive_scale))
+    if lpt_heads > 0:
+        consts["LPT"] = True
     return (num_m, B * H), specs, ints_a, ints_b, consts
 
 
