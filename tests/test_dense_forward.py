@@ -750,3 +750,57 @@ def test_lpt_heads_fit_half_the_l2(monkeypatch):
     # B4 H16 MHA N16k: 8 MB of K/V per head, 25 MB of L2: 3 heads a chunk
     assert fwd.lpt_heads(4, 16, 16, 16384, 128, 2) == 3
     assert fwd.lpt_heads(1, 1, 1, 10**7, 256, 4) == 1
+
+
+_SM90_XCOMPILE = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton.language as tl
+import attention_proto.ops.dense.common as CM
+CM._INTERPRETED = tl.constexpr(False)  # no GPU here: the kernels are compiled for sm_90, not run
+from attention_proto.codegen.cross import compile_for, compile_launches
+import attention_proto.codegen.cross as X
+from attention_proto.ops.dense import forward_tma as FT
+from attention_proto.ops.dense.configs import FwdConfig
+from attention_proto.ops.dense.forward import flash_attention_forward
+res = {}
+q = torch.randn(1, 16, 4096, 128, dtype=torch.bfloat16)
+k, v = torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16), torch.randn(1, 4, 4096, 128, dtype=torch.bfloat16)
+for lpt in (0, 16):
+    grid, specs, ints_a, ints_b, consts = FT.tma_launch_parts(
+        q, k, v, torch.empty_like(q), torch.empty(1, 16, 4096), causal=True, window=(-1, -1), has_softcap=False,
+        has_alibi=False, score_mod=None, mask_mod=None, config=FwdConfig(128, 128, 8, 3, "tma"), lpt_heads=lpt)
+    descs = tuple(FT.make_descriptor(t, *s) for t, s in zip((q, k, v, q), specs))
+    ck = compile_for(FT._fwd_tma_kernel, descs + (torch.empty(1, 16, 4096), None, None, None) + ints_a
+                     + (0.088, 0.127, 0.0) + ints_b, consts, 90)
+    res[f"tma_lpt{lpt}"] = "%nctaid" in ck.asm["ptx"]
+ptx = {}
+orig = X.compile_for
+X.compile_for = lambda kern, a, kw, arch=90: ptx.setdefault("p", orig(kern, a, kw, arch))
+q32 = torch.randn(1, 2, 97, 80)
+with compile_launches(90):
+    flash_attention_forward(q32, q32, q32, causal=False, config=FwdConfig(64, 64, 4, 2, "portable"))
+lines = ptx["p"].asm["ptx"].splitlines()
+ex2 = [i for i, l in enumerate(lines) if "ex2.approx" in l]
+res["fp32_mul_rn"] = sum("mul.rn.f32" in l for l in lines)
+res["fp32_ex2_after_sub"] = any("sub.f32" in l for l in lines[ex2[0] - 6:ex2[0]]) if ex2 else False
+print(sorted(res.items()))
+"""
+
+
+def test_sm90_compiles_lpt_order_and_fp32_exact_max():
+    # the two GPU-only forms that the interpreter cannot show: the TMA kernel's LPT program order (reads the
+    # grid size) and the float32 exponent's product rounded on its own (mul.rn, then a plain subtraction)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("Triton's bundled ptxas not found")
+    out = subprocess.run([sys.executable, "-c", _SM90_XCOMPILE], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = dict(eval(out.stdout.strip().splitlines()[-1]))
+    assert res["tma_lpt0"] is False and res["tma_lpt16"] is True
+    assert res["fp32_mul_rn"] > 0 and res["fp32_ex2_after_sub"]
