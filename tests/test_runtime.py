@@ -53,3 +53,19 @@ def test_kernel_cache_counts_hits_misses_threadsafe():
     assert cache.stats.hits == 198
     assert len(calls) == 200
     assert {e.constexprs for e in cache.entries()} == {(("BLOCK", 16),), (("BLOCK", 32),)}
+
+
+def test_error_rule_numbers_with_nonfinite_entries():
+    # max_abs_err / check_error work in float64 on the tensors' device; the numbers are the definition's
+    from attention_proto.testing import check_error, max_abs_err
+
+    ref = torch.tensor([[1.0, -3.0, float("inf")], [float("-inf"), 2.0, 0.5]], dtype=torch.float64)
+    ours = torch.tensor([[1.5, -3.0, float("inf")], [float("-inf"), 2.25, 0.5]], dtype=torch.float16)
+    assert max_abs_err(ours, ref) == 0.5
+    assert max_abs_err(torch.tensor([[1.0, -3.0, 1.0], [float("-inf"), 2.0, 0.5]]), ref) == float("inf")
+    assert max_abs_err(torch.tensor([[float("nan"), -3.0, float("inf")], [float("-inf"), 2.0, 0.5]]), ref) == float("inf")
+    chk = check_error(ours, ref.to(torch.float16), ref, torch.float16)
+    assert chk.bound == pytest.approx(1e-3 * 3.0)  # torch's error 0; floor x the largest finite |ref| (3)
+    none_finite = torch.tensor([float("inf"), float("-inf")], dtype=torch.float64)  # scale falls back to 1
+    assert check_error(none_finite, none_finite, none_finite, torch.float32).bound == pytest.approx(1e-5)
+    assert max_abs_err(torch.empty(0), torch.empty(0, dtype=torch.float64)) == 0.0
