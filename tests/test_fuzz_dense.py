@@ -302,15 +302,17 @@ def check_dense_forward(case):
 
 
 def _ref_grads(q, k, v, do, cd, varlen=None, **mods):
-    # the varlen reference runs each sequence on the CPU (its empty-sequence parts are CPU tensors):
-    # its inputs and the upstream gradient go there too (on the GPU, a cuda `do` against CPU outputs
-    # made every varlen backward case fail with "invalid gradient ... expected device cpu")
-    dev = "cpu" if (DEV == "cpu" or varlen is not None) else DEV
+    # the references run where the kernels ran (on a GPU: the float64 and low-precision references in
+    # seconds less per case than on the CPU, and PyTorch's own low-precision error is the GPU's); the
+    # inputs and the upstream gradient go there too (a cuda `do` against CPU outputs once made every
+    # varlen backward case fail with "invalid gradient ... expected device cpu")
+    dev = "cpu" if DEV == "cpu" else DEV
     ins = [t.detach().to(device=dev, dtype=cd).requires_grad_() for t in (q, k, v)]
     if varlen is None:
         out, _ = attention_reference(*ins, compute_dtype=cd, device=dev, **mods)
     else:
-        out, _ = attention_reference_varlen(*ins, *[c.cpu() for c in varlen], compute_dtype=cd, **mods)
+        out, _ = attention_reference_varlen(*ins, *[c.cpu() for c in varlen], compute_dtype=cd, device=dev,
+                                            **mods)
     if not out.requires_grad:  # every sequence empty: the reference output is a constant
         return [torch.zeros_like(t) for t in ins]
     return torch.autograd.grad(out, ins, do.to(device=dev, dtype=cd), allow_unused=True)
@@ -411,8 +413,9 @@ def check_varlen(case, backward: bool):
     fn = attention_proto.attention_varlen if case["entry"] == "api" else attention_varlen
     if not backward:
         o, l = fn(qv, kv, vv, cq, ck, mq, mk, return_lse=True, **mods)
-        ro, rl = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), **rmods)
-        to, tl_ = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), compute_dtype=dt, **rmods)
+        rd = "cpu" if DEV == "cpu" else DEV  # as the dense forward's check: the reference where the kernel ran
+        ro, rl = attention_reference_varlen(q, k, v, cq.cpu(), ck.cpu(), device=rd, **rmods)
+        to, tl_ = attention_reference_varlen(q, k, v, cq.cpu(), ck.cpu(), compute_dtype=dt, device=rd, **rmods)
         _check_out_lse(o, l, ro, rl, to, tl_, dt, varlen=True)
         return
     leaves = [t.detach().requires_grad_() for t in (qv, kv, vv)]

@@ -148,8 +148,9 @@ def attention_reference_varlen(
         ks = k[ck[b] : ck[b + 1]].transpose(0, 1)[None]
         vs = v[ck[b] : ck[b + 1]].transpose(0, 1)[None]
         if qs.shape[2] == 0:
-            outs.append(torch.zeros(0, H, v.shape[-1], dtype=compute_dtype))
-            lses.append(torch.zeros(H, 0, dtype=compute_dtype))
+            dev = kwargs.get("device", "cpu")  # where attention_reference puts the other sequences' parts
+            outs.append(torch.zeros(0, H, v.shape[-1], dtype=compute_dtype, device=dev))
+            lses.append(torch.zeros(H, 0, dtype=compute_dtype, device=dev))
             continue
         o, l = attention_reference(qs, ks, vs, **kwargs)
         outs.append(o[0].transpose(0, 1))
