@@ -149,3 +149,19 @@ def test_fuzz_operation_judged_by_its_largest_run(tmp_path):
     fz = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-gpu-fuzz"]
     assert fz.verdict == "supported" and "dense_varlen_fwd 1200 cases" in fz.claim
     assert "Other runs: dense_varlen_fwd 26 cases, 0 failures (new)" in fz.claim
+
+
+def test_fuzz_resolved_only_run_is_short_and_a_crash_is_a_failure(tmp_path):
+    kb, rid = _run(tmp_path)
+    schema = "attention-proto/fuzz-gpu/1"
+    d = tmp_path / "only"
+    d.mkdir()
+    ops = {"paged_decode": {"status": "failed", "cases": 1200, "failures": 3, "seconds": 400.0},
+           "paged_append": {"status": "crashed", "cases": 1100, "failures": 0, "seconds": 300.0}}
+    (d / "fuzz.json").write_text(json.dumps({"schema": schema, "examples_requested": 1000, "ops": ops}))
+    (d / "notes.json").write_text(json.dumps({"resolved": {"paged_decode": "fixed in abc"}}))
+    ingest(kb, rid, [d])
+    fz = {x.id: x for x in STUDY.analyze(RunData(kb, rid).scoped("reliability"))}["reliability-gpu-fuzz"]
+    assert fz.verdict == "refuted"
+    assert fz.metrics["short"] == ["paged_decode"] and fz.metrics["failed"] == ["paged_append"]
+    assert "[resolved since: fixed in abc; no run of the fix]" in fz.claim

@@ -187,17 +187,24 @@ class ReliabilityStudy(Study):
                 judged[r["variant"]] = r
             fz = list(judged.values())
             older = [r for r in all_fz if judged[r["variant"]] is not r]
-            short = [r for r in fz if (r["extra"].get("cases") or 0) < FUZZ_BAR]
+
+            def failing(r):  # failures logged, or a process that died (its case is never logged as failed)
+                return bool(r["extra"].get("failures")) or r["extra"].get("status") in ("crashed", "error")
+
+            # an operation whose only runs were fixed since has no run of the fixed code: short, not failed
+            fixed_only = [r for r in fz if r["extra"].get("resolved")]
+            short = [r for r in fz if (r["extra"].get("cases") or 0) < FUZZ_BAR or r in fixed_only]
             # a failure an earlier run found stands until its folder's notes.json marks it resolved: a
             # later run that stopped short of the failing case (or drew other cases) does not clear it
-            open_failures = [r for r in older if r["extra"].get("failures") and not r["extra"].get("resolved")]
-            failed = [r for r in fz if r["extra"].get("failures")]
+            open_failures = [r for r in older if failing(r) and not r["extra"].get("resolved")]
+            failed = [r for r in fz if failing(r) and r not in fixed_only]
             failed += [r for r in open_failures if r["variant"] not in {x["variant"] for x in failed}]
             parts = []
             for r in fz:
                 e = r["extra"]
                 parts.append(f"{r['variant']} {e.get('cases')} cases, {e.get('failures')} failures ({e.get('status')}, "
                              f"{e.get('seconds'):.0f} s" + (f", {e['part']}" if e.get("part") else "") + ")"
+                             + (f" [resolved since: {e['resolved']}; no run of the fix]" if r in fixed_only else "")
                              + (f" [{e['note']}]" if e.get("note") else ""))
             earlier = [f"{r['variant']} {r['extra'].get('cases')} cases, {r['extra'].get('failures')} failures"
                        + (f" ({r['extra']['part']})" if r["extra"].get("part") else "")
