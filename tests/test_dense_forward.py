@@ -717,7 +717,7 @@ def _fp32_one_visible_key(causal):
 def test_tma_lpt_schedule_computes_the_same_tiles(monkeypatch, chunk):
     # forward.CAUSAL_SCHEDULE = "lpt" only reorders which program takes which (query block, head): every
     # output element is computed by the same tile arithmetic, so the result is bitwise the default's;
-    # chunk 3 of 6 heads x batch 2 leaves a partial last chunk, 8 one larger than a head count multiple
+    # 12 (batch x head) programs a query block: chunks of 3 divide them, chunks of 8 leave a last one of 4
     from attention_proto.ops.dense import forward as fwd
 
     B, H, Hkv, Nq, Nk = 2, 6, 3, 45, 45
@@ -747,6 +747,7 @@ def test_lpt_heads_fit_half_the_l2(monkeypatch):
     monkeypatch.setattr(device, "l2_bytes", lambda: 50 * 2**20)
     # the integration study's layer: B1 H16:4 N4k D128 bf16, K/V 8 MB in all: every head in one chunk
     assert fwd.lpt_heads(1, 16, 4, 4096, 128, 2) == 16
+    assert fwd.lpt_heads(1, 16, 4, 4096, 128, 2, l2=4 * 2**20) == 4  # a given L2 size wins
     # B4 H16 MHA N16k: 8 MB of K/V per head, 25 MB of L2: 3 heads a chunk
     assert fwd.lpt_heads(4, 16, 16, 16384, 128, 2) == 3
     assert fwd.lpt_heads(1, 1, 1, 10**7, 256, 4) == 1

@@ -424,8 +424,11 @@ def choose(kind: str, device_type: str, dtype: torch.dtype, head_dim: int, head_
     # the model integrations ask once per layer and call: building the request and its printable
     # decision cost ~6 us of host time, so the plain result is kept per (arguments, registry version)
     version = _VERSION[0]
-    key = (kind, device_type, dtype, head_dim, head_dim_v, num_heads, num_kv_heads, layout, tuple(modifiers),
-           needs_grad, q_len, prefer if prefer is None or isinstance(prefer, (str, tuple)) else tuple(prefer), version)
+    modifiers = tuple(modifiers)  # once: an iterator would be used up by the key
+    if prefer is not None and not isinstance(prefer, (str, tuple)):
+        prefer = tuple(prefer)
+    key = (kind, device_type, dtype, head_dim, head_dim_v, num_heads, num_kv_heads, layout, modifiers,
+           needs_grad, q_len, prefer, version)
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit

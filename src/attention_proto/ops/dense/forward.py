@@ -137,7 +137,8 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
     elif q.dtype == tl.float32:
         # float32 inputs: the row max takes exp2(0) = 1 exactly, as in the reference's softmax (a fused
         # s * late - m leaves the product's rounding residue), so a row with one visible key returns
-        # that value exactly and the backward cancels there (see backward.DELTA_DOT_FP32)
+        # that value exactly and the backward cancels there (see backward.DELTA_DOT_FP32). Not on the
+        # fast causal-ALiBi form, whose per-tile shift rounds m - shift (shift is 0 everywhere else)
         p = tl.math.exp2(mul_rn(s, late) - (m_use - shift)[:, None])
     else:
         p = tl.math.exp2(s * late - (m_use - shift)[:, None])
@@ -405,12 +406,22 @@ CAUSAL_SCHEDULE = "head"
 SCHEDULES = ("head", "lpt")
 
 
-def lpt_heads(B: int, H: int, Hkv: int, Nk: int, D: int, elem_bytes: int) -> int:
-    """Query heads per LPT chunk: as many as keep their K/V (shared within a GQA group) within half the L2."""
-    from ...runtime.device import l2_bytes
+def lpt_heads(B: int, H: int, Hkv: int, Nk: int, D: int, elem_bytes: int, l2: Optional[int] = None) -> int:
+    """Query heads per LPT chunk: as many as keep their K/V (shared within a GQA group) within half the
+    L2 (``l2`` bytes; default the current device's)."""
+    if l2 is None:
+        from ...runtime.device import l2_bytes
 
+        l2 = l2_bytes()
     kv_per_query_head = 2.0 * Nk * D * elem_bytes * Hkv / H
-    return max(1, min(B * H, int(l2_bytes() // 2 // max(1.0, kv_per_query_head))))
+    return max(1, min(B * H, int(l2 // 2 // max(1.0, kv_per_query_head))))
+
+
+def _device_l2(device: torch.device) -> Optional[int]:
+    """The L2 size of ``device`` (None off a GPU): the LPT chunking reads it once per launch plan."""
+    if device.type != "cuda":
+        return None
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or None
 
 
 _PLANS: Dict[Hashable, _Plan] = {}
@@ -437,6 +448,8 @@ def _launch(plan: _Plan, args: tuple) -> None:
 def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left, right, has_softcap, has_alibi,
                rope_mode, rope_args, score_mod, mask_mod, config, aligned, positive_scale) -> _Plan:
     """Pick the path and config and compute the integer arguments and constexprs of a launch."""
+    if CAUSAL_SCHEDULE not in SCHEDULES:
+        raise ValueError(f"forward.CAUSAL_SCHEDULE must be one of {SCHEDULES}; got {CAUSAL_SCHEDULE!r}")
     if config is None:
         path = "portable"
         small = B * H * Nq * Nk <= SMALL_PROBLEM_SCORES
@@ -474,11 +487,9 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         reasons = forward_tma.supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
         if reasons:
             raise ValueError("the TMA forward path does not apply: " + "; ".join(reasons))
-        if CAUSAL_SCHEDULE not in SCHEDULES:
-            raise ValueError(f"forward.CAUSAL_SCHEDULE must be one of {SCHEDULES}; got {CAUSAL_SCHEDULE!r}")
         lpt = 0
         if CAUSAL_SCHEDULE == "lpt" and causal and score_mod is None and mask_mod is None:
-            lpt = lpt_heads(B, H, Hkv, Nk, D, k.element_size())
+            lpt = lpt_heads(B, H, Hkv, Nk, D, k.element_size(), _device_l2(q.device))
         grid, specs, ints_a, ints_b, consts = forward_tma.tma_launch_parts(
             q, k, v, out, lse, causal=causal, window=(left, right), has_softcap=has_softcap, has_alibi=has_alibi,
             score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale,

@@ -363,6 +363,10 @@ def paged_decode(
     o_buf, l_buf, ctr = out, lse, seq_lens  # placeholders: never read in MODE_SINGLE
     # programmatic dependent launch needs a GPU (the interpreter runs "kernel_pdl" as "kernel")
     pdl = split and cfg.reduce == "kernel_pdl" and not _INTERPRETED
+    if pdl and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        raise ValueError(f"config.reduce='kernel_pdl' needs programmatic dependent launch (compute capability 9.0 "
+                         f"or newer); got {torch.cuda.get_device_name(q.device)} with capability "
+                         f"{torch.cuda.get_device_capability(q.device)}: use reduce='kernel'")
     if split:
         mode = MODE_FUSED if cfg.reduce == "fused" else MODE_SPLIT
         o_buf = torch.empty(B, Hq, Nq, P, D, device=q.device, dtype=torch.float32)
