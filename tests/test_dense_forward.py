@@ -742,9 +742,8 @@ def test_tma_lpt_schedule_computes_the_same_tiles(monkeypatch, chunk):
 
 def test_lpt_heads_fit_half_the_l2(monkeypatch):
     from attention_proto.ops.dense import forward as fwd
-    from attention_proto.runtime import device
 
-    monkeypatch.setattr(device, "l2_bytes", lambda: 50 * 2**20)
+    monkeypatch.setattr(fwd, "l2_bytes", lambda device=None: 50 * 2**20)
     # the integration study's layer: B1 H16:4 N4k D128 bf16, K/V 8 MB in all: every head in one chunk
     assert fwd.lpt_heads(1, 16, 4, 4096, 128, 2) == 16
     assert fwd.lpt_heads(1, 16, 4, 4096, 128, 2, l2=4 * 2**20) == 4  # a given L2 size wins

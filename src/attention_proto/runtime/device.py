@@ -126,9 +126,15 @@ def sm_count() -> int:
     return int(facts.get("sm_count") or 132)
 
 
-def l2_bytes() -> int:
-    """The device's L2 cache in bytes (50 MB, an H100's, without a GPU)."""
-    return int(device_facts().get("l2_bytes") or 50 * 2**20)
+def l2_bytes(device: Any = None) -> int:
+    """The L2 cache of ``device`` (default: the current CUDA device) in bytes; 50 MB, an H100's,
+    without a GPU. Reads the device's properties only (cached by torch), not :func:`device_facts`."""
+    import torch
+
+    if device is not None and torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return 50 * 2**20
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0)) or 50 * 2**20
 
 
 def is_hopper() -> bool:

@@ -37,12 +37,16 @@ def bench(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100
     import triton.testing
 
     q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    med, p20, p80 = (float(x) for x in q)
+    return _timing(*(float(x) for x in q))
+
+
+def _timing(med: float, p20: float, p80: float) -> Timing:
+    """A Timing, with the short-kernel warning (attached and raised) when the median is near launch overhead."""
     t = Timing(med, p20, p80)
     if med < SHORT_KERNEL_MS:
         msg = f"timed region of {med * 1000:.1f} us is close to launch overhead; the number is mostly overhead"
         t.warnings.append(msg)
-        warnings.warn(msg, ShortKernelWarning, stacklevel=2)
+        warnings.warn(msg, ShortKernelWarning, stacklevel=3)
     return t
 
 
@@ -91,12 +95,7 @@ def bench_clean_l2(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: fl
     timed(min(MAX_CLEAN_REPS, max(1, int(warmup_ms / est))))
     ts = sorted(timed(min(MAX_CLEAN_REPS, max(1, int(rep_ms / est)))))
     q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
-    t = Timing(statistics.median(ts), q[1], q[7])
-    if t.ms_median < SHORT_KERNEL_MS:
-        msg = f"timed region of {t.ms_median * 1000:.1f} us is close to launch overhead; the number is mostly overhead"
-        t.warnings.append(msg)
-        warnings.warn(msg, ShortKernelWarning, stacklevel=2)
-    return t
+    return _timing(statistics.median(ts), q[1], q[7])
 
 
 def wall_time_per_call(fn: Callable[[], object], calls: int = 2000, sync: Optional[Callable[[], None]] = None) -> float:

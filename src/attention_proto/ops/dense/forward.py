@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
-from ...runtime.device import interpreter_mode
+from ...runtime.device import interpreter_mode, l2_bytes
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
                      load_tile, mul_rn, tanh_for)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
@@ -408,20 +408,11 @@ SCHEDULES = ("head", "lpt")
 
 def lpt_heads(B: int, H: int, Hkv: int, Nk: int, D: int, elem_bytes: int, l2: Optional[int] = None) -> int:
     """Query heads per LPT chunk: as many as keep their K/V (shared within a GQA group) within half the
-    L2 (``l2`` bytes; default the current device's)."""
+    L2 (``l2`` bytes; default the current device's, :func:`...runtime.device.l2_bytes`)."""
     if l2 is None:
-        from ...runtime.device import l2_bytes
-
         l2 = l2_bytes()
     kv_per_query_head = 2.0 * Nk * D * elem_bytes * Hkv / H
     return max(1, min(B * H, int(l2 // 2 // max(1.0, kv_per_query_head))))
-
-
-def _device_l2(device: torch.device) -> Optional[int]:
-    """The L2 size of ``device`` (None off a GPU): the LPT chunking reads it once per launch plan."""
-    if device.type != "cuda":
-        return None
-    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or None
 
 
 _PLANS: Dict[Hashable, _Plan] = {}
@@ -489,7 +480,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
             raise ValueError("the TMA forward path does not apply: " + "; ".join(reasons))
         lpt = 0
         if CAUSAL_SCHEDULE == "lpt" and causal and score_mod is None and mask_mod is None:
-            lpt = lpt_heads(B, H, Hkv, Nk, D, k.element_size(), _device_l2(q.device))
+            lpt = lpt_heads(B, H, Hkv, Nk, D, k.element_size(), l2_bytes(q.device))
         grid, specs, ints_a, ints_b, consts = forward_tma.tma_launch_parts(
             q, k, v, out, lse, causal=causal, window=(left, right), has_softcap=has_softcap, has_alibi=has_alibi,
             score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale,
