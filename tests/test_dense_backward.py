@@ -747,10 +747,6 @@ def test_gpu_fp32_delta_by_dot_reduces_single_key_error(monkeypatch):
 
 @gpu
 @needs_cuda
-@pytest.mark.xfail(strict=True, reason="known gap (docs/reliability.md): float32 dq/dk with one key per row were "
-                   "~1e-5 on the H100 where the float64 and PyTorch gradients are exactly 0; the dot-formed delta "
-                   "narrowed it; the forward's exact row max (common.mul_rn, not yet run on a GPU) should close "
-                   "it: an XPASS here means it did, remove this mark")
 def test_gpu_fp32_single_key_exact(monkeypatch):
     dq, dk = _single_key_grads(monkeypatch, backward.DELTA_DOT_FP32, 1318)
     assert dq == 0.0 and dk == 0.0

@@ -740,6 +740,25 @@ def test_tma_lpt_schedule_computes_the_same_tiles(monkeypatch, chunk):
     check(q, k, v, torch.float16, config=TMA_CFG, causal=True)
 
 
+def test_auto_schedule_takes_lpt_only_for_few_waves(monkeypatch):
+    # "auto" (the default): LPT where the launch is at most LPT_MAX_WAVES programs per SM (the H100's
+    # 1.16x at the integration layer, 3.9 a SM), the heads-first order beyond (0.92-0.97x there)
+    from attention_proto.ops.dense import forward as fwd
+
+    assert fwd.CAUSAL_SCHEDULE == "auto"
+    assert fwd.use_lpt("auto", 512, 132) and not fwd.use_lpt("auto", 2048, 132)
+    assert fwd.use_lpt("lpt", 10**6, 132) and not fwd.use_lpt("head", 1, 132)
+    B, H, Hkv, Nq = 1, 4, 2, 45
+    q, k, v = qkv(B, H, Hkv, Nq, Nq, 32, torch.float16)
+    for sms, lpt in ((132, True), (1, False)):  # 12 programs: 12 a SM on one SM, under 4 waves on 132
+        monkeypatch.setattr(fwd, "sm_count_of", lambda device=None, n=sms: n)
+        fwd.clear_launch_plans()
+        flash_attention_forward(q, k, v, causal=True, config=TMA_CFG)
+        (plan,) = fwd._PLANS.values()
+        assert plan.consts.get("LPT", False) == lpt
+    fwd.clear_launch_plans()
+
+
 def test_lpt_heads_fit_half_the_l2(monkeypatch):
     from attention_proto.ops.dense import forward as fwd
 

@@ -126,6 +126,17 @@ def sm_count() -> int:
     return int(facts.get("sm_count") or 132)
 
 
+def sm_count_of(device: Any = None) -> int:
+    """Streaming multiprocessors of ``device`` (default: the current CUDA device); 132, an H100's,
+    without a GPU. Reads the device's properties only (cached by torch), as :func:`l2_bytes`."""
+    import torch
+
+    if device is not None and torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return 132
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    return int(getattr(props, "multi_processor_count", 0)) or 132
+
+
 def l2_bytes(device: Any = None) -> int:
     """The L2 cache of ``device`` (default: the current CUDA device) in bytes; 50 MB, an H100's,
     without a GPU. Reads the device's properties only (cached by torch), not :func:`device_facts`."""

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
-from ...runtime.device import interpreter_mode, l2_bytes
+from ...runtime.device import interpreter_mode, l2_bytes, sm_count_of
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
                      load_tile, mul_rn, tanh_for)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
@@ -396,14 +396,21 @@ class _Plan:
         self.rotate_k = rotate_k
 
 
-#: the order of a causal TMA forward's programs. "head" (the default): each head's query blocks in turn,
-#: heaviest first. "lpt": the heaviest blocks of every head first (longest processing time first),
-#: over chunks of heads whose K/V fit in half the L2 (:func:`lpt_heads`). A list-scheduling model of
-#: one program per SM predicts the makespan at B1 H16 N4k (BLOCK_M 128, 32 blocks a head, 132 SMs)
-#: 82 -> 65 units of work (ideal 64), at 64 heads 274 -> 257: opt-in until timed on a GPU
-#: (scripts/bench_dense_fwd.py compares both)
-CAUSAL_SCHEDULE = "head"
-SCHEDULES = ("head", "lpt")
+#: the order of a causal TMA forward's programs. "head": each head's query blocks in turn, heaviest
+#: first. "lpt": the heaviest blocks of every head first (longest processing time first), over chunks of
+#: heads whose K/V fit in half the L2 (:func:`lpt_heads`). "auto" (the default): "lpt" when the launch
+#: has at most LPT_MAX_WAVES programs per SM, where the tail of the last wave is a large part of the
+#: time, else "head". Measured on an H100 (scripts/bench_dense_fwd.py --lpt, bf16, session 6): lpt/head
+#: 1.157x at B1 H16:4 N4k D128 (512 programs, 3.9 a SM), 1.03x at B4 H16 N4k (15.5 a SM), 0.97x at
+#: B1 H16 N16k (15.5), 0.92x at B4 H32 N4k D64: at many waves the heads-first order's L2 reuse wins.
+CAUSAL_SCHEDULE = "auto"
+SCHEDULES = ("head", "lpt", "auto")
+LPT_MAX_WAVES = 4.0
+
+
+def use_lpt(schedule: str, programs: int, sms: int) -> bool:
+    """Whether a causal launch of ``programs`` programs on ``sms`` SMs takes the LPT order."""
+    return schedule == "lpt" or (schedule == "auto" and programs <= LPT_MAX_WAVES * sms)
 
 
 def lpt_heads(B: int, H: int, Hkv: int, Nk: int, D: int, elem_bytes: int, l2: Optional[int] = None) -> int:
@@ -479,7 +486,9 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         if reasons:
             raise ValueError("the TMA forward path does not apply: " + "; ".join(reasons))
         lpt = 0
-        if CAUSAL_SCHEDULE == "lpt" and causal and score_mod is None and mask_mod is None:
+        programs = B * H * ((Nq + config.BLOCK_M - 1) // config.BLOCK_M)
+        if causal and score_mod is None and mask_mod is None and use_lpt(CAUSAL_SCHEDULE, programs,
+                                                                         sm_count_of(q.device)):
             lpt = lpt_heads(B, H, Hkv, Nk, D, k.element_size(), l2_bytes(q.device))
         grid, specs, ints_a, ints_b, consts = forward_tma.tma_launch_parts(
             q, k, v, out, lse, causal=causal, window=(left, right), has_softcap=has_softcap, has_alibi=has_alibi,
