@@ -131,6 +131,52 @@ def test_chunk_backward(dtype, gated, h0):
                                                         chunk_size=32), inputs, dtype)
 
 
+@pytest.mark.parametrize("dst", [0, 1])
+def test_one_token_dg_is_exactly_zero(small_tiles, monkeypatch, dst):
+    """One float32 token, no initial state: the gate only decays the (zero) initial state, so dg is
+    exactly 0 (float64 and PyTorch agree). The H100 fuzz found 1.1e-5 (bound 1e-5) from q . dq - k . dk;
+    the score form (chunk_backward.DG_FROM_SCORES, default for float32) cancels a token's own pair (the
+    interpreter reproduces the other form's 0.8e-5 to 1.5e-5 here)."""
+    import json
+
+    from attention_proto.ops.linear import chunk_backward
+
+    cfg = json.loads(__import__("os").environ["ATTENTION_PROTO_LINEAR_CONFIG"])
+    cfg["chunk_dqk"]["DST"] = dst
+    monkeypatch.setenv("ATTENTION_PROTO_LINEAR_CONFIG", json.dumps(cfg))
+    small_tiles._overrides.cache_clear()
+    assert chunk_backward.DG_FROM_SCORES == "float32"
+    worst = 0.0
+    for seed in range(4):
+        q, k, v, g, _ = random_inputs(1, 1, 2, 32, 100, torch.float32, gated=True, device=DEV, generator=gen(seed))
+        ins = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
+        o, ht = linear_attention(*ins[:3], g=ins[3], output_final_state=True, chunk_size=32)
+        g_ = gen(100 + seed)
+        do, dht = torch.randn(o.shape, device=DEV, generator=g_), torch.randn(ht.shape, device=DEV, generator=g_)
+        ((o * do).sum() + (ht * dht).sum()).backward()
+        worst = max(worst, ins[3].grad.abs().max().item())
+    assert worst == 0.0
+
+
+@pytest.mark.parametrize("dst", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dg_score_form_for_every_dtype(small_tiles, monkeypatch, dst, dtype):
+    """DG_FROM_SCORES = "always" (opt-in below float32): the score form meets the gradient rule over
+    several chunks, K and V tiles, with an initial state."""
+    import json
+
+    from attention_proto.ops.linear import chunk_backward
+
+    cfg = json.loads(__import__("os").environ["ATTENTION_PROTO_LINEAR_CONFIG"])
+    cfg["chunk_dqk"]["DST"] = dst
+    monkeypatch.setenv("ATTENTION_PROTO_LINEAR_CONFIG", json.dumps(cfg))
+    small_tiles._overrides.cache_clear()
+    monkeypatch.setattr(chunk_backward, "DG_FROM_SCORES", "always")
+    inputs = random_inputs(2, 45, 2, 24, 40, dtype, gated=True, h0=True, device=DEV, generator=gen(25))
+    check_grads(lambda q, k, v, g, s0: linear_attention(q, k, v, g=g, initial_state=s0, output_final_state=True,
+                                                        chunk_size=32), inputs, dtype)
+
+
 def test_backward_without_final_state_grad():
     q, k, v, g, _ = random_inputs(1, 37, 2, 16, 16, torch.float32, gated=True, device=DEV, generator=gen(6))
     ins = [x.clone().requires_grad_(True) for x in (q, k, v, g)]

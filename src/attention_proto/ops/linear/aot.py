@@ -56,6 +56,10 @@ def _specs(name: str, BT: int, K: int, V: int, G: bool, P: str = "*bf16"):
     if name == "chunk_dqk":
         return chunk_backward.chunk_bwd_dqk_kernel, dict(q=P, k=P, v=P, g=g, h=P, do=P, dh=P, dq=P, dk=P, dg=g), \
             ["T", "dg_stride"], ["scale"], dict(base, BT=BT, USE_G=G, STORE_DG=G, PREC="tf32")
+    if name == "chunk_dqk_fp32":  # float32 inputs: IEEE dots and dg from the scores (chunk_backward.DG_FROM_SCORES)
+        f = "*fp32"
+        return chunk_backward.chunk_bwd_dqk_kernel, dict(q=f, k=f, v=f, g=g, h=f, do=f, dh=f, dq=f, dk=f, dg=g), \
+            ["T", "dg_stride"], ["scale"], dict(base, BT=BT, USE_G=G, STORE_DG=G, PREC="ieee", DG_SCORES=int(G))
     if name == "chunk_dv":
         return chunk_backward.chunk_bwd_dv_kernel, dict(q=P, k=P, g=g, do=P, dh=P, dv=P), ["T"], ["scale"], dict(
             base, BT=BT, USE_G=G, PREC="tf32")
@@ -102,9 +106,11 @@ def compile_one(name: str, BT: int, K: int, V: int, G: bool, cfg: Dict[str, int]
 
 def variants(all_: bool) -> List[Tuple[str, int, int, int, bool]]:
     shapes = [(64, 128, 128)] + ([(32, 128, 128), (128, 128, 128), (64, 64, 128), (64, 256, 256)] if all_ else [])
-    names = ("chunk_h", "chunk_h_long", "chunk_o", "chunk_dh", "chunk_dqk", "chunk_dv", "recurrent", "chunk_cumsum")
+    names = ("chunk_h", "chunk_h_long", "chunk_o", "chunk_dh", "chunk_dqk", "chunk_dv", "recurrent", "chunk_cumsum",
+             "chunk_dqk_fp32")
     return [(n, BT, K, V, G) for BT, K, V in shapes for G in (False, True) for n in names
-            if (n != "recurrent" or BT == 64) and (n != "chunk_cumsum" or (G and K == 128))]
+            if (n != "recurrent" or BT == 64) and (n != "chunk_cumsum" or (G and K == 128))
+            and (n != "chunk_dqk_fp32" or G)]
 
 
 def main(argv: List[str]) -> int:
@@ -117,7 +123,7 @@ def main(argv: List[str]) -> int:
     out, failed = [], 0
     for name, BT, K, V, G in variants("--all" in argv):
         cfg = (dict(num_warps=4, num_stages=1) if name == "chunk_cumsum"   # launched without a config
-               else common.kernel_config(name, BT, K, V))
+               else common.kernel_config(name.replace("_fp32", ""), BT, K, V))
         try:
             r = compile_one(name, BT, K, V, G, cfg)
         except Exception as e:  # noqa: BLE001 - report every failure, not only the first

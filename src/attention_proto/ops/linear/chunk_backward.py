@@ -104,7 +104,7 @@ def chunk_bwd_dqk_kernel(
     SK: tl.constexpr, SV: tl.constexpr, SG: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, STORE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, HEAD_FIRST: tl.constexpr,
-    PREC: tl.constexpr, DST: tl.constexpr = 0,
+    PREC: tl.constexpr, DST: tl.constexpr = 0, DG_SCORES: tl.constexpr = 0,
 ):
     # DST = 0: dk accumulates transposed, dk^T = dh v^T + q^T ds' (ds' is the B operand of a dot).
     # DST = 1: ds'^T is computed by its own dot (v do^T) and dk = v dh^T + ds'^T q keeps every
@@ -168,9 +168,17 @@ def chunk_bwd_dqk_kernel(
         b_dq = b_dq * scale
     b_kk = tl.load(k + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_tk, other=0.0)
     b_ds_lp = b_ds.to(b_kk.dtype)
+    if STORE_DG and DG_SCORES:
+        # dG_t = q_t . dq_inter_t + sum_s A[t, s] - sum_t' A[t', t] - k_t . dk_inter_t (+ the last token's
+        # term), A = ds' * (q k^T): a token's own pair A[t, t] enters both sums as one value and cancels
+        # exactly (one token, no initial state: dg is exactly 0, as the float64 reference says)
+        b_q = tl.load(q + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_tk, other=0.0)
+        b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1)
+        b_a = b_ds * tl.dot(b_q, tl.trans(b_kk), input_precision=PREC)   # loaded tiles only
+        b_dg += tl.sum(b_a, 1) - tl.sum(b_a, 0)
     b_dq = tl.dot(b_ds_lp, b_kk, b_dq, input_precision=PREC)
     tl.store(dq + off_k + o_t[:, None] * SK + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    if STORE_DG:
+    if STORE_DG and not DG_SCORES:
         b_q = tl.load(q + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_tk, other=0.0)
         b_dg = tl.sum(b_q.to(tl.float32) * b_dq, 1)
 
@@ -183,22 +191,28 @@ def chunk_bwd_dqk_kernel(
             b_dst = tl.where(o_t[:, None] <= o_t[None, :], b_dst, 0.0) * scale
         if STORE_DG:
             # d h_{c+1} / d G_L = h_{c+1}: exp(G_L) <h_c, dh_c> + sum_s k_s . dk_inter_s
-            b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kk.to(tl.float32) * b_dk, 1), 0)
+            b_kdk = tl.sum(b_kk.to(tl.float32) * b_dk, 1)
+            b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(b_kdk, 0)
+            if DG_SCORES:
+                b_dg = b_dg - b_kdk
         b_q2 = tl.load(q + off_k + o_t[:, None] * SK + o_k[None, :], mask=m_tk, other=0.0)
         b_dk = tl.dot(b_dst.to(b_q2.dtype), b_q2, b_dk, input_precision=PREC)
         tl.store(dk + off_k + o_t[:, None] * SK + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
-        if STORE_DG:
+        if STORE_DG and not DG_SCORES:
             b_dg = b_dg - tl.sum(b_kk.to(tl.float32) * b_dk, 1)
     else:
         if USE_G:
             b_dkt = b_dkt * tl.exp2(b_gl - b_g)[None, :]
         if STORE_DG:
             b_kt = tl.load(k + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-            b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_kt * b_dkt, 0), 0)
+            b_kdk = tl.sum(b_kt * b_dkt, 0)
+            b_dgl = tl.exp2(b_gl) * tl.sum(b_hdh, 0) + tl.sum(b_kdk, 0)
+            if DG_SCORES:
+                b_dg = b_dg - b_kdk
         b_qt = tl.load(q + off_k + o_t[None, :] * SK + o_k[:, None], mask=m_kt, other=0.0)
         b_dkt = tl.dot(b_qt, b_ds_lp, b_dkt, input_precision=PREC)
         tl.store(dk + off_k + o_t[None, :] * SK + o_k[:, None], b_dkt.to(dk.dtype.element_ty), mask=m_kt)
-        if STORE_DG:
+        if STORE_DG and not DG_SCORES:
             b_dg = b_dg - tl.sum(b_kt * b_dkt, 0)
     if STORE_DG:
         b_dg = tl.where(o_t == last, b_dg + b_dgl, b_dg)
@@ -257,6 +271,14 @@ def chunk_bwd_dv_kernel(
 
 # ---- host entry point -----------------------------------------------------------------------------
 
+#: how the dq/dk kernel forms dg's intra-chunk part. "float32" (the default): from the scores,
+#: sum_s A[t, s] - sum_t' A[t', t] with A = ds' * (q k^T), for float32 inputs, and q . dq - k . dk
+#: (one BT x BT x K matmul less) for the others; "always" / "never": one form for every dtype. The
+#: score form makes a token's own pair cancel exactly: on the H100 (session 6) the q . dq - k . dk form
+#: gave dg = 1.1e-5 for one float32 token without an initial state, where the float64 and PyTorch
+#: gradients are exactly 0 and the bound is 1e-5. Untimed on a GPU: "always" stays opt-in.
+DG_FROM_SCORES = "float32"
+
 def chunk_bwd_dh(q: torch.Tensor, do: torch.Tensor, g: Optional[torch.Tensor], dht: Optional[torch.Tensor],
                  scale: float, need_dh0: bool, info: SeqInfo, BT: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of the states leaving every chunk [num_chunks, H, K, V] and of the initial state (fp32)."""
@@ -287,11 +309,12 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optiona
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     SK, SV, SG = info.strides()
     store_dg = g is not None and need_dg
+    dg_scores = store_dg and (DG_FROM_SCORES == "always" or (DG_FROM_SCORES == "float32" and q.dtype == torch.float32))
     # dg holds one partial per K tile (summed below): room for the default tiling, or for the
     # narrowest tile a tuning run may try
     prec = dot_precision(q.dtype)
     consts = dict(H=H, K=K, V=V, SK=SK, SV=SV, SG=SG, BT=BT, USE_G=g is not None, STORE_DG=store_dg,
-                  IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=prec)
+                  IS_VARLEN=info.varlen, HEAD_FIRST=info.head_first, PREC=prec, DG_SCORES=int(dg_scores))
     max_nk = triton.cdiv(K, 16 if tuning() else kernel_config("chunk_dqk", BT, K, V)["BK"])
     dg_all = torch.empty((max_nk,) + tuple(g.shape), dtype=torch.float32, device=q.device) if store_dg else None
     cfg = launch("chunk_dqk", chunk_bwd_dqk_kernel, lambda c: (plan.num_chunks * triton.cdiv(K, c["BK"]), H),
