@@ -310,12 +310,21 @@ def cpu_host(calls: int, results: dict) -> None:
         import pstats
 
         small = [torch.randn(1, 8, 128, 64, dtype=torch.float16) for _ in range(3)]
+        fn = lambda: I.attention(*small)  # noqa: E731
+        if os.environ["BENCH_PROFILE"] == "hf":  # the transformers attention function, as the study's model calls it
+            from attention_proto.integrations import transformers as ap_hf
+
+            hq = torch.randn(1, 128, 16, 128, dtype=torch.float16).transpose(1, 2)
+            hk, hv = (torch.randn(1, 128, 4, 128, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+            layer = type("Layer", (torch.nn.Module,), {"is_causal": True})()
+            pos = torch.arange(128)[None]
+            fn = lambda: ap_hf.attention_forward(layer, hq, hk, hv, None, scaling=0.088, position_ids=pos)  # noqa: E731
         for _ in range(100):
-            I.attention(*small)
+            fn()
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(calls):
-            I.attention(*small)
+            fn()
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(18)
         return
@@ -342,6 +351,28 @@ def cpu_host(calls: int, results: dict) -> None:
         ("flash_fwd tma cfg", lambda: F.flash_attention_forward(*small, config=ct)),
         ("torch.empty_like x2 (floor)", lambda: (torch.empty_like(small[0]), torch.empty((1, 8, 128)))),
     ]
+    # the integration study's layer as transformers hands it over: BHSD views of [B, N, H, D] projections,
+    # GQA 16:4, position_ids given; through the custom op and through the attention function
+    try:
+        from attention_proto.integrations import torch_ops
+        from attention_proto.integrations import transformers as ap_hf
+
+        hq = torch.randn(1, 128, 16, 128, dtype=torch.float16).transpose(1, 2)
+        hk, hv = (torch.randn(1, 128, 4, 128, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+        pos = torch.arange(128)[None]
+
+        class Layer(torch.nn.Module):
+            is_causal = True
+
+        layer = Layer()
+        cases += [
+            ("custom op flash_attention, HF views", lambda: torch_ops.flash_attention(hq, hk, hv, causal=True)),
+            ("HF attention_forward (pos ids)", lambda: ap_hf.attention_forward(layer, hq, hk, hv, None,
+                                                                             scaling=0.088, position_ids=pos)),
+            ("HF attention_forward (no pos)", lambda: ap_hf.attention_forward(layer, hq, hk, hv, None, scaling=0.088)),
+        ]
+    except ImportError as e:  # transformers missing: the kernel-level rows still mean something
+        print(f"  (no transformers rows: {e})")
     print(f"\n== CPU host overhead (launch emulated), best-of-7 us per call, {calls} calls each")
     out = {}
     for name, fn in cases:

@@ -21,8 +21,10 @@ without pools the first H100 run managed 21-521 cases per operation in 470 s). S
 draw each case's kernel-shaping part from a fixed, covering pool per operation
 (``tests/fuzz_pools.py``: 16-32 variants in which every value of every dimension and the main
 pairwise interactions appear) and only the rest freely; a variant compiles once and a few times
-more for int specialization, and seeded ``--shards`` of one operation now mostly share compiles
-through Triton's disk cache. The recorded run uses the pools; ``ATTENTION_PROTO_FUZZ_POOL=0`` in
+more for int specialization. Seeded ``--shards`` of one operation split the pool between them
+(shard i of n draws variants i, i + n, ...): concurrent shards drawing from the whole pool each
+compiled nearly all of it (session 6 on the H100: dense_fwd spent 1853 s inside cases over 8
+processes for 1000 cases, 156 cases over 1 s, where paged_append spent 55 s). The recorded run uses the pools; ``ATTENTION_PROTO_FUZZ_POOL=0`` in
 the environment restores independent draws (the summary's ``pools`` says which ran).
 
 Summary JSON (schema ``attention-proto/fuzz-gpu/1``)::
@@ -118,7 +120,7 @@ def cpu_threads(jobs: int) -> int:
 
 
 def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, shard: int = -1,
-           threads: int = 0) -> dict:
+           threads: int = 0, shards: int = 1) -> dict:
     """One pytest process fuzzing ``op``; ``shard`` >= 0: seeded (``--hypothesis-seed``), its own log;
     ``threads`` > 0: its OMP_NUM_THREADS (unless the caller's environment sets one)."""
     log = workdir / (f"{op}.jsonl" if shard < 0 else f"{op}.{shard}.jsonl")
@@ -133,6 +135,8 @@ def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, sha
     if shard >= 0:
         env["ATTENTION_PROTO_FUZZ_SEEDED"] = "1"
         cmd.append(f"--hypothesis-seed={1000 + shard}")
+        if shards > 1:  # each shard draws its own part of the variant pool (tests/fuzz_pools.shard_part)
+            env["ATTENTION_PROTO_FUZZ_SHARD"] = f"{shard}/{shards}"
     t0, launched = time.perf_counter(), time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -259,6 +263,8 @@ def main(argv=None) -> int:
             "total_cases": sum(r["cases"] for r in results.values()),
             "total_failures": sum(r["failures"] for r in results.values()),
             "pools": pools,
+            # shards > 1: each shard drew its own part of the variant pool (tests/fuzz_pools.shard_part)
+            "pool_split_over_shards": args.shards > 1,
             "complete": len(results) == len(ops),
         }
         summary["ok"] = summary["complete"] and all(
@@ -279,8 +285,8 @@ def main(argv=None) -> int:
                 r = run_op(op, node, args.examples, args.timeout, work, threads=threads)
             else:
                 per = -(-args.examples // args.shards)
-                parts = list(inner.map(lambda i: run_op(op, node, per, args.timeout, work, shard=i, threads=threads),
-                                       range(args.shards)))
+                parts = list(inner.map(lambda i: run_op(op, node, per, args.timeout, work, shard=i, threads=threads,
+                                                        shards=args.shards), range(args.shards)))
                 r = merge_shards(parts)
             tm = r.get("time") or {}
             # the first part of the line is what studies.reliability parses; the rest says where the time went

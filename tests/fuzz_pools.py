@@ -56,6 +56,24 @@ DENSE_HEADS = {"1": ((1, 1),), "mha": tuple((h, 1) for h in (2, 3, 4)),
 VARLEN_HEADS = {"1": ((1, 1),), "mha": ((2, 1),), "gqa": ((1, 2), (1, 3), (2, 2), (2, 3))}
 
 
+def shard_part() -> Optional[Tuple[int, int]]:
+    """(i, n) from ``ATTENTION_PROTO_FUZZ_SHARD`` = "i/n" (set by scripts/fuzz_gpu.py per shard), else None.
+
+    Shard i of n draws only the pool variants i, i + n, i + 2n, ...: the shards split the pool instead
+    of each compiling nearly all of it (concurrent processes compile the same variant each, before
+    Triton's disk cache has it); together they still draw from every variant."""
+    raw = os.environ.get("ATTENTION_PROTO_FUZZ_SHARD", "").strip()
+    if not raw:
+        return None
+    try:
+        i, n = (int(x) for x in raw.split("/"))
+    except ValueError:
+        raise ValueError(f"ATTENTION_PROTO_FUZZ_SHARD must be 'i/n' (0 <= i < n); got {raw!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"ATTENTION_PROTO_FUZZ_SHARD must be 'i/n' (0 <= i < n); got {raw!r}")
+    return i, n
+
+
 def pools_enabled() -> bool:
     """False when ``ATTENTION_PROTO_FUZZ_POOL`` is 0/false/off (read at draw time)."""
     return os.environ.get("ATTENTION_PROTO_FUZZ_POOL", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -139,13 +157,21 @@ class Pool:
         k = self.kinds(case)
         return tuple(k[n] for n in self.dims)
 
+    def shard_variants(self) -> Tuple[dict, ...]:
+        """This process's part of the pool (:func:`shard_part`; the whole pool without one)."""
+        part = shard_part()
+        if part is None:
+            return self.variants
+        i, n = part
+        return self.variants[i::n] or (self.variants[i % len(self.variants)],)
+
     def variant_keys(self) -> set:
         return {tuple(v[n] for n in self.dims) for v in self.variants}
 
     def draw(self, draw) -> dict:
         """A variant: from the pool, or (pools off) every dimension drawn independently."""
         if pools_enabled():
-            return dict(draw(st.sampled_from(self.variants)))
+            return dict(draw(st.sampled_from(self.shard_variants())))
         free = st.fixed_dictionaries({n: st.sampled_from(vals) for n, vals in self.dims.items()})
         return draw(free.filter(self.valid))
 

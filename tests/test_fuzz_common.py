@@ -343,6 +343,28 @@ def test_gpu_strategy_draws_from_its_pool(op, monkeypatch):
         assert {k[i] for k in keys} == set(values), f"{name}: values never drawn"
 
 
+def test_shards_split_the_pool(monkeypatch):
+    """ATTENTION_PROTO_FUZZ_SHARD = "i/n": shard i draws only variants i::n; the shards together hold
+    the whole pool, each variant once (more shards than variants: one variant each)."""
+    pool = POOLS["dense_fwd"]
+    keys = lambda vs: [tuple(v[n] for n in pool.dims) for v in vs]  # noqa: E731
+    for n in (1, 3, 8, pool.size + 5):
+        parts = []
+        for i in range(n):
+            monkeypatch.setenv("ATTENTION_PROTO_FUZZ_SHARD", f"{i}/{n}")
+            parts.append(keys(pool.shard_variants()))
+        if n <= pool.size:
+            assert sorted(sum(parts, []), key=repr) == sorted(keys(pool.variants), key=repr)
+        assert set(sum(parts, [])) == pool.variant_keys() and all(parts)
+    monkeypatch.setenv("ATTENTION_PROTO_FUZZ_SHARD", f"2/{pool.size}")
+    drawn = {pool.key(c) for c in sample_cases(gpu_strategies()["dense_fwd"], 20)}
+    assert drawn == {keys([pool.variants[2]])[0]}
+    for bad in ("3/3", "x", "1/0"):
+        monkeypatch.setenv("ATTENTION_PROTO_FUZZ_SHARD", bad)
+        with pytest.raises(ValueError, match="ATTENTION_PROTO_FUZZ_SHARD"):
+            pool.shard_variants()
+
+
 def test_pools_off_draws_unbounded(monkeypatch):
     monkeypatch.setenv("ATTENTION_PROTO_FUZZ_POOL", "0")
     strategies = gpu_strategies()
