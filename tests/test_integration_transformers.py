@@ -142,20 +142,67 @@ def test_torch_compile_fullgraph_no_graph_breaks():
 
 
 def test_packed_sequences_through_position_ids():
-    """position_ids that restart mark packed sequences: we run them as varlen, sdpa as a packed mask."""
+    """position_ids that restart mark packed sequences where transformers' sdpa sees them (no cache): we run
+    them as varlen; with a cache both treat the batch as one sequence (and we skip our detection's sync)."""
     model = model_of("llama", **SMALL)
     ids, _ = hm.random_batch(1, 18, model.config.vocab_size, device=DEV, seed=10)
     pos = torch.cat([torch.arange(7), torch.arange(11)])[None].to(DEV)
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
         ref = model(ids, position_ids=pos, use_cache=False).logits  # sdpa detects packing only without a cache
+        ref_cached = model(ids, position_ids=pos).logits
         model.set_attn_implementation("attention_proto")
         ap_hf.reset_stats()
-        ours = model(ids, position_ids=pos).logits
+        ours = model(ids, position_ids=pos, use_cache=False).logits
+        assert ap_hf.STATS["varlen"] == model.config.num_hidden_layers
         alone = model(ids[:, 7:]).logits
-    assert ap_hf.STATS["varlen"] == model.config.num_hidden_layers
+        ap_hf.reset_stats()
+        ours_cached = model(ids, position_ids=pos).logits
+        assert ap_hf.STATS["varlen"] == 0 and ap_hf.STATS["dense"] == model.config.num_hidden_layers
     assert (ours - ref).abs().max() < 1e-4
     assert (ours[:, 7:] - alone).abs().max() < 1e-4
+    assert (ours_cached - ref_cached).abs().max() < 1e-4
+    assert (ours_cached - ours).abs().max() > 1e-3  # the two semantics differ on this input
+
+
+def test_mask_pattern_kinds():
+    import transformers.masking_utils as mu
+
+    kind = ap_hf.mask_pattern_kind
+    assert kind(mu.causal_mask_function) == "plain"
+    assert kind(mu.sliding_window_causal_mask_function(4)) == "plain"
+    packed = torch.tensor([[0, 0, 0, 1, 1]])
+    f = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.causal_mask_function, packed),
+                     mu.packed_sequence_mask_function(packed))
+    assert kind(f) == "packed"
+    assert kind(mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))) == "other"
+    assert kind(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(packed))) == "other"
+    assert kind(lambda b, h, q, k: q >= k) == "other"
+
+
+@pytest.mark.parametrize("overlay", ["block", "chunked"])
+def test_patterns_beyond_causal_are_materialised_not_dropped(overlay):
+    """A block overlay (bidirectional image tokens) or chunked attention: our mask function returns
+    transformers' own 4-D mask (the attention then computes it eagerly), equal to sdpa's."""
+    import transformers.masking_utils as mu
+
+    model = model_of("llama", **SMALL)
+    cfg = model.config
+    emb = torch.zeros(1, 10, cfg.hidden_size, device=DEV)
+    kw = {}
+    if overlay == "block":
+        kw["block_sequence_ids"] = torch.tensor([[-1, -1, 0, 0, 0, -1, 1, 1, -1, -1]], device=DEV)
+        make = mu.create_causal_mask
+    else:
+        cfg.attention_chunk_size = 4
+        make = mu.create_chunked_causal_mask
+    masks = {}
+    for impl in ("sdpa", "attention_proto"):
+        cfg._attn_implementation = impl
+        masks[impl] = make(config=cfg, inputs_embeds=emb, attention_mask=None, cache=None,
+                           position_ids=torch.arange(10, device=DEV)[None], **kw)
+    assert masks["attention_proto"] is not None and masks["attention_proto"].dim() == 4
+    assert torch.equal(masks["attention_proto"], masks["sdpa"])
 
 
 def test_training_gradients_match_sdpa():

@@ -5,29 +5,34 @@
 >>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="attention_proto")
 >>> model.set_attn_implementation("attention_proto")           # or switch an existing model
 
-:func:`register` adds :func:`attention_forward` to transformers' ``AttentionInterface``. No mask
-function is registered on purpose: transformers then hands the attention function the raw 2-D
-padding mask (or None) instead of a materialised [B, 1, Nq, Nk] mask, and the function rebuilds
-the pattern from what the model passes (``is_causal``, ``sliding_window``, ``softcap``, GQA from
-the shapes). The paths, in order:
+:func:`register` adds :func:`attention_forward` to transformers' ``AttentionInterface`` and
+:func:`mask_function` to its ``AttentionMaskInterface``. The mask function hands the attention the
+raw 2-D padding mask (or None) instead of a materialised [B, 1, Nq, Nk] mask whenever the pattern
+is one the attention rebuilds from what the model passes (``is_causal``, ``sliding_window``,
+``softcap``, GQA from the shapes): causal or bidirectional, a sliding window, transformers'
+packed-sequence overlay. Any other pattern (chunked attention, block overlays such as image tokens,
+user ``or``/``and`` functions) is materialised as transformers' 4-D mask and computed eagerly,
+never dropped. The paths, in order:
 
-1. packed sequences (``cu_seq_lens_q/k`` keyword arguments, as flash-attention collators give)
-   -> ``attention_proto::varlen_fwd``;
+1. packed sequences (``cu_seq_lens_q/k`` keyword arguments, as flash-attention collators give, or
+   ``position_ids`` that restart where transformers' mask creation found packing: a batch of one,
+   no cache) -> ``attention_proto::varlen_fwd``;
 2. no padding (mask None or all ones) -> ``attention_proto::flash_fwd`` (causal bottom-right, so
    decode and chunked prefill over a cache need no mask); with :class:`PagedCache` and at most
    16 new tokens -> ``attention_proto::paged_decode`` over the cache's pages;
 3. a 2-D padding mask (left or right padding, cached or not) -> ``attention_proto::padded_fwd``:
    the real tokens are packed and the varlen kernel runs, so no padding token is computed;
-4. anything else (a 4-D mask from the caller, dropout in training, attention sinks, inputs our
-   kernels do not take such as bfloat16 under the CPU interpreter) -> an eager PyTorch
-   computation, reported once per reason (:class:`TransformersFallbackWarning`; ``strict=True``
-   in :func:`register` raises instead).
+4. anything else (a 4-D mask, dropout in training, attention sinks, inputs our kernels do not take
+   such as bfloat16 under the CPU interpreter) -> an eager PyTorch computation, reported once per
+   reason (:class:`TransformersFallbackWarning`; ``strict=True`` in :func:`register` raises instead).
 
 Semantics follow transformers' sdpa/eager masks: a causal sliding window ``w`` keeps keys
-``j > i - w`` (our window (w - 1, -1)); a bidirectional one keeps ``|i - j| <= w``. Padded query
-rows come back as 0 (their values are never used). Known gaps: packed sequences signalled only by
-``position_ids`` (without ``cu_seq_lens``) are treated as one sequence; a StaticCache without an
-attention mask cannot tell filled slots from empty ones (generate always passes a mask).
+``j > i - w`` (our window (w - 1, -1)); a bidirectional one keeps ``|i - j| <= w``; restarting
+``position_ids`` mark packed sequences where transformers' sdpa sees them (no cache), and with a
+cache they are one sequence, as there. Padded query rows come back as 0 (their values are never
+used). Known gaps: under ``torch.compile`` the mask function does not inspect the pattern (patterns
+beyond the plain ones need eager mode); a StaticCache without an attention mask cannot tell filled
+slots from empty ones (generate always passes a mask).
 """
 from __future__ import annotations
 
@@ -107,7 +112,11 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     config = kwargs.get("config")
     forced_bidirectional = mask_function is mu.bidirectional_mask_function and config is not None and \
         getattr(config, "is_causal", True) is False
-    if use_vmap or forced_bidirectional:
+    kind = "plain"
+    if not torch.compiler.is_compiling() and mask_function is not None:
+        kind = mask_pattern_kind(mask_function, mu)
+        _HINTS.last = (q_length, kv_length, kind)
+    if use_vmap or forced_bidirectional or kind == "other":
         return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                             allow_is_causal_skip=False, use_vmap=use_vmap, device=kwargs.get("device", "cpu"))
@@ -118,6 +127,60 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     if not torch.compiler.is_compiling() and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None  # one sync per forward (not per layer)
     return attention_mask
+
+
+#: per thread (a forward's mask creation and attention run in one): (q_length, kv_length, kind) of the
+#: last pattern :func:`mask_function` classified outside torch.compile; attention_forward looks for
+#: packed sequences in position_ids only where transformers found them
+_HINTS = threading.local()
+
+
+def _closure_vars(fn: Any) -> Dict[str, Any]:
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    try:
+        return dict(zip(code.co_freevars, (c.cell_contents for c in cells)))
+    except ValueError:  # an empty cell
+        return {}
+
+
+def mask_pattern_kind(mask_function: Any, mu: Any = None) -> str:
+    """What a transformers mask function describes, for :func:`mask_function`.
+
+    "plain": causal or bidirectional, possibly with a sliding window (the attention rebuilds it);
+    "packed": the same with transformers' packed-sequence overlay (found from position_ids without a
+    cache; the attention runs the sequences as varlen); "other": anything else (chunked attention,
+    block overlays, user functions): materialised. Reads the ``and_masks`` closures of
+    ``transformers.masking_utils``; an unknown function is "other", so the fallback is always the
+    exact mask, never a dropped pattern.
+    """
+    mu = mu or _masking_utils()
+    found = set()
+
+    def ok(fn: Any, depth: int = 0) -> bool:
+        if depth > 8:
+            return False
+        if fn is mu.causal_mask_function or fn is mu.bidirectional_mask_function:
+            return True
+        name = getattr(fn, "__qualname__", "")
+        if name == "and_masks.<locals>.and_mask":
+            parts = _closure_vars(fn).get("mask_functions")
+            return isinstance(parts, tuple) and all(ok(f, depth + 1) for f in parts)
+        if name in ("sliding_window_overlay.<locals>.inner_mask", "sliding_window_bidirectional_overlay.<locals>.inner_mask"):
+            return True
+        if name == "packed_sequence_mask_function.<locals>.inner_mask":
+            found.add("packed")
+            return True
+        if name == "remap_positions_for_packed_sequence.<locals>.inner_mask":
+            found.add("packed")
+            inner = _closure_vars(fn).get("mask_function")
+            return inner is not None and ok(inner, depth + 1)
+        return False
+
+    if not ok(mask_function):
+        return "other"
+    return "packed" if found else "plain"
 
 
 def reset_stats() -> None:
@@ -436,8 +499,14 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     pos_ids = kwargs.get("position_ids")
+    hint = getattr(_HINTS, "last", None)
+    hf_saw_no_packing = hint is not None and hint[:2] == (Nq, Nk) and hint[2] == "plain"
     if (cu_q is None and attention_mask is None and B == 1 and Nq == Nk and Nq > 1 and pos_ids is not None
-            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()):
+            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()
+            and not hf_saw_no_packing):
+        # one sync per forward (memoized per tensor); skipped where transformers' mask creation already
+        # looked (or, with a cache, does not look) and found a plain pattern: sdpa's semantics, and the
+        # host keeps running ahead of the GPU
         packed = _packed_cu_seqlens(pos_ids)
         if packed is not None:
             cu_q = cu_k = packed[0]
