@@ -172,8 +172,10 @@ def test_mask_pattern_kinds():
     assert kind(mu.causal_mask_function) == "plain"
     assert kind(mu.sliding_window_causal_mask_function(4)) == "plain"
     packed = torch.tensor([[0, 0, 0, 1, 1]])
-    f = mu.and_masks(mu.remap_positions_for_packed_sequence(mu.causal_mask_function, packed),
-                     mu.packed_sequence_mask_function(packed))
+    inner = mu.causal_mask_function
+    if hasattr(mu, "remap_positions_for_packed_sequence"):  # transformers >= 5.2x (5.17 has no remap)
+        inner = mu.remap_positions_for_packed_sequence(inner, packed)
+    f = mu.and_masks(inner, mu.packed_sequence_mask_function(packed))
     assert kind(f) == "packed"
     assert kind(mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))) == "other"
     assert kind(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(packed))) == "other"
@@ -199,8 +201,8 @@ def test_patterns_beyond_causal_are_materialised_not_dropped(overlay):
     masks = {}
     for impl in ("sdpa", "attention_proto"):
         cfg._attn_implementation = impl
-        masks[impl] = make(config=cfg, inputs_embeds=emb, attention_mask=None, cache=None,
-                           position_ids=torch.arange(10, device=DEV)[None], **kw)
+        # positional: the cache argument was `past_key_values` before transformers 5.2x
+        masks[impl] = make(cfg, emb, None, None, torch.arange(10, device=DEV)[None], **kw)
     assert masks["attention_proto"] is not None and masks["attention_proto"].dim() == 4
     assert torch.equal(masks["attention_proto"], masks["sdpa"])
 
