@@ -128,6 +128,7 @@ def run_op(op: str, node: str, examples: int, timeout: float, workdir: Path, sha
         p.unlink(missing_ok=True)
     env = dict(os.environ, ATTENTION_PROTO_FUZZ_EXAMPLES=str(examples), ATTENTION_PROTO_FUZZ_LOG=str(log),
                PYTHONUNBUFFERED="1")
+    env.pop("ATTENTION_PROTO_FUZZ_SHARD", None)  # set below per shard only: an exported one would narrow the pool
     if threads > 0:
         env.setdefault("OMP_NUM_THREADS", str(threads))
     cmd = [sys.executable, "-m", "pytest", node, "-q", "-x", "-p", "no:cacheprovider", "-rA",

@@ -759,6 +759,23 @@ def test_auto_schedule_takes_lpt_only_for_few_waves(monkeypatch):
     fwd.clear_launch_plans()
 
 
+def test_causal_schedule_sets_and_restores_the_order():
+    from attention_proto.ops.dense import forward as fwd
+
+    before = fwd.CAUSAL_SCHEDULE
+    with fwd.causal_schedule("lpt"):
+        assert fwd.CAUSAL_SCHEDULE == "lpt"
+        with pytest.raises(RuntimeError):
+            with fwd.causal_schedule("head"):
+                assert fwd.CAUSAL_SCHEDULE == "head"
+                raise RuntimeError("restored on the way out")
+        assert fwd.CAUSAL_SCHEDULE == "lpt"
+    assert fwd.CAUSAL_SCHEDULE == before
+    with pytest.raises(ValueError, match="order must be one of"):
+        with fwd.causal_schedule("fastest"):
+            pass
+
+
 def test_lpt_heads_fit_half_the_l2(monkeypatch):
     from attention_proto.ops.dense import forward as fwd
 

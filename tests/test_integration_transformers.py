@@ -165,6 +165,42 @@ def test_packed_sequences_through_position_ids():
     assert (ours_cached - ours).abs().max() > 1e-3  # the two semantics differ on this input
 
 
+def test_packed_rows_in_a_batch_of_several_are_exact():
+    """Packing in a batch of two (no cache): the varlen path takes one packed row, so transformers' own
+    4-D mask is materialised and computed eagerly -- equal to sdpa, never the unpacked causal pattern."""
+    model = model_of("llama", **SMALL)
+    ids, _ = hm.random_batch(2, 12, model.config.vocab_size, device=DEV, seed=3)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(2, -1).contiguous().to(DEV)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", ap_hf.TransformersFallbackWarning)
+        model.set_attn_implementation("sdpa")
+        ref = model(ids, position_ids=pos, use_cache=False).logits
+        model.set_attn_implementation("attention_proto")
+        ours = model(ids, position_ids=pos, use_cache=False).logits
+    assert ap_hf.STATS["fallback"] == model.config.num_hidden_layers
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_compiled_model_does_not_guard_on_the_mask_hint():
+    """An eager forward between calls of a compiled one changes the thread's mask hint: the compiled
+    forward must not read it (a guard on it recompiled per prompt length)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = model_of("llama", **SMALL)
+    model.set_attn_implementation("attention_proto")
+    cnt = CompileCounter()
+    compiled = torch.compile(model, backend=cnt)
+    ids, _ = hm.random_batch(1, 8, model.config.vocab_size, device=DEV, seed=1)
+    try:
+        with torch.no_grad():
+            for n in (5, 6, 7):
+                model(ids[:, :n], use_cache=False)
+                compiled(ids, use_cache=False)
+        assert cnt.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_mask_pattern_kinds():
     import transformers.masking_utils as mu
 
@@ -180,6 +216,14 @@ def test_mask_pattern_kinds():
     assert kind(mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))) == "other"
     assert kind(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(packed))) == "other"
     assert kind(lambda b, h, q, k: q >= k) == "other"
+    # under torch.compile only the names can be read
+    ckind = ap_hf.compiled_pattern_kind
+    cfg = type("Cfg", (), {"attention_chunk_size": None})()
+    chunked_cfg = type("Cfg", (), {"attention_chunk_size": 4})()
+    assert ckind(mu.causal_mask_function, mu, cfg) == "plain"
+    assert ckind(mu.sliding_window_causal_mask_function(4), mu, cfg) == "plain"
+    assert ckind(mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)), mu, chunked_cfg) == "other"
+    assert ckind(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(packed)), mu, cfg) == "other"
 
 
 @pytest.mark.parametrize("overlay", ["block", "chunked"])

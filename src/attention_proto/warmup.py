@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from .ops.dense.forward import causal_schedule
 from .runtime.cache import KERNEL_CACHE
 from .runtime.device import interpreter_mode, kernel_device
 
@@ -295,7 +296,11 @@ def plan_calls(cfg: ModelAttentionConfig, opts: WarmupOptions, dry_run: bool = F
         def dense(nq: int, nk: int, mods=mods, grad: bool = False):
             def call():
                 q, k, v = rnd(1, H, nq, D, grad=grad), rnd(1, Hkv, nk, D, grad=grad), rnd(1, Hkv, nk, D, grad=grad)
-                out = attention(q, k, v, causal=True, rope=rope, **mods)
+                # the causal program order is picked per launch from batch and SM count: a serving batch
+                # may take the other order than this batch of one, so a prefill compiles both
+                for order in (("head", "lpt") if nq > 1 else ("auto",)):
+                    with causal_schedule(order):
+                        out = attention(q, k, v, causal=True, rope=rope, **mods)
                 if grad:
                     out.backward(rnd(*out.shape))
                 return out

@@ -102,10 +102,13 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
                   **kwargs: Any) -> Optional[Tensor]:
     """transformers mask interface: the 2-D padding mask [B, L] (None when there is no padding).
 
-    The causal/window pattern is rebuilt by :func:`attention_forward` from what the model passes.
-    Masks with extra pattern functions (``or``/``and`` overlays such as bidirectional image tokens,
-    ``use_vmap``) and bidirectional masks on causal models (``config.is_causal=False``) are
-    materialised as transformers' 4-D boolean mask, which the attention computes eagerly.
+    The causal/window pattern is rebuilt by :func:`attention_forward` from what the model passes;
+    transformers' packed-sequence overlay on a batch of one becomes cu_seqlens for the varlen kernel.
+    Every other pattern (:func:`mask_pattern_kind` "other": chunked attention, block overlays such as
+    bidirectional image tokens, user functions, ``use_vmap``; packing in a batch of several) and
+    bidirectional masks on causal models (``config.is_causal=False``) are materialised as transformers'
+    4-D boolean mask, which the attention computes eagerly. Under torch.compile the closures cannot be
+    read: :func:`compiled_pattern_kind` decides from the function's name and the config.
     """
     mu = _MASKING_UTILS[0] if _MASKING_UTILS else _masking_utils()
 
@@ -113,9 +116,17 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     forced_bidirectional = mask_function is mu.bidirectional_mask_function and config is not None and \
         getattr(config, "is_causal", True) is False
     kind = "plain"
-    if not torch.compiler.is_compiling() and mask_function is not None:
-        kind = mask_pattern_kind(mask_function, mu)
-        _HINTS.last = (q_length, kv_length, kind)
+    if mask_function is not None and torch.compiler.is_compiling():
+        kind = compiled_pattern_kind(mask_function, mu, config)
+    elif mask_function is not None:
+        kind, packed_ids = _pattern(mask_function, mu)
+        cu = None
+        if kind == "packed":
+            if batch_size != 1 or packed_ids is None or packed_ids.shape[-1] != q_length or q_length != kv_length:
+                kind = "other"  # the varlen path takes one packed row; anything else is computed exactly
+            else:
+                cu = _cu_from_segments(packed_ids[0])
+        _HINTS.last = (q_length, kv_length, kind, cu)
     if use_vmap or forced_bidirectional or kind == "other":
         return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
@@ -129,10 +140,38 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     return attention_mask
 
 
-#: per thread (a forward's mask creation and attention run in one): (q_length, kv_length, kind) of the
-#: last pattern :func:`mask_function` classified outside torch.compile; attention_forward looks for
-#: packed sequences in position_ids only where transformers found them
+#: per thread (a forward's mask creation and attention run in one): (q_length, kv_length, kind, packed)
+#: of the last pattern :func:`mask_function` classified outside torch.compile, packed = (cu_seqlens,
+#: longest) for transformers' packed-sequence overlay; attention_forward runs packed sequences where
+#: transformers found them and does not look for them where it found a plain pattern
 _HINTS = threading.local()
+
+
+def _cu_from_segments(seg: Tensor) -> Tuple[Tensor, int]:
+    """(cu_seqlens int32, longest length) from one row of transformers' packed segment ids (one sync)."""
+    n = seg.numel()
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[1:] = seg[1:] != seg[:-1]
+    idx = torch.nonzero(starts).flatten().to(torch.int32)
+    cu = torch.cat([idx, torch.tensor([n], dtype=torch.int32, device=seg.device)])
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def compiled_pattern_kind(mask_function: Any, mu: Any, config: Any) -> str:
+    """:func:`mask_pattern_kind` under torch.compile, where a closure's contents cannot be read.
+
+    The plain causal/bidirectional functions are themselves; ``or`` combinations (block overlays,
+    user functions) are "other". An ``and`` combination is a sliding window, transformers' packed
+    overlay (which it always adds while tracing a forward with position_ids and no cache, since it
+    cannot test for packing there), or chunked attention: "other" when the config has chunked
+    attention, else "plain" -- under compile, position_ids that restart are one sequence (the
+    known gap in the module docstring)."""
+    if mask_function is mu.causal_mask_function or mask_function is mu.bidirectional_mask_function:
+        return "plain"
+    name = getattr(mask_function, "__qualname__", "")
+    if name == "and_masks.<locals>.and_mask" and getattr(config, "attention_chunk_size", None) is None:
+        return "plain"
+    return "other"
 
 
 def _closure_vars(fn: Any) -> Dict[str, Any]:
@@ -146,6 +185,11 @@ def _closure_vars(fn: Any) -> Dict[str, Any]:
 
 
 def mask_pattern_kind(mask_function: Any, mu: Any = None) -> str:
+    """The kind of a transformers mask function (eager mode): see :func:`_pattern`."""
+    return _pattern(mask_function, mu)[0]
+
+
+def _pattern(mask_function: Any, mu: Any = None) -> Tuple[str, Optional[Tensor]]:
     """What a transformers mask function describes, for :func:`mask_function`.
 
     "plain": causal or bidirectional, possibly with a sliding window (the attention rebuilds it);
@@ -156,7 +200,7 @@ def mask_pattern_kind(mask_function: Any, mu: Any = None) -> str:
     exact mask, never a dropped pattern.
     """
     mu = mu or _masking_utils()
-    found = set()
+    found: Dict[str, Any] = {}
 
     def ok(fn: Any, depth: int = 0) -> bool:
         if depth > 8:
@@ -170,17 +214,18 @@ def mask_pattern_kind(mask_function: Any, mu: Any = None) -> str:
         if name in ("sliding_window_overlay.<locals>.inner_mask", "sliding_window_bidirectional_overlay.<locals>.inner_mask"):
             return True
         if name == "packed_sequence_mask_function.<locals>.inner_mask":
-            found.add("packed")
+            ids = _closure_vars(fn).get("packed_sequence_mask")
+            found["packed"] = ids if isinstance(ids, Tensor) and ids.dim() == 2 else None
             return True
         if name == "remap_positions_for_packed_sequence.<locals>.inner_mask":
-            found.add("packed")
+            found.setdefault("packed", None)
             inner = _closure_vars(fn).get("mask_function")
             return inner is not None and ok(inner, depth + 1)
         return False
 
     if not ok(mask_function):
-        return "other"
-    return "packed" if found else "plain"
+        return "other", None
+    return ("packed", found["packed"]) if "packed" in found else ("plain", None)
 
 
 def reset_stats() -> None:
@@ -499,14 +544,19 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     pos_ids = kwargs.get("position_ids")
-    hint = getattr(_HINTS, "last", None)
-    hf_saw_no_packing = hint is not None and hint[:2] == (Nq, Nk) and hint[2] == "plain"
-    if (cu_q is None and attention_mask is None and B == 1 and Nq == Nk and Nq > 1 and pos_ids is not None
+    # read outside torch.compile only: a hint read while tracing would become a guard (a recompile per change)
+    hint = None if torch.compiler.is_compiling() else getattr(_HINTS, "last", None)
+    hint = hint if hint is not None and hint[:2] == (Nq, Nk) else None
+    if cu_q is None and attention_mask is None and B == 1 and hint is not None and hint[2] == "packed":
+        # transformers' mask creation found packed sequences (no cache): its segments, found once a forward
+        cu_q = cu_k = hint[3][0]
+        kwargs["max_length_q"] = kwargs["max_length_k"] = hint[3][1]
+    elif (cu_q is None and attention_mask is None and B == 1 and Nq == Nk and Nq > 1 and pos_ids is not None
             and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()
-            and not hf_saw_no_packing):
-        # one sync per forward (memoized per tensor); skipped where transformers' mask creation already
-        # looked (or, with a cache, does not look) and found a plain pattern: sdpa's semantics, and the
-        # host keeps running ahead of the GPU
+            and hint is None):
+        # no word from transformers' mask creation (it looks before the layers, or, with a cache, not at
+        # all -- a plain hint skips this: sdpa's semantics, and no sync at the first layer that would stop
+        # the host from running ahead of the GPU): restarting position_ids, one sync per forward
         packed = _packed_cu_seqlens(pos_ids)
         if packed is not None:
             cu_q = cu_k = packed[0]

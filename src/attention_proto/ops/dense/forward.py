@@ -37,8 +37,9 @@ nothing else: block skipping still follows only the built-in masks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Dict, Hashable, Optional, Tuple
+from typing import Any, Dict, Hashable, Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -408,6 +409,21 @@ SCHEDULES = ("head", "lpt", "auto")
 LPT_MAX_WAVES = 4.0
 
 
+@contextlib.contextmanager
+def causal_schedule(order: str) -> Iterator[None]:
+    """Run a block with :data:`CAUSAL_SCHEDULE` set to ``order`` (warmup compiles both orders: "auto"
+    picks by batch and SM count, so a serving batch may take the other one). Process-wide, not
+    thread-safe: both orders compute the same tiles, so a race costs a compile, never a result."""
+    global CAUSAL_SCHEDULE
+    if order not in SCHEDULES:
+        raise ValueError(f"causal_schedule: order must be one of {SCHEDULES}; got {order!r}")
+    prev, CAUSAL_SCHEDULE = CAUSAL_SCHEDULE, order
+    try:
+        yield
+    finally:
+        CAUSAL_SCHEDULE = prev
+
+
 def use_lpt(schedule: str, programs: int, sms: int) -> bool:
     """Whether a causal launch of ``programs`` programs on ``sms`` SMs takes the LPT order."""
     return schedule == "lpt" or (schedule == "auto" and programs <= LPT_MAX_WAVES * sms)
@@ -663,7 +679,7 @@ def flash_attention_forward(
     # every integer argument, constexpr and path/config choice is a function of this key
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
-           rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE)
+           rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE, LPT_MAX_WAVES)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,
