@@ -30,9 +30,11 @@ Semantics follow transformers' sdpa/eager masks: a causal sliding window ``w`` k
 ``j > i - w`` (our window (w - 1, -1)); a bidirectional one keeps ``|i - j| <= w``; restarting
 ``position_ids`` mark packed sequences where transformers' sdpa sees them (no cache), and with a
 cache they are one sequence, as there. Padded query rows come back as 0 (their values are never
-used). Known gaps: under ``torch.compile`` the mask function does not inspect the pattern (patterns
-beyond the plain ones need eager mode); a StaticCache without an attention mask cannot tell filled
-slots from empty ones (generate always passes a mask).
+used). Known gaps: under ``torch.compile`` the mask function cannot read the pattern's closures and
+judges by name and config (:func:`compiled_pattern_kind`): ``or`` overlays and chunked attention are
+materialised, but restarting position_ids are one sequence there (transformers cannot test for packing
+while tracing either); a StaticCache without an attention mask cannot tell filled slots from empty
+ones (generate always passes a mask).
 """
 from __future__ import annotations
 
