@@ -15,8 +15,8 @@ user ``or``/``and`` functions) is materialised as transformers' 4-D mask and com
 never dropped. The paths, in order:
 
 1. packed sequences (``cu_seq_lens_q/k`` keyword arguments, as flash-attention collators give, or
-   ``position_ids`` that restart where transformers' mask creation found packing: a batch of one,
-   no cache) -> ``attention_proto::varlen_fwd``;
+   ``position_ids`` that restart in a batch of one, found with one sync per forward)
+   -> ``attention_proto::varlen_fwd``;
 2. no padding (mask None or all ones) -> ``attention_proto::flash_fwd`` (causal bottom-right, so
    decode and chunked prefill over a cache need no mask); with :class:`PagedCache` and at most
    16 new tokens -> ``attention_proto::paged_decode`` over the cache's pages;
@@ -28,13 +28,12 @@ never dropped. The paths, in order:
 
 Semantics follow transformers' sdpa/eager masks: a causal sliding window ``w`` keeps keys
 ``j > i - w`` (our window (w - 1, -1)); a bidirectional one keeps ``|i - j| <= w``; restarting
-``position_ids`` mark packed sequences where transformers' sdpa sees them (no cache), and with a
-cache they are one sequence, as there. Padded query rows come back as 0 (their values are never
-used). Known gaps: under ``torch.compile`` the mask function cannot read the pattern's closures and
-judges by name and config (:func:`compiled_pattern_kind`): ``or`` overlays and chunked attention are
-materialised, but restarting position_ids are one sequence there (transformers cannot test for packing
-while tracing either); a StaticCache without an attention mask cannot tell filled slots from empty
-ones (generate always passes a mask).
+``position_ids`` in a batch of one mark packed sequences, with or without a cache (transformers' sdpa
+looks for them without a cache only, its flash-attention path always). Padded query rows come back as
+0 (their values are never used). Known gaps: under ``torch.compile`` the mask function cannot read the
+pattern's closures (:func:`compiled_pattern_kind`): chunked attention is materialised from the config,
+but block overlays and restarting position_ids are not seen there; a StaticCache without an attention
+mask cannot tell filled slots from empty ones (generate always passes a mask).
 """
 from __future__ import annotations
 
@@ -105,12 +104,12 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     """transformers mask interface: the 2-D padding mask [B, L] (None when there is no padding).
 
     The causal/window pattern is rebuilt by :func:`attention_forward` from what the model passes;
-    transformers' packed-sequence overlay on a batch of one becomes cu_seqlens for the varlen kernel.
+    with transformers' packed-sequence overlay on a batch of one it finds the segments in position_ids.
     Every other pattern (:func:`mask_pattern_kind` "other": chunked attention, block overlays such as
     bidirectional image tokens, user functions, ``use_vmap``; packing in a batch of several) and
     bidirectional masks on causal models (``config.is_causal=False``) are materialised as transformers'
     4-D boolean mask, which the attention computes eagerly. Under torch.compile the closures cannot be
-    read: :func:`compiled_pattern_kind` decides from the function's name and the config.
+    read: :func:`compiled_pattern_kind` decides from the config alone.
     """
     mu = _MASKING_UTILS[0] if _MASKING_UTILS else _masking_utils()
 
@@ -121,14 +120,9 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     if mask_function is not None and torch.compiler.is_compiling():
         kind = compiled_pattern_kind(mask_function, mu, config)
     elif mask_function is not None:
-        kind, packed_ids = _pattern(mask_function, mu)
-        cu = None
-        if kind == "packed":
-            if batch_size != 1 or packed_ids is None or packed_ids.shape[-1] != q_length or q_length != kv_length:
-                kind = "other"  # the varlen path takes one packed row; anything else is computed exactly
-            else:
-                cu = _cu_from_segments(packed_ids[0])
-        _HINTS.last = (q_length, kv_length, kind, cu)
+        kind = mask_pattern_kind(mask_function, mu)
+        if kind == "packed" and batch_size != 1:
+            kind = "other"  # the varlen path takes one packed row; a batch of several is computed exactly
     if use_vmap or forced_bidirectional or kind == "other":
         return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
@@ -142,38 +136,15 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     return attention_mask
 
 
-#: per thread (a forward's mask creation and attention run in one): (q_length, kv_length, kind, packed)
-#: of the last pattern :func:`mask_function` classified outside torch.compile, packed = (cu_seqlens,
-#: longest) for transformers' packed-sequence overlay; attention_forward runs packed sequences where
-#: transformers found them and does not look for them where it found a plain pattern
-_HINTS = threading.local()
-
-
-def _cu_from_segments(seg: Tensor) -> Tuple[Tensor, int]:
-    """(cu_seqlens int32, longest length) from one row of transformers' packed segment ids (one sync)."""
-    n = seg.numel()
-    starts = torch.ones_like(seg, dtype=torch.bool)
-    starts[1:] = seg[1:] != seg[:-1]
-    idx = torch.nonzero(starts).flatten().to(torch.int32)
-    cu = torch.cat([idx, torch.tensor([n], dtype=torch.int32, device=seg.device)])
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
 def compiled_pattern_kind(mask_function: Any, mu: Any, config: Any) -> str:
-    """:func:`mask_pattern_kind` under torch.compile, where a closure's contents cannot be read.
-
-    The plain causal/bidirectional functions are themselves; ``or`` combinations (block overlays,
-    user functions) are "other". An ``and`` combination is a sliding window, transformers' packed
-    overlay (which it always adds while tracing a forward with position_ids and no cache, since it
-    cannot test for packing there), or chunked attention: "other" when the config has chunked
-    attention, else "plain" -- under compile, position_ids that restart are one sequence (the
-    known gap in the module docstring)."""
+    """:func:`mask_pattern_kind` under torch.compile, where neither a closure's contents nor (on some
+    torch versions) its name can be read: "other" for chunked attention (``config.attention_chunk_size``),
+    else "plain". So under compile block overlays and restarting position_ids are not seen (the known gap
+    in the module docstring); transformers always adds its packed overlay while tracing a forward without
+    a cache, so judging and-combinations as "other" would send every such forward to eager attention."""
     if mask_function is mu.causal_mask_function or mask_function is mu.bidirectional_mask_function:
         return "plain"
-    name = getattr(mask_function, "__qualname__", "")
-    if name == "and_masks.<locals>.and_mask" and getattr(config, "attention_chunk_size", None) is None:
-        return "plain"
-    return "other"
+    return "other" if getattr(config, "attention_chunk_size", None) is not None else "plain"
 
 
 def _closure_vars(fn: Any) -> Dict[str, Any]:
@@ -546,19 +517,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     pos_ids = kwargs.get("position_ids")
-    # read outside torch.compile only: a hint read while tracing would become a guard (a recompile per change)
-    hint = None if torch.compiler.is_compiling() else getattr(_HINTS, "last", None)
-    hint = hint if hint is not None and hint[:2] == (Nq, Nk) else None
-    if cu_q is None and attention_mask is None and B == 1 and hint is not None and hint[2] == "packed":
-        # transformers' mask creation found packed sequences (no cache): its segments, found once a forward
-        cu_q = cu_k = hint[3][0]
-        kwargs["max_length_q"] = kwargs["max_length_k"] = hint[3][1]
-    elif (cu_q is None and attention_mask is None and B == 1 and Nq == Nk and Nq > 1 and pos_ids is not None
-            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()
-            and hint is None):
-        # no word from transformers' mask creation (it looks before the layers, or, with a cache, not at
-        # all -- a plain hint skips this: sdpa's semantics, and no sync at the first layer that would stop
-        # the host from running ahead of the GPU): restarting position_ids, one sync per forward
+    if (cu_q is None and attention_mask is None and B == 1 and Nq == Nk and Nq > 1 and pos_ids is not None
+            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()):
+        # restarting position_ids: packed sequences (one sync per forward, memoized per tensor)
         packed = _packed_cu_seqlens(pos_ids)
         if packed is not None:
             cu_q = cu_k = packed[0]
