@@ -25,3 +25,26 @@ def test_op_overhead_claim_signs_the_difference(tmp_path, direct_us, op_us, text
     assert text in f.claim and "+-" not in f.claim
     assert ("within the host's noise" in f.claim) is noise
     assert f.metrics["host_us_overhead"] == pytest.approx(op_us - direct_us)
+
+
+def test_model_forward_findings_with_rounds_and_the_search_off(tmp_path):
+    from attention_proto.runtime.timing import Timing
+    from attention_proto.studies.integration import NO_SEARCH
+
+    kb = KB.in_dir(tmp_path)
+    run_id = kb.start_run({"gpu": "fake", "mode": "gpu"}, ["integration"], run_id="fwd")
+    ctx = StudyContext(kb, run_id, "integration", quick=False, ceilings={}, progress=False, log=lambda m: None)
+    for impl, rounds in (("attention_proto", [11.4, 11.2, 11.3]), ("sdpa", [11.0, 11.1, 10.9]),
+                         (NO_SEARCH, [10.8, 10.9, 10.7])):
+        mid = sorted(rounds)[1]
+        ctx.record(op="model_fwd", impl=impl, variant="llama 8L h2048 seq4096", N=4096,
+                   timing=Timing(mid, mid, mid), extra={"round_ms": rounds, "rounds": 3})
+    data = RunData(kb, run_id)
+    data.mode = "gpu"
+    f = {x.id: x for x in STUDY.analyze(data)}
+    vs = f["integration-forward-vs-sdpa"]
+    assert "11.30 ms with attention-proto and 11.00 ms with sdpa" in vs.claim and vs.verdict == "refuted"
+    assert "median of 3 alternating rounds" in vs.claim
+    ps = f["integration-forward-position-search"]
+    assert "takes 10.80 ms against 11.30 ms with it" in ps.claim
+    assert ps.metrics["speedup_vs_sdpa"] == pytest.approx(11.0 / 10.8)

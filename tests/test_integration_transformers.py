@@ -158,6 +158,28 @@ def test_packed_sequences_through_position_ids():
     assert (ours[:, 7:] - alone).abs().max() < 1e-4
 
 
+def test_packed_position_ids_search_can_be_turned_off():
+    """register(packed_position_ids=False): no sync for the search; restarting positions are one
+    sequence, as sdpa with a cache computes them. Bad values are a TypeError naming the argument."""
+    model = model_of("llama", **SMALL)
+    ids, _ = hm.random_batch(1, 18, model.config.vocab_size, device=DEV, seed=10)
+    pos = torch.cat([torch.arange(7), torch.arange(11)])[None].to(DEV)
+    try:
+        ap_hf.register(packed_position_ids=False)
+        with torch.no_grad():
+            model.set_attn_implementation("sdpa")
+            ref = model(ids, position_ids=pos).logits  # with a cache: one sequence
+            model.set_attn_implementation("attention_proto")
+            ap_hf.reset_stats()
+            ours = model(ids, position_ids=pos).logits
+        assert ap_hf.STATS["varlen"] == 0 and ap_hf.STATS["dense"] == model.config.num_hidden_layers
+        assert (ours - ref).abs().max() < 1e-4
+        with pytest.raises(TypeError, match="packed_position_ids must be a bool"):
+            ap_hf.register(packed_position_ids="no")
+    finally:
+        ap_hf.register()
+
+
 def test_packed_rows_in_a_batch_of_several_are_exact():
     """Packing in a batch of two (no cache): the varlen path takes one packed row, so transformers' own
     4-D mask is materialised and computed eagerly -- equal to sdpa, never the unpacked causal pattern."""

@@ -54,6 +54,7 @@ log = logging.getLogger("attention_proto.transformers")
 #: calls per path since import (or :func:`reset_stats`); not updated inside torch.compile
 STATS: Dict[str, int] = {"dense": 0, "padded": 0, "varlen": 0, "paged": 0, "fallback": 0}
 _STRICT = [False]
+_PACKED_POSITION_IDS = [True]
 _WARNED: set = set()
 _LOCK = threading.Lock()
 
@@ -66,18 +67,26 @@ class AttentionProtoFallbackError(RuntimeError):
     """Strict mode: a call our kernels cannot take."""
 
 
-def register(name: str = NAME, *, strict: bool = False) -> str:
+def register(name: str = NAME, *, strict: bool = False, packed_position_ids: bool = True) -> str:
     """Register :func:`attention_forward` with transformers' ``AttentionInterface`` under ``name``.
 
     Afterwards ``from_pretrained(..., attn_implementation=name)`` and
     ``model.set_attn_implementation(name)`` use our kernels. ``strict=True`` makes unsupported
-    calls raise :class:`AttentionProtoFallbackError` instead of running eagerly. Returns ``name``.
+    calls raise :class:`AttentionProtoFallbackError` instead of running eagerly.
+    ``packed_position_ids=False`` turns off the search for packed sequences in ``position_ids``
+    (restarting positions in a batch of one): it costs one device-to-host sync per forward, at the
+    first layer; without it restarting positions are one sequence, as in transformers' sdpa with a
+    cache (``cu_seq_lens_q/k`` still select the varlen path). Returns ``name``.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    for arg, val in (("strict", strict), ("packed_position_ids", packed_position_ids)):
+        if not isinstance(val, bool):
+            raise TypeError(f"register: {arg} must be a bool; got {type(val).__name__} {val!r}")
     _masking_utils()
-    _STRICT[0] = bool(strict)
+    _STRICT[0] = strict
+    _PACKED_POSITION_IDS[0] = packed_position_ids
     AttentionInterface.register(name, attention_forward)
     # without a mask function transformers would hand the attention no mask at all
     AttentionMaskInterface.register(name, mask_function)
@@ -518,7 +527,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     pos_ids = kwargs.get("position_ids")
     if (cu_q is None and attention_mask is None and B == 1 and Nq == Nk and Nq > 1 and pos_ids is not None
-            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()):
+            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()
+            and _PACKED_POSITION_IDS[0]):
         # restarting position_ids: packed sequences (one sync per forward, memoized per tensor)
         packed = _packed_cu_seqlens(pos_ids)
         if packed is not None:

@@ -30,6 +30,7 @@ from .base import Finding, RunData, Study, StudyContext, correctness_finding, fm
 BIG = dict(layers=8, hidden=2048, heads=16, kv_heads=4, intermediate=5632, vocab=32000)
 BIG_QUICK = dict(layers=2, hidden=2048, heads=16, kv_heads=4, intermediate=5632, vocab=32000)
 MODEL_ROUNDS = 3  # alternating rounds of the big model forward, ours and sdpa (see run)
+NO_SEARCH = "attention_proto_no_pos_search"  # ours without the packed position_ids search (its sync)
 
 
 def _ok_row(ctx: StudyContext, op: str, variant: str, chk, dtype: str, **fields: Any) -> None:
@@ -303,19 +304,29 @@ class IntegrationStudy(Study):
         # ours and sdpa alternate over MODEL_ROUNDS rounds (eager, far behind, once): the host and clocks
         # drift between sittings by ~5%, so each round compares the two under the same conditions; the
         # row's timing is the round whose median is the median of the rounds, every round in extra
+        # NO_SEARCH: ours registered with packed_position_ids=False, i.e. without the one sync per forward
+        # that looks for packed sequences in position_ids (what that sync costs)
+        from ..integrations import transformers as ap_hf
+
         rounds: Dict[str, List[Any]] = {}
-        order = ["attention_proto", "sdpa"] * (1 if ctx.quick else MODEL_ROUNDS) + ["eager"]
+        order = ["attention_proto", "sdpa", NO_SEARCH] * (1 if ctx.quick else MODEL_ROUNDS) + ["eager"]
         for impl in order:
             with ctx.guard(f"big model {impl}"):
-                model.set_attn_implementation(impl)
+                if impl == NO_SEARCH:
+                    ap_hf.register(packed_position_ids=False)
+                model.set_attn_implementation("attention_proto" if impl == NO_SEARCH else impl)
 
                 def fwd():
                     with torch.no_grad():
                         return model(ids).logits
 
-                fwd()
-                torch.cuda.synchronize()
-                rounds.setdefault(impl, []).append(ctx.bench(fwd, warmup_ms=50, rep_ms=300))
+                try:
+                    fwd()
+                    torch.cuda.synchronize()
+                    rounds.setdefault(impl, []).append(ctx.bench(fwd, warmup_ms=50, rep_ms=300))
+                finally:
+                    if impl == NO_SEARCH:
+                        ap_hf.register()
         for impl, ts in rounds.items():
             ok = [t for t in ts if t is not None]
             t = sorted(ok, key=lambda x: x.ms_median)[(len(ok) - 1) // 2] if ok else None
@@ -411,6 +422,21 @@ class IntegrationStudy(Study):
                          "round_speedups": _round_speedups(ours, sdpa),
                          "speedup_vs_eager": ratio(eager["ms_median"], ours["ms_median"]) if eager else None},
                 evidence=[r["id"] for r in (ours, sdpa, eager) if r]))
+        nos = rows.get(NO_SEARCH)
+        if ours and nos and sdpa:
+            out.append(Finding(
+                id="integration-forward-position-search",
+                title="What the packed position_ids search (one sync per forward) costs the model forward",
+                claim=(f"With the search for packed sequences in position_ids turned off "
+                       f"(register(packed_position_ids=False)) the {ours['variant']} forward takes "
+                       f"{fmt(nos['ms_median'])} ms against {fmt(ours['ms_median'])} ms with it "
+                       f"({fmt(ratio(ours['ms_median'], nos['ms_median']))}x) and {fmt(sdpa['ms_median'])} ms "
+                       f"with sdpa ({fmt(ratio(sdpa['ms_median'], nos['ms_median']))}x sdpa's speed)."
+                       + _rounds_text(nos, sdpa)),
+                verdict="observation",
+                metrics={"with_search_ms": ours["ms_median"], "without_search_ms": nos["ms_median"],
+                         "sdpa_ms": sdpa["ms_median"], "speedup_vs_sdpa": ratio(sdpa["ms_median"], nos["ms_median"])},
+                evidence=[r["id"] for r in (ours, nos, sdpa)]))
         comp = data.one(op="model_compile")
         if comp and comp["ms_median"] and ours:
             out.append(Finding(
