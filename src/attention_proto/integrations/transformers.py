@@ -48,6 +48,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..dispatch import choose, reasons_from  # module level: an import per call costs ~1 us of host time
+from . import torch_ops
+
 NAME = "attention_proto"
 log = logging.getLogger("attention_proto.transformers")
 
@@ -430,8 +433,6 @@ def _window(sliding_window: Optional[int], causal: bool) -> Tuple[int, int]:
 
 def _kernel_reason(query: Tensor, key: Tensor, value: Tensor) -> Optional[str]:
     """Why our kernels cannot take these tensors here (None: they can)."""
-    from ..dispatch import choose, reasons_from
-
     name, rejected, _ = choose("dense", query.device.type, query.dtype, query.shape[-1], value.shape[-1],
                                query.shape[1], key.shape[1], "bhsd", (),
                                torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
@@ -479,8 +480,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                       sliding_window: Optional[int] = None, softcap: Optional[float] = None,
                       is_causal: Optional[bool] = None, **kwargs: Any) -> Tuple[Tensor, None]:
     """transformers attention function: query [B, H, Nq, D], key/value [B, Hkv, Nk, D] -> ([B, Nq, H, D], None)."""
-    from . import torch_ops
-
     B, H, Nq, D = query.shape
     Nk = key.shape[2]
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
