@@ -159,11 +159,10 @@ def gpu_lpt(results: dict) -> None:
         row = {"B": B, "H": H, "Hkv": Hkv, "N": N, "D": D, "cudnn": cud}
         outs = {}
         for sched in ("head", "lpt", "head", "lpt"):  # each twice, interleaved: the spread of one version
-            fwd.CAUSAL_SCHEDULE = sched
-            fn = lambda: attention(q, k, v, causal=True)  # noqa: E731
-            outs[sched] = fn()
-            row.setdefault(sched, []).append(flops / _bench_ms(fn) / 1e9)
-        fwd.CAUSAL_SCHEDULE = "head"
+            with fwd.causal_schedule(sched):
+                fn = lambda: attention(q, k, v, causal=True)  # noqa: E731
+                outs[sched] = fn()
+                row.setdefault(sched, []).append(flops / _bench_ms(fn) / 1e9)
         diff = float((outs["lpt"].float() - outs["head"].float()).abs().max())
         h, l = max(row["head"]), max(row["lpt"])
         print(f"  B{B} H{H}:{Hkv} N{N} D{D}: head {row['head'][0]:.0f}/{row['head'][1]:.0f}  "
@@ -312,13 +311,7 @@ def cpu_host(calls: int, results: dict) -> None:
         small = [torch.randn(1, 8, 128, 64, dtype=torch.float16) for _ in range(3)]
         fn = lambda: I.attention(*small)  # noqa: E731
         if os.environ["BENCH_PROFILE"] == "hf":  # the transformers attention function, as the study's model calls it
-            from attention_proto.integrations import transformers as ap_hf
-
-            hq = torch.randn(1, 128, 16, 128, dtype=torch.float16).transpose(1, 2)
-            hk, hv = (torch.randn(1, 128, 4, 128, dtype=torch.float16).transpose(1, 2) for _ in range(2))
-            layer = type("Layer", (torch.nn.Module,), {"is_causal": True})()
-            pos = torch.arange(128)[None]
-            fn = lambda: ap_hf.attention_forward(layer, hq, hk, hv, None, scaling=0.088, position_ids=pos)  # noqa: E731
+            fn = _hf_layer_calls(torch)["HF attention_forward (pos ids)"]
         for _ in range(100):
             fn()
         pr = cProfile.Profile()
@@ -351,26 +344,8 @@ def cpu_host(calls: int, results: dict) -> None:
         ("flash_fwd tma cfg", lambda: F.flash_attention_forward(*small, config=ct)),
         ("torch.empty_like x2 (floor)", lambda: (torch.empty_like(small[0]), torch.empty((1, 8, 128)))),
     ]
-    # the integration study's layer as transformers hands it over: BHSD views of [B, N, H, D] projections,
-    # GQA 16:4, position_ids given; through the custom op and through the attention function
     try:
-        from attention_proto.integrations import torch_ops
-        from attention_proto.integrations import transformers as ap_hf
-
-        hq = torch.randn(1, 128, 16, 128, dtype=torch.float16).transpose(1, 2)
-        hk, hv = (torch.randn(1, 128, 4, 128, dtype=torch.float16).transpose(1, 2) for _ in range(2))
-        pos = torch.arange(128)[None]
-
-        class Layer(torch.nn.Module):
-            is_causal = True
-
-        layer = Layer()
-        cases += [
-            ("custom op flash_attention, HF views", lambda: torch_ops.flash_attention(hq, hk, hv, causal=True)),
-            ("HF attention_forward (pos ids)", lambda: ap_hf.attention_forward(layer, hq, hk, hv, None,
-                                                                             scaling=0.088, position_ids=pos)),
-            ("HF attention_forward (no pos)", lambda: ap_hf.attention_forward(layer, hq, hk, hv, None, scaling=0.088)),
-        ]
+        cases += list(_hf_layer_calls(torch).items())
     except ImportError as e:  # transformers missing: the kernel-level rows still mean something
         print(f"  (no transformers rows: {e})")
     print(f"\n== CPU host overhead (launch emulated), best-of-7 us per call, {calls} calls each")
@@ -379,6 +354,24 @@ def cpu_host(calls: int, results: dict) -> None:
         out[name] = best_us(fn, calls)
         print(f"  {name:32s} {out[name]:7.1f} us")
     results["host_cpu_us"] = out
+
+
+def _hf_layer_calls(torch) -> dict:
+    """The integration study's layer as transformers hands it over (BHSD views of [B, N, H, D]
+    projections, GQA 16:4, N128): through the custom op and through the attention function."""
+    from attention_proto.integrations import torch_ops
+    from attention_proto.integrations import transformers as ap_hf
+
+    hq = torch.randn(1, 128, 16, 128, dtype=torch.float16).transpose(1, 2)
+    hk, hv = (torch.randn(1, 128, 4, 128, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+    pos = torch.arange(128)[None]
+    layer = type("Layer", (torch.nn.Module,), {"is_causal": True})()
+    return {
+        "custom op flash_attention, HF views": lambda: torch_ops.flash_attention(hq, hk, hv, causal=True),
+        "HF attention_forward (pos ids)": lambda: ap_hf.attention_forward(layer, hq, hk, hv, None, scaling=0.088,
+                                                                        position_ids=pos),
+        "HF attention_forward (no pos)": lambda: ap_hf.attention_forward(layer, hq, hk, hv, None, scaling=0.088),
+    }
 
 
 def main() -> None:

@@ -158,6 +158,17 @@ def test_one_token_dg_is_exactly_zero(small_tiles, monkeypatch, dst):
     assert worst == 0.0
 
 
+def test_dg_form_setting_is_validated(monkeypatch):
+    from attention_proto.ops.linear import chunk_backward
+
+    monkeypatch.setattr(chunk_backward, "DG_FROM_SCORES", "sometimes")
+    q, k, v, g, _ = random_inputs(1, 5, 1, 16, 16, torch.float32, gated=True, device=DEV, generator=gen(3))
+    ins = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
+    o, _ = linear_attention(*ins[:3], g=ins[3], chunk_size=32)
+    with pytest.raises(ValueError, match="DG_FROM_SCORES must be one of"):
+        o.sum().backward()
+
+
 @pytest.mark.parametrize("dst", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dg_score_form_for_every_dtype(small_tiles, monkeypatch, dst, dtype):

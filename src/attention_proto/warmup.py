@@ -36,7 +36,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from .ops.dense.forward import causal_schedule
 from .runtime.cache import KERNEL_CACHE
 from .runtime.device import interpreter_mode, kernel_device
 
@@ -276,6 +275,7 @@ def effective_dtype(opts: WarmupOptions, dry_run: bool = False) -> torch.dtype:
 def plan_calls(cfg: ModelAttentionConfig, opts: WarmupOptions, dry_run: bool = False) -> List[Tuple[str, Callable[[], Any]]]:
     """(label, zero-argument call) for each warmup call; inputs are created inside each call
     (uninitialised with ``dry_run``: no kernel reads them)."""
+    from .ops.dense.forward import causal_schedule
     from .ops.dense.interface import attention, attention_varlen
     from .ops.dense.reference import alibi_slopes as standard_slopes
     from .ops.dense.rope import RopeSpec

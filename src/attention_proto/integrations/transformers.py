@@ -170,22 +170,17 @@ def _closure_vars(fn: Any) -> Dict[str, Any]:
 
 
 def mask_pattern_kind(mask_function: Any, mu: Any = None) -> str:
-    """The kind of a transformers mask function (eager mode): see :func:`_pattern`."""
-    return _pattern(mask_function, mu)[0]
-
-
-def _pattern(mask_function: Any, mu: Any = None) -> Tuple[str, Optional[Tensor]]:
-    """What a transformers mask function describes, for :func:`mask_function`.
+    """What a transformers mask function describes (eager mode), for :func:`mask_function`.
 
     "plain": causal or bidirectional, possibly with a sliding window (the attention rebuilds it);
     "packed": the same with transformers' packed-sequence overlay (found from position_ids without a
-    cache; the attention runs the sequences as varlen); "other": anything else (chunked attention,
-    block overlays, user functions): materialised. Reads the ``and_masks`` closures of
+    cache; the attention finds the segments in position_ids); "other": anything else (chunked
+    attention, block overlays, user functions): materialised. Reads the ``and_masks`` closures of
     ``transformers.masking_utils``; an unknown function is "other", so the fallback is always the
     exact mask, never a dropped pattern.
     """
     mu = mu or _masking_utils()
-    found: Dict[str, Any] = {}
+    found = set()
 
     def ok(fn: Any, depth: int = 0) -> bool:
         if depth > 8:
@@ -199,18 +194,17 @@ def _pattern(mask_function: Any, mu: Any = None) -> Tuple[str, Optional[Tensor]]
         if name in ("sliding_window_overlay.<locals>.inner_mask", "sliding_window_bidirectional_overlay.<locals>.inner_mask"):
             return True
         if name == "packed_sequence_mask_function.<locals>.inner_mask":
-            ids = _closure_vars(fn).get("packed_sequence_mask")
-            found["packed"] = ids if isinstance(ids, Tensor) and ids.dim() == 2 else None
+            found.add("packed")
             return True
         if name == "remap_positions_for_packed_sequence.<locals>.inner_mask":
-            found.setdefault("packed", None)
+            found.add("packed")
             inner = _closure_vars(fn).get("mask_function")
             return inner is not None and ok(inner, depth + 1)
         return False
 
     if not ok(mask_function):
-        return "other", None
-    return ("packed", found["packed"]) if "packed" in found else ("plain", None)
+        return "other"
+    return "packed" if found else "plain"
 
 
 def reset_stats() -> None:

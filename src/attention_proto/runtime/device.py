@@ -126,26 +126,25 @@ def sm_count() -> int:
     return int(facts.get("sm_count") or 132)
 
 
-def sm_count_of(device: Any = None) -> int:
-    """Streaming multiprocessors of ``device`` (default: the current CUDA device); 132, an H100's,
-    without a GPU. Reads the device's properties only (cached by torch), as :func:`l2_bytes`."""
+def _device_property(device: Any, name: str, default: int) -> int:
+    """An integer property of ``device`` (default: the current CUDA device) from torch's cached device
+    properties (not :func:`device_facts`); ``default`` without a GPU or where it reads 0."""
     import torch
 
     if device is not None and torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return 132
+        return default
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
-    return int(getattr(props, "multi_processor_count", 0)) or 132
+    return int(getattr(props, name, 0)) or default
+
+
+def sm_count_of(device: Any = None) -> int:
+    """Streaming multiprocessors of ``device``; 132, an H100's, without a GPU."""
+    return _device_property(device, "multi_processor_count", 132)
 
 
 def l2_bytes(device: Any = None) -> int:
-    """The L2 cache of ``device`` (default: the current CUDA device) in bytes; 50 MB, an H100's,
-    without a GPU. Reads the device's properties only (cached by torch), not :func:`device_facts`."""
-    import torch
-
-    if device is not None and torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return 50 * 2**20
-    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
-    return int(getattr(props, "L2_cache_size", 0)) or 50 * 2**20
+    """The L2 cache of ``device`` in bytes; 50 MB, an H100's, without a GPU."""
+    return _device_property(device, "L2_cache_size", 50 * 2**20)
 
 
 def is_hopper() -> bool:

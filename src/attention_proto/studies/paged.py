@@ -32,7 +32,7 @@ import torch
 
 from . import peers
 from .base import Finding, RunData, Study, StudyContext
-from .paged_findings import OP, OURS
+from .paged_findings import CLEAN_SWEEP, OP, OURS
 
 
 @dataclass
@@ -91,10 +91,6 @@ class Sweep:
         cands = [B * N for B, N in self.grid] + [self.page_shape[0] * self.page_shape[1], self.mixed[0] * hi,
                                                   self.mha[0] * self.mha[1] * (self.Hq // self.Hkv), self.d64[0] * self.d64[1]]
         return max(cands)
-
-
-#: the sweep name of the rows timed with L2 emptied by a read (the bar shapes only)
-CLEAN_SWEEP = "grid_clean_l2"
 
 
 def _protocol(clean: bool) -> str:

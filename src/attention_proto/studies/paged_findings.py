@@ -89,22 +89,23 @@ def _bars(data: RunData, copy) -> List[Finding]:
     return out
 
 
-CLEAN = "grid_clean_l2"  # studies.paged.CLEAN_SWEEP
+#: the sweep name of the rows timed with L2 emptied by a read (the bar shapes only; studies.paged)
+CLEAN_SWEEP = "grid_clean_l2"
 
 
 def _bars_clean_l2(data: RunData, copy) -> List[Finding]:
     """The two copy-ceiling bars again, from the bar shapes timed with L2 emptied by a read."""
-    pts = [r for r in data.rows(op=OP, impl=OURS, variant="auto", extra__sweep=CLEAN)
+    pts = [r for r in data.rows(op=OP, impl=OURS, variant="auto", extra__sweep=CLEAN_SWEEP)
            if r["gbps"] and r["B"] >= 8 and r["Nk"] in (4096, 32768) and (r["H"], r["Hkv"], r["D"]) == (32, 8, 128)]
-    v2, v1 = _grid(data, "v2", 1, 65536, sweep=CLEAN), _grid(data, "v1", 1, 65536, sweep=CLEAN)
+    v2, v1 = _grid(data, "v2", 1, 65536, sweep=CLEAN_SWEEP), _grid(data, "v1", 1, 65536, sweep=CLEAN_SWEEP)
     if not pts and not v2:
         return []
     old = {(r["B"], r["Nk"]): r for r in data.rows(op=OP, impl=OURS, variant="auto", extra__sweep="grid") if r["gbps"]}
     old_v2 = _grid(data, "v2", 1, 65536)
 
     def one(r, base):
-        st, cu = _stream(data, r["B"], r["Nk"], sweep=CLEAN), _grid(data, "contiguous", r["B"], r["Nk"],
-                                                                        impl="sdpa_cudnn", sweep=CLEAN)
+        st, cu = _stream(data, r["B"], r["Nk"], sweep=CLEAN_SWEEP), _grid(data, "contiguous", r["B"], r["Nk"],
+                                                                        impl="sdpa_cudnn", sweep=CLEAN_SWEEP)
         txt = (f"{_pt(r)} {r['extra']['version']} {fmt(r['gbps'], 0)} GB/s = {pct(ratio(r['gbps'], copy))} of copy "
                f"(do_bench protocol: {pct(ratio(base['gbps'], copy)) if base else 'n/a'}); the trivial read "
                f"{pct(ratio(st['gbps'], copy)) if st else 'n/a'}, SDPA cuDNN {pct(ratio(cu['gbps'], copy)) if cu else 'n/a'}")

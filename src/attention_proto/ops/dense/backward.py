@@ -99,11 +99,10 @@ POISON_OUTPUTS = False
 #: that forms dP in the main kernels, so that dP - delta rounds alike where a row sees one key (P = 1,
 #: O = V; the float64 and PyTorch float32 gradients are exactly 0 there). Measured on the H100
 #: (session 5, tests/test_dense_backward.py::test_gpu_fp32_delta_by_dot_reduces_single_key_error): max
-#: |dq| 2.4e-5 -> 8.4e-6, max |dk| 1.4e-4 -> 2.6e-5 on a single-key shape; closer, not exact (the
-#: rule's float32 floor is 1e-5): the forward's O was not exactly V there (its exponent's FMA left
-#: the product's rounding residue, p = 1 +- ulp). The forward now rounds that product on its own for
-#: float32 (common.mul_rn; compiled for sm_90 offline, not yet run on a GPU), which should make the
-#: cancellation exact: test_gpu_fp32_single_key_exact is xfail-strict until a GPU run says so
+#: |dq| 2.4e-5 -> 8.4e-6, max |dk| 1.4e-4 -> 2.6e-5 on a single-key shape; closer, not exact, because
+#: the forward's O was not exactly V there (its exponent's FMA left the product's rounding residue).
+#: With the forward rounding that product on its own for float32 (common.mul_rn) the gradients are
+#: exactly 0 on the H100 (session 6, test_gpu_fp32_single_key_exact)
 DELTA_DOT_FP32 = True
 
 

@@ -278,6 +278,8 @@ def chunk_bwd_dv_kernel(
 #: gave dg = 1.1e-5 for one float32 token without an initial state, where the float64 and PyTorch
 #: gradients are exactly 0 and the bound is 1e-5. Untimed on a GPU: "always" stays opt-in.
 DG_FROM_SCORES = "float32"
+DG_FORMS = ("float32", "always", "never")
+
 
 def chunk_bwd_dh(q: torch.Tensor, do: torch.Tensor, g: Optional[torch.Tensor], dht: Optional[torch.Tensor],
                  scale: float, need_dh0: bool, info: SeqInfo, BT: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -309,6 +311,8 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optiona
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     SK, SV, SG = info.strides()
     store_dg = g is not None and need_dg
+    if DG_FROM_SCORES not in DG_FORMS:
+        raise ValueError(f"chunk_backward.DG_FROM_SCORES must be one of {DG_FORMS}; got {DG_FROM_SCORES!r}")
     dg_scores = store_dg and (DG_FROM_SCORES == "always" or (DG_FROM_SCORES == "float32" and q.dtype == torch.float32))
     # dg holds one partial per K tile (summed below): room for the default tiling, or for the
     # narrowest tile a tuning run may try
