@@ -807,7 +807,7 @@ for lpt in (0, 16):
         q, k, v, torch.empty_like(q), torch.empty(1, 16, 4096), causal=True, window=(-1, -1), has_softcap=False,
         has_alibi=False, score_mod=None, mask_mod=None, config=FwdConfig(128, 128, 8, 3, "tma"), lpt_heads=lpt)
     descs = tuple(FT.make_descriptor(t, *s) for t, s in zip((q, k, v, q), specs))
-    ck = compile_for(FT._fwd_tma_kernel, descs + (torch.empty(1, 16, 4096), None, None, None) + ints_a
+    ck = compile_for(FT._fwd_tma_kernel, descs + (torch.empty(1, 16, 4096), None, None, None, None) + ints_a
                      + (0.088, 0.127, 0.0) + ints_b, consts, 90)
     res[f"tma_lpt{lpt}"] = "%nctaid" in ck.asm["ptx"]
 ptx = {}

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 import attention_proto  # noqa: E402,F401
 from attention_proto.integrations import hf_models as hm  # noqa: E402
 from attention_proto.integrations import transformers as ap_hf  # noqa: E402
+from attention_proto.integrations import torch_ops  # noqa: E402
 from attention_proto.runtime.device import interpreter_mode  # noqa: E402
 
 DEV = "cpu" if interpreter_mode() else "cuda"
@@ -142,7 +143,8 @@ def test_torch_compile_fullgraph_no_graph_breaks():
 
 
 def test_packed_sequences_through_position_ids():
-    """position_ids that restart mark packed sequences: we run them as varlen, sdpa as a packed mask."""
+    """position_ids that restart mark packed sequences, sdpa computes them as a packed mask. In inference
+    each row's first key bounds it inside the dense kernel (no sync); with gradients the varlen path runs."""
     model = model_of("llama", **SMALL)
     ids, _ = hm.random_batch(1, 18, model.config.vocab_size, device=DEV, seed=10)
     pos = torch.cat([torch.arange(7), torch.arange(11)])[None].to(DEV)
@@ -152,10 +154,21 @@ def test_packed_sequences_through_position_ids():
         model.set_attn_implementation("attention_proto")
         ap_hf.reset_stats()
         ours = model(ids, position_ids=pos).logits
+        assert ap_hf.STATS["dense"] == model.config.num_hidden_layers and ap_hf.STATS["varlen"] == 0
         alone = model(ids[:, 7:]).logits
-    assert ap_hf.STATS["varlen"] == model.config.num_hidden_layers
     assert (ours - ref).abs().max() < 1e-4
     assert (ours[:, 7:] - alone).abs().max() < 1e-4
+    ap_hf.reset_stats()
+    trained = model(ids, position_ids=pos).logits  # gradients: the varlen path (it has a backward)
+    assert ap_hf.STATS["varlen"] == model.config.num_hidden_layers
+    assert (trained.detach() - ref).abs().max() < 1e-4
+
+
+def test_key_starts_from_positions():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 5, 6, 0], [3, 4, 5, 6, 7, 8, 9, 10]])
+    ks = torch_ops.key_starts_from_positions(pos)
+    assert ks.dtype == torch.int32
+    assert ks.tolist() == [[0, 0, 0, 3, 3, 5, 5, 7], [0] * 8]
 
 
 def test_packed_position_ids_search_can_be_turned_off():
@@ -234,6 +247,26 @@ def test_compiled_forward_without_cache_keeps_our_kernels():
         with torch.no_grad():
             out = compiled(ids, use_cache=False).logits
             ref = model(ids, use_cache=False).logits
+        assert (out - ref).abs().max() < 1e-4
+    finally:
+        ap_hf.register()
+        torch._dynamo.reset()
+
+
+def test_compiled_forward_sees_packed_position_ids():
+    """Under torch.compile the mask closures cannot be read, but inference finds packed sequences from
+    position_ids on the device (the key-start kernel, no sync): the logits equal sdpa's packed mask."""
+    model = model_of("llama", **SMALL)
+    ids, _ = hm.random_batch(1, 12, model.config.vocab_size, device=DEV, seed=4)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].to(DEV)
+    try:
+        with torch.no_grad():
+            model.set_attn_implementation("sdpa")
+            ref = model(ids, position_ids=pos, use_cache=False).logits
+            model.set_attn_implementation("attention_proto")
+            ap_hf.register(strict=True)
+            compiled = torch.compile(model, fullgraph=True, backend="eager")
+            out = compiled(ids, position_ids=pos).logits  # with a cache: sdpa would not see the packing
         assert (out - ref).abs().max() < 1e-4
     finally:
         ap_hf.register()

@@ -162,6 +162,40 @@ flash_fwd.register_autograd(_backward_dense, setup_context=_setup_dense)
 
 
 # ---------------------------------------------------------------------------------------------
+# per-row first keys (packed documents in one row; no backward)
+# ---------------------------------------------------------------------------------------------
+
+def _key_start_fwd_impl(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float, window_left: int,
+                        softcap: float) -> Tensor:
+    from ..ops.dense.forward import flash_attention_forward
+
+    out, _ = flash_attention_forward(q, k, v, causal=True, scale=scale, window=_window(window_left, -1),
+                                     softcap=_softcap(softcap), key_start=key_start, return_lse=False)
+    return _like(out, q)
+
+
+key_start_fwd = torch.library.custom_op(f"{NS}::key_start_fwd", mutates_args=())(_key_start_fwd_impl)
+
+
+@key_start_fwd.register_fake
+def _(q, k, v, key_start, scale, window_left, softcap):
+    return torch.empty_like(q)
+
+
+def key_starts_from_positions(position_ids: Tensor) -> Tensor:
+    """int32 [B, N]: the index of the first token of each token's sequence in ``position_ids`` [B, N].
+
+    A position that is not one more than the previous one starts a new sequence (transformers'
+    packed-sequence rule), so ``[0 1 2 0 1]`` gives ``[0 0 0 3 3]``. Computed on the device, no sync.
+    """
+    n = position_ids.shape[-1]
+    idx = torch.arange(n, device=position_ids.device).expand_as(position_ids)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return torch.where(starts, idx, 0).cummax(dim=-1).values.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
 # varlen
 # ---------------------------------------------------------------------------------------------
 
@@ -471,6 +505,22 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     return (out, lse) if return_lse else out
 
 
+def key_start_attention(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, *, scale: Optional[float] = None,
+                        window_left: int = -1, softcap: Optional[float] = None) -> Tensor:
+    """Causal attention where query row i sees only keys j >= key_start[b, i], through
+    ``attention_proto::key_start_fwd`` (forward only: inference).
+
+    q [B, H, N, D], k/v [B, Hkv, N, D]; ``key_start`` int32 [B, N] contiguous (packed sequences in
+    one row: each token's sequence start, :func:`key_starts_from_positions`); a causal sliding
+    window of ``window_left`` keys back may narrow it further. Returns out [B, H, N, D].
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError("key_start_attention has no backward (inference only); use varlen_attention "
+                                  "with cu_seqlens for training")
+    op = torch.ops.attention_proto.key_start_fwd if torch.compiler.is_compiling() else _key_start_fwd_impl
+    return op(q, k, v, key_start, _scale(scale, q.shape[-1]), int(window_left), float(softcap or 0.0))
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, *, causal: bool = False, scale: Optional[float] = None, window: Any = None,
                      softcap: Optional[float] = None, alibi_slopes: Any = None, rope: Any = None,
@@ -520,5 +570,5 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tenso
 
 def op_names() -> List[str]:
     """The registered ops, ``attention_proto::*``."""
-    return [f"{NS}::{n}" for n in ("flash_fwd", "flash_bwd", "varlen_fwd", "varlen_bwd", "padded_fwd", "padded_bwd",
-                                   "paged_decode")]
+    return [f"{NS}::{n}" for n in ("flash_fwd", "flash_bwd", "key_start_fwd", "varlen_fwd", "varlen_bwd", "padded_fwd",
+                                   "padded_bwd", "paged_decode")]

@@ -418,6 +418,23 @@ def _packed_cu_seqlens(position_ids: Tensor) -> Optional[Tuple[Tensor, int]]:
     return res
 
 
+_KEY_START_MEMO: List[Any] = [None]  # (weakref, version, key starts) of the last position_ids seen: one
+# tuple, replaced whole, so a concurrent reader never pairs one tensor's key with another's starts
+
+
+def _key_starts(position_ids: Tensor) -> Tensor:
+    """Each token's sequence start in a [B, N] position_ids (:func:`torch_ops.key_starts_from_positions`),
+    computed once per tensor in eager mode (every layer of a forward gets the same position_ids)."""
+    if torch.compiler.is_compiling():
+        return torch_ops.key_starts_from_positions(position_ids)
+    memo = _KEY_START_MEMO[0]
+    if memo is not None and memo[0]() is position_ids and memo[1] == position_ids._version:
+        return memo[2]
+    ks = torch_ops.key_starts_from_positions(position_ids)
+    _KEY_START_MEMO[0] = (weakref.ref(position_ids), position_ids._version, ks)
+    return ks
+
+
 def _window(sliding_window: Optional[int], causal: bool) -> Tuple[int, int]:
     if not sliding_window:
         return (-1, -1)
@@ -520,13 +537,21 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     pos_ids = kwargs.get("position_ids")
     if (cu_q is None and attention_mask is None and B == 1 and Nq == Nk and Nq > 1 and pos_ids is not None
-            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and not torch.compiler.is_compiling()
-            and _PACKED_POSITION_IDS[0]):
-        # restarting position_ids: packed sequences (one sync per forward, memoized per tensor)
-        packed = _packed_cu_seqlens(pos_ids)
-        if packed is not None:
-            cu_q = cu_k = packed[0]
-            kwargs["max_length_q"] = kwargs["max_length_k"] = packed[1]
+            and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and _PACKED_POSITION_IDS[0]):
+        if causal and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+            # restarting position_ids mark packed sequences: each row's first key, computed on the device
+            # (memoized per tensor), bounds its keys inside the dense kernel -- no sync, one row or many
+            _count("dense")
+            out = torch_ops.key_start_attention(query, key, value, _key_starts(pos_ids), scale=scale,
+                                                window_left=win[0], softcap=cap)
+            return out.transpose(1, 2), None
+        if not torch.compiler.is_compiling():
+            # training (the key-start kernel has no backward) or bidirectional: the varlen path, whose
+            # lengths need one sync per forward (memoized per tensor)
+            packed = _packed_cu_seqlens(pos_ids)
+            if packed is not None:
+                cu_q = cu_k = packed[0]
+                kwargs["max_length_q"] = kwargs["max_length_k"] = packed[1]
     if cu_q is not None and cu_k is not None and B == 1:
         _count("varlen")
         mq = kwargs.get("max_length_q")

@@ -166,6 +166,33 @@ def kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
+def key_start_bounds(ks_base, offs_m, seqlen_q, off, lo, full_lo, full_hi, hi, win_left,
+                     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Fold per-row first keys into :func:`kv_block_range`'s bounds (packed causal documents).
+
+    Row i may see keys j >= ``ks_base[i]`` (besides its other masks). Returns ``(lo, full_lo,
+    full_hi, left)``: the key blocks start no lower than the smallest first key of the rows, a
+    mask-free block starts at or after the largest, and ``left`` [BLOCK_M, 1] is the per-row left
+    window (distance from the row's key position back to its first key; the tighter of the two
+    where a window is set too) that :func:`apply_mask` then applies as ``j >= pos - left``. A
+    first key past the row's position leaves the row fully masked (output 0, LSE -inf).
+    """
+    ok = offs_m < seqlen_q
+    ks = tl.load(ks_base + offs_m, mask=ok, other=0)
+    ks_lo = tl.maximum(tl.min(tl.where(ok, ks, 1 << 30), 0), 0)
+    ks_hi = tl.maximum(tl.max(tl.where(ok, ks, 0), 0), 0)
+    lo = tl.maximum(lo, (ks_lo // BLOCK_N) * BLOCK_N)
+    hi_blk = ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, ((ks_hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N), hi_blk)
+    full_lo = tl.maximum(full_lo, lo)
+    full_hi = tl.maximum(full_hi, full_lo)
+    left = offs_m + off - ks
+    if HAS_WINDOW:
+        left = tl.minimum(left, win_left)
+    return lo, full_lo, full_hi, left[:, None]
+
+
+@triton.jit
 def q_block_range(n0, seqlen_q, seqlen_k, win_left, win_right,
                   BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Query rows [lo, hi) that may see at least one key of [n0, min(n0 + BLOCK_N, seqlen_k)).

@@ -47,7 +47,8 @@ import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode, l2_bytes, sm_count_of
-from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, kv_block_range, load_rope_tile,
+from ...runtime.validation import describe
+from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_bounds, kv_block_range, load_rope_tile,
                      load_tile, mul_rn, tanh_for)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
 from .rope import RopeSpec, theta_tables
@@ -186,7 +187,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, ALIBI, COS, SIN, CU_Q, CU_K,
+    Q, K, V, O, LSE, ALIBI, COS, SIN, CU_Q, CU_K, KEY_START,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
     seqlen_q_arg, seqlen_k_arg, H, GROUP, num_m_blocks,
     sm_scale, qk_scale2, softcap, win_left, win_right,
@@ -243,14 +244,19 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
                                               BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    if HAS_WINDOW:
-        # leading band of a sliding window: masked
+    left = win_left
+    if KEY_START is not None:
+        # per-row first keys (packed documents): a left window per row, applied as the window is
+        lo, full_lo, full_hi, left = key_start_bounds(KEY_START + b64 * seqlen_q_arg, offs_m, seqlen_q, off, lo,
+                                                      full_lo, full_hi, hi, win_left, BLOCK_N, HAS_WINDOW)
+    if HAS_WINDOW or KEY_START is not None:
+        # leading band of a sliding window (or of the rows' first keys): masked
         for start_n in range(lo, full_lo, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
-                skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right,
+                skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, left, win_right,
                 COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
+                IS_CAUSAL, HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
                 USE_NATURAL, HAS_HOOKS, DOT_PREC)
     # mask-free middle
     for start_n in range(full_lo, full_hi, BLOCK_N):
@@ -265,9 +271,9 @@ def _fwd_kernel(
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
-            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right,
+            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, left, win_right,
             COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
+            IS_CAUSAL, HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
             USE_NATURAL, HAS_HOOKS, DOT_PREC)
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
@@ -566,6 +572,7 @@ def flash_attention_forward(
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     return_lse: bool = True,
+    key_start: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Low-level dense attention forward. Returns ``(out, lse)``.
 
@@ -582,8 +589,11 @@ def flash_attention_forward(
     when it applies and the problem is not tiny (:data:`.configs.SMALL_PROBLEM_SCORES`), else the
     portable kernel. ``out``/``lse``: optional preallocated outputs of the shapes above (tests
     poison them with NaN). ``return_lse=False`` (and no ``lse`` given): the kernel writes no LSE
-    and None is returned in its place (inference: one allocation and one store fewer). Inputs are
-    checked only lightly here: :func:`.interface.attention` is the validating entry point.
+    and None is returned in its place (inference: one allocation and one store fewer).
+    ``key_start``: int32 [B, Nq], contiguous, or None: query row i sees only keys j >= key_start[b, i]
+    besides its other masks (packed causal documents: each row's document start; no host sync,
+    no varlen). Inputs are checked only lightly here: :func:`.interface.attention` is the
+    validating entry point.
 
     Host work is cached per call signature (shapes, strides, dtypes, device, modifier flags and
     integer values, config, pointer alignment): a repeated call builds only its tensor arguments
@@ -668,6 +678,12 @@ def flash_attention_forward(
         cos = sin = None  # unused pointers go in as None: a constexpr, nothing for the launcher to convert
         rope_mode = 0
         rope_args = (0, 0, 0, 0, 0)
+    if key_start is not None:
+        if varlen or tuple(key_start.shape) != (B, Nq) or key_start.dtype != torch.int32 \
+                or not key_start.is_contiguous() or key_start.device != q.device:
+            raise ValueError(f"key_start must be a contiguous int32 tensor [B, Nq] = [{B}, {Nq}] on {q.device}, "
+                             f"without cu_seqlens; got {describe(key_start)}{' with cu_seqlens' if varlen else ''}")
+        ptrs |= key_start.data_ptr()
     if varlen:
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
         ptrs |= cu_q.data_ptr() | cu_k.data_ptr()
@@ -679,7 +695,8 @@ def flash_attention_forward(
     # every integer argument, constexpr and path/config choice is a function of this key
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
-           rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE, LPT_MAX_WAVES)
+           rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE, LPT_MAX_WAVES,
+           key_start is not None)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,
@@ -692,7 +709,7 @@ def flash_attention_forward(
     floats = (sm_scale, sm_scale * _LOG2E, float(softcap) if has_softcap else 0.0)
     specs = plan.specs
     if specs is None:
-        args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k) + plan.ints_a + floats + plan.ints_b
+        args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k, key_start) + plan.ints_a + floats + plan.ints_b
     elif specs[3] is None:  # varlen TMA: descriptors over q, k, v; the output by pointer
         make_descriptor = specs[4]
         args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
@@ -705,6 +722,6 @@ def flash_attention_forward(
             rotate_into(k, k_rot, cos, sin, k_off, mode)
             k = k_rot
         args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
-                make_descriptor(out, *specs[3]), lse, slopes, cos, sin) + plan.ints_a + floats + plan.ints_b
+                make_descriptor(out, *specs[3]), lse, slopes, cos, sin, key_start) + plan.ints_a + floats + plan.ints_b
     _launch(plan, args)
     return out, lse

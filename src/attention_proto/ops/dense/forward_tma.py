@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
-from .common import WINDOW_UNBOUNDED, kv_block_range, rope_rows
+from .common import WINDOW_UNBOUNDED, key_start_bounds, kv_block_range, rope_rows
 from .configs import FwdConfig, config_problems
 from .forward import alibi_lse_shift, attn_step, natural_scores
 
@@ -51,7 +51,7 @@ TMA_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 @triton.jit
 def _fwd_tma_kernel(
-    desc_q, desc_k, desc_v, desc_o, LSE, ALIBI, COS, SIN,
+    desc_q, desc_k, desc_v, desc_o, LSE, ALIBI, COS, SIN, KEY_START,
     slb, slh, slm, seqlen_q, seqlen_k, H, GROUP, num_m_blocks,
     sm_scale, qk_scale2, softcap, win_left, win_right, stride_cs, max_pos, rope_q_pos0, heads_per_chunk,
     ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -93,14 +93,20 @@ def _fwd_tma_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, full_lo, full_hi, hi = kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
                                               BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    if HAS_WINDOW:
+    left = win_left
+    if KEY_START is not None:
+        # per-row first keys (packed documents): a left window per row (see common.key_start_bounds)
+        lo, full_lo, full_hi, left = key_start_bounds(KEY_START + b.to(tl.int64) * seqlen_q, offs_m, seqlen_q, off,
+                                                      lo, full_lo, full_hi, hi, win_left, BLOCK_N, HAS_WINDOW)
+    if HAS_WINDOW or KEY_START is not None:
         for start_n in tl.range(lo, full_lo, BLOCK_N, num_stages=NUM_STAGES):
             k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
             v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
             acc, l_i, m_i = attn_step(
                 acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
-                sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
-                HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+                sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, left, win_right, True, IS_CAUSAL,
+                HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL,
+                HAS_HOOKS, "tf32")
     for start_n in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
@@ -114,8 +120,9 @@ def _fwd_tma_kernel(
         v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
-            sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+            sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, left, win_right, True, IS_CAUSAL,
+            HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL,
+            HAS_HOOKS, "tf32")
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
@@ -312,6 +319,6 @@ def flash_attention_forward_tma(
         positive_scale=sm_scale > 0.0)
     descs = tuple(TensorDescriptor(t, *spec) for t, spec in zip((q, k, v, out), specs))
     floats = (sm_scale, sm_scale * 1.4426950408889634, float(softcap) if softcap is not None else 0.0)
-    KERNEL_CACHE.launch(_fwd_tma_kernel, grid, *descs, lse, alibi_slopes, None, None,
+    KERNEL_CACHE.launch(_fwd_tma_kernel, grid, *descs, lse, alibi_slopes, None, None, None,
                         *ints_a, *floats, *ints_b, **consts)
     return out, lse

@@ -91,10 +91,12 @@ def attention_reference(
     rope: Optional[RopeSpec] = None,
     compute_dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
+    key_start: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense attention in BHSD layout. Returns (out [B,H,Nq,Dv], lse [B,H,Nq]).
 
-    Both are in ``compute_dtype``; lse is -inf and out is 0 on fully masked rows.
+    Both are in ``compute_dtype``; lse is -inf and out is 0 on fully masked rows. ``key_start``
+    [B, Nq] (ints): row i of batch b sees only keys j >= key_start[b, i] (packed documents).
     """
     q = q.to(device=device, dtype=compute_dtype)
     k = k.to(device=device, dtype=compute_dtype)
@@ -117,6 +119,9 @@ def attention_reference(
         j = torch.arange(Nk, device=device, dtype=compute_dtype)[None, :]
         s = s - slopes * (i - j).abs()
     allowed = dense_mask(Nq, Nk, causal=causal, window=window, device=device)
+    if key_start is not None:
+        j = torch.arange(Nk, device=device)
+        allowed = allowed & (j[None, None, :] >= key_start.to(device=device, dtype=torch.int64)[:, :, None])[:, None]
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     finite = torch.isfinite(lse)
