@@ -166,16 +166,16 @@ def kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
-def key_start_bounds(ks_base, offs_m, seqlen_q, off, lo, full_lo, full_hi, hi, win_left,
-                     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def key_start_bounds(ks_base, offs_m, seqlen_q, lo, full_lo, full_hi, hi, BLOCK_N: tl.constexpr):
     """Fold per-row first keys into :func:`kv_block_range`'s bounds (packed causal documents).
 
     Row i may see keys j >= ``ks_base[i]`` (besides its other masks). Returns ``(lo, full_lo,
-    full_hi, left)``: the key blocks start no lower than the smallest first key of the rows, a
-    mask-free block starts at or after the largest, and ``left`` [BLOCK_M, 1] is the per-row left
-    window (distance from the row's key position back to its first key; the tighter of the two
-    where a window is set too) that :func:`apply_mask` then applies as ``j >= pos - left``. A
-    first key past the row's position leaves the row fully masked (output 0, LSE -inf).
+    full_hi)``: the key blocks start no lower than the smallest first key of the rows, and the
+    leading masked band [lo, full_lo) reaches the largest one (rounded up to a block), into the
+    diagonal band where that is further (``full_hi`` moves up with it). Only that band needs the
+    first keys (:func:`key_start_left`): every key of a later block is at or after every row's
+    first key, so the mask-free middle and the diagonal band run exactly as without them. A first
+    key past the row's position leaves the row fully masked (output 0, LSE -inf).
     """
     ok = offs_m < seqlen_q
     ks = tl.load(ks_base + offs_m, mask=ok, other=0)
@@ -186,10 +186,18 @@ def key_start_bounds(ks_base, offs_m, seqlen_q, off, lo, full_lo, full_hi, hi, w
     full_lo = tl.minimum(tl.maximum(full_lo, ((ks_hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N), hi_blk)
     full_lo = tl.maximum(full_lo, lo)
     full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi
+
+
+@triton.jit
+def key_start_left(ks_base, offs_m, seqlen_q, off, win_left, HAS_WINDOW: tl.constexpr):
+    """The per-row left window [BLOCK_M, 1] of the first keys (the tighter of the two where a window
+    is set too), which :func:`apply_mask` applies as ``j >= pos - left`` in the leading band."""
+    ks = tl.load(ks_base + offs_m, mask=offs_m < seqlen_q, other=0)
     left = offs_m + off - ks
     if HAS_WINDOW:
         left = tl.minimum(left, win_left)
-    return lo, full_lo, full_hi, left[:, None]
+    return left[:, None]
 
 
 @triton.jit

@@ -48,7 +48,7 @@ import triton.language as tl
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode, l2_bytes, sm_count_of
 from ...runtime.validation import describe
-from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_bounds, kv_block_range, load_rope_tile,
+from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_bounds, key_start_left, kv_block_range, load_rope_tile,
                      load_tile, mul_rn, tanh_for)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
 from .rope import RopeSpec, theta_tables
@@ -246,9 +246,10 @@ def _fwd_kernel(
                                               BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     left = win_left
     if KEY_START is not None:
-        # per-row first keys (packed documents): a left window per row, applied as the window is
-        lo, full_lo, full_hi, left = key_start_bounds(KEY_START + b64 * seqlen_q_arg, offs_m, seqlen_q, off, lo,
-                                                      full_lo, full_hi, hi, win_left, BLOCK_N, HAS_WINDOW)
+        # per-row first keys (packed documents): a left window per row in the leading band only
+        ks_base = KEY_START + b64 * seqlen_q_arg
+        lo, full_lo, full_hi = key_start_bounds(ks_base, offs_m, seqlen_q, lo, full_lo, full_hi, hi, BLOCK_N)
+        left = key_start_left(ks_base, offs_m, seqlen_q, off, win_left, HAS_WINDOW)
     if HAS_WINDOW or KEY_START is not None:
         # leading band of a sliding window (or of the rows' first keys): masked
         for start_n in range(lo, full_lo, BLOCK_N):
@@ -271,9 +272,9 @@ def _fwd_kernel(
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
-            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, left, win_right,
+            skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right,
             COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-            IS_CAUSAL, HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
             USE_NATURAL, HAS_HOOKS, DOT_PREC)
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
-from .common import WINDOW_UNBOUNDED, key_start_bounds, kv_block_range, rope_rows
+from .common import WINDOW_UNBOUNDED, key_start_bounds, key_start_left, kv_block_range, rope_rows
 from .configs import FwdConfig, config_problems
 from .forward import alibi_lse_shift, attn_step, natural_scores
 
@@ -95,9 +95,10 @@ def _fwd_tma_kernel(
                                               BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     left = win_left
     if KEY_START is not None:
-        # per-row first keys (packed documents): a left window per row (see common.key_start_bounds)
-        lo, full_lo, full_hi, left = key_start_bounds(KEY_START + b.to(tl.int64) * seqlen_q, offs_m, seqlen_q, off,
-                                                      lo, full_lo, full_hi, hi, win_left, BLOCK_N, HAS_WINDOW)
+        # per-row first keys (packed documents): a left window per row in the leading band only
+        ks_base = KEY_START + b.to(tl.int64) * seqlen_q
+        lo, full_lo, full_hi = key_start_bounds(ks_base, offs_m, seqlen_q, lo, full_lo, full_hi, hi, BLOCK_N)
+        left = key_start_left(ks_base, offs_m, seqlen_q, off, win_left, HAS_WINDOW)
     if HAS_WINDOW or KEY_START is not None:
         for start_n in tl.range(lo, full_lo, BLOCK_N, num_stages=NUM_STAGES):
             k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
@@ -120,9 +121,8 @@ def _fwd_tma_kernel(
         v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
-            sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, left, win_right, True, IS_CAUSAL,
-            HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL,
-            HAS_HOOKS, "tf32")
+            sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
