@@ -482,6 +482,43 @@ def test_config_table_lookup(tmp_path, monkeypatch):
         cfgmod.reload_table()
 
 
+def test_auto_pick_of_a_portable_entry_is_shrunk_for_rope(tmp_path, monkeypatch):
+    """GPU fuzz (session 7, dense_bwd): "auto" took the table's portable 64x64 w4 s3 tile at D128 for a
+    RoPE call without the RoPE shrink; the kernel needed 278528 bytes of shared memory (H100: 232448)."""
+    import json
+
+    table = {"version": 1, "entries": [
+        {"D": 128, "dtype": "bfloat16", "causal": True, "N": 512, "path": "portable", "BLOCK_M": 64, "BLOCK_N": 64,
+         "num_warps": 4, "num_stages": 3, "tflops": 300.0},
+        {"D": 128, "dtype": "bfloat16", "causal": True, "N": 512, "path": "tma", "BLOCK_M": 64, "BLOCK_N": 64,
+         "num_warps": 4, "num_stages": 3, "tflops": 200.0}]}
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(table))
+    monkeypatch.setattr(cfgmod, "TABLE_PATH", p)
+    monkeypatch.setattr(cfgmod, "interpreter_mode", lambda: False)
+    cfgmod.reload_table()
+    from attention_proto.ops.dense import forward as F
+
+    monkeypatch.setattr(F, "_tma_path_usable", lambda *a, **kw: True)  # as on Hopper: the plan asks for "auto"
+    try:
+        plain = cfgmod.pick_forward_config(128, torch.bfloat16, True, 512, "auto", False)
+        assert plain == FwdConfig(64, 64, 4, 3, "portable")
+        q = torch.empty(1, 16, 600, 128, dtype=torch.bfloat16)  # past SMALL_PROBLEM_SCORES: the TMA-capable plan
+        for rope_mode, fused in ((0, False), (1, True)):
+            plan = F._make_plan(q, q, q, q, None, B=1, H=16, Hkv=16, Nq=600, Nk=600, D=128, varlen=False, causal=True,
+                                left=-1, right=-1, has_softcap=False, has_alibi=False, rope_mode=rope_mode,
+                                rope_args=(64, 1024, 0, 1, 0), score_mod=None, mask_mod=None, config=None,
+                                aligned=True, positive_scale=True)
+            c = plan.consts
+            cfg = FwdConfig(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"], "portable")
+            assert plan.kernel is F._fwd_kernel
+            assert cfgmod.fits(cfg, 128, torch.bfloat16, rope=fused), (rope_mode, cfg)
+            assert (cfg == plain) == (not fused)
+    finally:
+        monkeypatch.undo()
+        cfgmod.reload_table()
+
+
 # ----------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------

@@ -269,8 +269,10 @@ def pick_forward_config(D: int, dtype: torch.dtype, causal: bool, N: int, path: 
     """The config for head dim D, dtype, causal flag, sequence length N and path.
 
     ``path``: "portable", "tma", "tma+ws", or "auto" (any path the table ranks best; without a
-    table "tma" -- the caller passes "auto" only where the TMA path applies). ``rope``: fused RoPE
-    (portable path), whose extra shared memory may shrink the config (:func:`shrink_to_fit`).
+    table "tma" -- the caller passes "auto" only where the TMA path applies). ``rope``: the call
+    rotates q and k; where the chosen config is the portable kernel's (also when "auto" picks a
+    portable table entry), the tile loads rotate them and their extra shared memory may shrink the
+    config (:func:`shrink_to_fit`; the TMA path rotates the keys in a separate pass and needs none).
     Cached per distinct argument tuple (callers bucket N to a power of two).
     """
     if path not in PATHS + ("auto",):
@@ -280,7 +282,8 @@ def pick_forward_config(D: int, dtype: torch.dtype, causal: bool, N: int, path: 
     allowed = PATHS if path == "auto" else (path,)
     cfg = _from_table(D, dtype, causal, N, allowed)
     if cfg is not None:
-        return shrink_to_fit(cfg, D, dtype, rope) if rope else cfg
+        # an "auto" pick may be a portable entry: its fused RoPE needs the shrink as much as a "portable" one
+        return shrink_to_fit(cfg, D, dtype, rope) if (rope and cfg.path == "portable") else cfg
     return heuristic_forward_config(D, dtype, causal, N, "tma" if path == "auto" else path, rope)
 
 

@@ -476,9 +476,9 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         small = B * H * Nq * Nk <= SMALL_PROBLEM_SCORES
         if not (varlen and rope_mode != 0) and not small and _tma_path_usable(q, k, v, out, varlen):
             path = "tma" if varlen else "auto"  # varlen has no warp-specialized kernel
+        # a portable config (also one the table picks under "auto") is shrunk for the fused RoPE loads;
         # the TMA path rotates the keys in a separate pass: its tiles are the plain kernel's
-        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path,
-                                     rope_mode != 0 and path == "portable")
+        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path, rope_mode != 0)
     if config.path != "portable" and varlen:
         from . import forward_tma, forward_tma_varlen
 
