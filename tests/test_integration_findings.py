@@ -48,3 +48,29 @@ def test_model_forward_findings_with_rounds_and_the_search_off(tmp_path):
     ps = f["integration-forward-position-search"]
     assert "takes 10.80 ms against 11.30 ms with it" in ps.claim
     assert ps.metrics["speedup_vs_sdpa"] == pytest.approx(11.0 / 10.8)
+
+
+def test_model_forward_host_bound_gpu_time_and_compiled_findings(tmp_path):
+    from attention_proto.runtime.timing import Timing
+
+    kb = KB.in_dir(tmp_path)
+    run_id = kb.start_run({"gpu": "fake", "mode": "gpu"}, ["integration"], run_id="host")
+    ctx = StudyContext(kb, run_id, "integration", quick=False, ceilings={}, progress=False, log=lambda m: None)
+    for impl, ms, enq, gpu in (("attention_proto", 12.0, [11.9, 12.4, 12.1], 10.2), ("sdpa", 11.5, [9.0, 9.5, 8.8], 10.6)):
+        ctx.record(op="model_fwd", impl=impl, variant="llama 8L h2048 seq4096", N=4096, timing=Timing(ms, ms, ms),
+                   extra={"round_ms": [ms] * 3, "rounds": 3, "enqueue_ms": enq, "gpu_kernel_ms": gpu})
+    for impl, ms in (("attention_proto", 7.4), ("sdpa", 7.7)):
+        ctx.record(op="model_compile", impl=impl, variant="llama 8L h2048 seq4096", N=4096, timing=Timing(ms, ms, ms),
+                   extra={"compile_s": 17.0, "enqueue_ms": 2.5})
+    data = RunData(kb, run_id)
+    data.mode = "gpu"
+    f = {x.id: x for x in STUDY.analyze(data)}
+    vs = f["integration-forward-vs-sdpa"]
+    assert "took 12.10 ms of host time with attention-proto and 9.00 ms with sdpa" in vs.claim
+    assert "host-bound (attention-proto:" in vs.claim  # 12.1 >= 0.9 * 10.2; sdpa's 9.0 < 0.9 * 10.6
+    g = f["integration-forward-gpu-time"]
+    assert "10.200 ms of GPU time with attention-proto and 10.600 ms with sdpa" in g.claim
+    assert g.metrics["speedup_vs_sdpa"] == pytest.approx(10.6 / 10.2)
+    c = f["integration-compiled-vs-sdpa"]
+    assert "7.40 ms with attention-proto and 7.70 ms with sdpa" in c.claim
+    assert f["integration-compiled-forward"].metrics["compiled_ms"] == pytest.approx(7.4)

@@ -30,7 +30,7 @@ from .base import Finding, RunData, Study, StudyContext, correctness_finding, fm
 BIG = dict(layers=8, hidden=2048, heads=16, kv_heads=4, intermediate=5632, vocab=32000)
 BIG_QUICK = dict(layers=2, hidden=2048, heads=16, kv_heads=4, intermediate=5632, vocab=32000)
 MODEL_ROUNDS = 3  # alternating rounds of the big model forward, ours and sdpa (see run)
-NO_SEARCH = "attention_proto_no_pos_search"  # ours without the packed position_ids search (its sync)
+NO_SEARCH = "attention_proto_no_pos_search"  # ours without the search for packed sequences in position_ids
 
 
 def _ok_row(ctx: StudyContext, op: str, variant: str, chk, dtype: str, **fields: Any) -> None:
@@ -304,11 +304,14 @@ class IntegrationStudy(Study):
         # ours and sdpa alternate over MODEL_ROUNDS rounds (eager, far behind, once): the host and clocks
         # drift between sittings by ~5%, so each round compares the two under the same conditions; the
         # row's timing is the round whose median is the median of the rounds, every round in extra
-        # NO_SEARCH: ours registered with packed_position_ids=False, i.e. without the one sync per forward
-        # that looks for packed sequences in position_ids (what that sync costs)
+        # NO_SEARCH: ours registered with packed_position_ids=False, i.e. without looking for packed sequences
+        # in position_ids (since df5e38a the search runs on the device, per-row first keys in the kernel;
+        # before, it cost one sync per forward): what the search costs
         from ..integrations import transformers as ap_hf
 
         rounds: Dict[str, List[Any]] = {}
+        enqueue: Dict[str, List[float]] = {}
+        gpu_ms: Dict[str, float] = {}
         order = ["attention_proto", "sdpa", NO_SEARCH] * (1 if ctx.quick else MODEL_ROUNDS) + ["eager"]
         for impl in order:
             with ctx.guard(f"big model {impl}"):
@@ -324,28 +327,42 @@ class IntegrationStudy(Study):
                     fwd()
                     torch.cuda.synchronize()
                     rounds.setdefault(impl, []).append(ctx.bench(fwd, warmup_ms=50, rep_ms=300))
+                    if ctx.timing:
+                        enqueue.setdefault(impl, []).append(_enqueue_ms(fwd))
+                        if impl not in gpu_ms and impl != "eager":
+                            gpu_ms[impl] = _kernel_ms(fwd)
                 finally:
                     if impl == NO_SEARCH:
                         ap_hf.register()
         for impl, ts in rounds.items():
             ok = [t for t in ts if t is not None]
             t = sorted(ok, key=lambda x: x.ms_median)[(len(ok) - 1) // 2] if ok else None
-            ctx.record(op="model_fwd", impl=impl, variant=variant, timing=t, flops=flops,
-                       extra={"round_ms": [round(x.ms_median, 4) for x in ok], "rounds": len(ts)}, **fields)
-        with ctx.guard("big model compile"):
-            model.set_attn_implementation("attention_proto")
-            # the tiny model's run counts breaks with explain; here fullgraph success is the count (saves a trace)
-            res = _compile_check(model, (ids,), {}, backend="inductor", max_diff=False, explain=False)
-            compiled = res.pop("compiled")
-            t = None
-            if compiled is not None:
-                def cfwd():
-                    with torch.no_grad():
-                        return compiled(ids).logits
+            extra = {"round_ms": [round(x.ms_median, 4) for x in ok], "rounds": len(ts)}
+            if impl in enqueue:
+                # host time to enqueue one forward, per round: a forward whose enqueue takes as long as its
+                # GPU work is host-bound, and do_bench then times the host
+                extra["enqueue_ms"] = [round(x, 3) for x in enqueue[impl]]
+            if impl in gpu_ms:
+                extra["gpu_kernel_ms"] = round(gpu_ms[impl], 4)  # GPU time of every kernel of one forward
+            ctx.record(op="model_fwd", impl=impl, variant=variant, timing=t, flops=flops, extra=extra, **fields)
+        for impl in ("attention_proto", "sdpa"):
+            with ctx.guard(f"big model compile {impl}"):
+                model.set_attn_implementation(impl)
+                # the tiny model's run counts breaks with explain; here fullgraph success is the count (saves a trace)
+                res = _compile_check(model, (ids,), {}, backend="inductor", max_diff=False, explain=False)
+                compiled = res.pop("compiled")
+                t = None
+                if compiled is not None:
+                    def cfwd():
+                        with torch.no_grad():
+                            return compiled(ids).logits
 
-                t = ctx.bench(cfwd, warmup_ms=50, rep_ms=300)
-            ctx.record(op="model_compile", impl="attention_proto", variant=variant, timing=t, flops=flops,
-                       extra=res, **fields)
+                    t = ctx.bench(cfwd, warmup_ms=50, rep_ms=300)
+                    if ctx.timing:
+                        res["enqueue_ms"] = round(_enqueue_ms(cfwd), 3)
+                ctx.record(op="model_compile", impl=impl, variant=variant, timing=t, flops=flops, extra=res, **fields)
+                del compiled
+                torch._dynamo.reset()
         torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ analyze
@@ -415,18 +432,28 @@ class IntegrationStudy(Study):
                 claim=(f"A random {ours['variant']} bf16 forward takes {fmt(ours['ms_median'])} ms with "
                        f"attention-proto and {fmt(sdpa['ms_median'])} ms with sdpa ({fmt(sp)}x; the bar is >= 1.00x)"
                        f"{', and ' + fmt(eager['ms_median']) + ' ms with eager' if eager else ''}."
-                       + _rounds_text(ours, sdpa)),
+                       + _rounds_text(ours, sdpa) + _host_bound_text(ours, sdpa)),
                 verdict=speedup_verdict(sp, 1.0),
                 metrics={"ours_ms": ours["ms_median"], "sdpa_ms": sdpa["ms_median"],
                          "eager_ms": eager["ms_median"] if eager else None, "speedup_vs_sdpa": sp,
                          "round_speedups": _round_speedups(ours, sdpa),
                          "speedup_vs_eager": ratio(eager["ms_median"], ours["ms_median"]) if eager else None},
                 evidence=[r["id"] for r in (ours, sdpa, eager) if r]))
+        ko, ks = ((ours or {}).get("extra") or {}).get("gpu_kernel_ms"), ((sdpa or {}).get("extra") or {}).get("gpu_kernel_ms")
+        if ko and ks:
+            out.append(Finding(
+                id="integration-forward-gpu-time", title="GPU work of one model forward, attention-proto vs sdpa",
+                claim=(f"The kernels of one {ours['variant']} forward take {fmt(ko, 3)} ms of GPU time with "
+                       f"attention-proto and {fmt(ks, 3)} ms with sdpa ({fmt(ratio(ks, ko), 3)}x; torch.profiler, "
+                       f"every kernel summed, so the host's speed does not enter)."),
+                verdict="observation",
+                metrics={"ours_gpu_ms": ko, "sdpa_gpu_ms": ks, "speedup_vs_sdpa": ratio(ks, ko)},
+                evidence=[ours["id"], sdpa["id"]]))
         nos = rows.get(NO_SEARCH)
         if ours and nos and sdpa:
             out.append(Finding(
                 id="integration-forward-position-search",
-                title="What the packed position_ids search (one sync per forward) costs the model forward",
+                title="What looking for packed sequences in position_ids costs the model forward",
                 claim=(f"With the search for packed sequences in position_ids turned off "
                        f"(register(packed_position_ids=False)) the {ours['variant']} forward takes "
                        f"{fmt(nos['ms_median'])} ms against {fmt(ours['ms_median'])} ms with it "
@@ -437,7 +464,18 @@ class IntegrationStudy(Study):
                 metrics={"with_search_ms": ours["ms_median"], "without_search_ms": nos["ms_median"],
                          "sdpa_ms": sdpa["ms_median"], "speedup_vs_sdpa": ratio(sdpa["ms_median"], nos["ms_median"])},
                 evidence=[r["id"] for r in (ours, nos, sdpa)]))
-        comp = data.one(op="model_compile")
+        comp = data.one(op="model_compile", impl="attention_proto")
+        comp_sdpa = data.one(op="model_compile", impl="sdpa")
+        if comp and comp["ms_median"] and comp_sdpa and comp_sdpa["ms_median"]:
+            sp = ratio(comp_sdpa["ms_median"], comp["ms_median"])
+            out.append(Finding(
+                id="integration-compiled-vs-sdpa", title="Compiled model forward, attention-proto vs sdpa",
+                claim=(f"Compiled with torch.compile (inductor, fullgraph), the {comp['variant']} forward takes "
+                       f"{fmt(comp['ms_median'])} ms with attention-proto and {fmt(comp_sdpa['ms_median'])} ms with "
+                       f"sdpa ({fmt(sp)}x)" + _enqueue_text(comp, comp_sdpa) + "."),
+                verdict="observation",
+                metrics={"ours_ms": comp["ms_median"], "sdpa_ms": comp_sdpa["ms_median"], "speedup_vs_sdpa": sp},
+                evidence=[comp["id"], comp_sdpa["id"]]))
         if comp and comp["ms_median"] and ours:
             out.append(Finding(
                 id="integration-compiled-forward", title="Compiled model forward with attention-proto",
@@ -520,10 +558,60 @@ def _compile_check(model, args: tuple, kwargs: dict, *, backend: str, max_diff: 
 STUDY = IntegrationStudy()
 
 
+def _enqueue_ms(fwd) -> float:
+    """Host milliseconds to enqueue one call of ``fwd`` (the GPU idle at the start; no sync inside)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fwd()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3
+
+
+def _kernel_ms(fwd) -> float:
+    """GPU milliseconds of every kernel one call of ``fwd`` launches (torch.profiler, summed): the
+    forward's GPU work, whatever the host's speed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd()
+        torch.cuda.synchronize()
+    # the device-side events (kernels, memcpy, memset), each once: their own time ranges
+    us = sum(e.time_range.elapsed_us() for e in prof.events()
+             if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return us / 1e3
+
+
 def _round_speedups(ours: dict, sdpa: dict) -> List[float]:
     """sdpa / ours per alternating round (rows recorded before the rounds have none)."""
     a, b = (ours.get("extra") or {}).get("round_ms") or [], (sdpa.get("extra") or {}).get("round_ms") or []
     return [round(y / x, 4) for x, y in zip(a, b) if x]
+
+
+def _host_bound_text(ours: dict, sdpa: dict) -> str:
+    """How long the host took to enqueue one forward against the forward's GPU kernel time."""
+    eo, es = (ours.get("extra") or {}), (sdpa.get("extra") or {})
+    qo, qs = eo.get("enqueue_ms"), es.get("enqueue_ms")
+    if not qo or not qs:
+        return ""
+    mo, ms = sorted(qo)[(len(qo) - 1) // 2], sorted(qs)[(len(qs) - 1) // 2]
+    txt = f" Enqueueing one forward took {fmt(mo)} ms of host time with attention-proto and {fmt(ms)} ms with sdpa"
+    ko, ks = eo.get("gpu_kernel_ms"), es.get("gpu_kernel_ms")
+    if ko and ks:
+        txt += f", against {fmt(ko)} and {fmt(ks)} ms of GPU kernel time"
+        bound = [name for name, q, k in (("attention-proto", mo, ko), ("sdpa", ms, ks)) if q >= 0.9 * k]
+        txt += (f": host-bound ({' and '.join(bound)}: the enqueue takes at least 90% of the kernel time, so the "
+                f"timing follows the host)" if bound else ": the GPU work dominates")
+    return txt + "."
+
+
+def _enqueue_text(ours: dict, sdpa: dict) -> str:
+    qo, qs = (ours.get("extra") or {}).get("enqueue_ms"), (sdpa.get("extra") or {}).get("enqueue_ms")
+    if qo is None or qs is None:
+        return ""
+    return f"; enqueueing one compiled forward took {fmt(qo)} and {fmt(qs)} ms of host time"
 
 
 def _rounds_text(ours: dict, sdpa: dict) -> str:
