@@ -361,7 +361,7 @@ class IntegrationStudy(Study):
                     if ctx.timing:
                         res["enqueue_ms"] = round(_enqueue_ms(cfwd), 3)
                 ctx.record(op="model_compile", impl=impl, variant=variant, timing=t, flops=flops, extra=res, **fields)
-                del compiled
+                compiled = None  # the next implementation compiles afresh (dynamo reset below)
                 torch._dynamo.reset()
         torch.cuda.empty_cache()
 
