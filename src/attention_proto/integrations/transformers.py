@@ -14,9 +14,11 @@ packed-sequence overlay. Any other pattern (chunked attention, block overlays su
 user ``or``/``and`` functions) is materialised as transformers' 4-D mask and computed eagerly,
 never dropped. The paths, in order:
 
-1. packed sequences (``cu_seq_lens_q/k`` keyword arguments, as flash-attention collators give, or
-   ``position_ids`` that restart in a batch of one, found with one sync per forward)
-   -> ``attention_proto::varlen_fwd``;
+1. packed sequences: ``cu_seq_lens_q/k`` keyword arguments (as flash-attention collators give)
+   -> ``attention_proto::varlen_fwd``; ``position_ids`` that restart in a batch of one: in inference
+   (causal, no gradient) each token's sequence start is computed on the device and bounds its keys
+   inside the dense kernel (``attention_proto::key_start_fwd``, no sync, also under torch.compile);
+   with gradients (or bidirectional) the varlen path, whose lengths cost one sync per forward;
 2. no padding (mask None or all ones) -> ``attention_proto::flash_fwd`` (causal bottom-right, so
    decode and chunked prefill over a cache need no mask); with :class:`PagedCache` and at most
    16 new tokens -> ``attention_proto::paged_decode`` over the cache's pages;
@@ -32,8 +34,9 @@ Semantics follow transformers' sdpa/eager masks: a causal sliding window ``w`` k
 looks for them without a cache only, its flash-attention path always). Padded query rows come back as
 0 (their values are never used). Known gaps: under ``torch.compile`` the mask function cannot read the
 pattern's closures (:func:`compiled_pattern_kind`): chunked attention is materialised from the config,
-but block overlays and restarting position_ids are not seen there; a StaticCache without an attention
-mask cannot tell filled slots from empty ones (generate always passes a mask).
+but block overlays are not seen there, nor restarting position_ids in training (inference finds them
+on the device); a StaticCache without an attention mask cannot tell filled slots from empty ones
+(generate always passes a mask).
 """
 from __future__ import annotations
 
@@ -77,9 +80,11 @@ def register(name: str = NAME, *, strict: bool = False, packed_position_ids: boo
     ``model.set_attn_implementation(name)`` use our kernels. ``strict=True`` makes unsupported
     calls raise :class:`AttentionProtoFallbackError` instead of running eagerly.
     ``packed_position_ids=False`` turns off the search for packed sequences in ``position_ids``
-    (restarting positions in a batch of one): it costs one device-to-host sync per forward, at the
-    first layer; without it restarting positions are one sequence, as in transformers' sdpa with a
-    cache (``cu_seq_lens_q/k`` still select the varlen path). Returns ``name``.
+    (restarting positions in a batch of one). In inference the search runs on the device (each
+    token's sequence start, read by the dense kernel: no sync; its cost on the H100 is in
+    docs/perf-notes.md, session 7); with gradients it costs one device-to-host sync per forward.
+    Without it restarting positions are one sequence, as in transformers' sdpa with a cache
+    (``cu_seq_lens_q/k`` still select the varlen path). Returns ``name``.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -540,7 +545,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             and pos_ids.dim() == 2 and pos_ids.shape[-1] == Nq and _PACKED_POSITION_IDS[0]):
         if causal and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
             # restarting position_ids mark packed sequences: each row's first key, computed on the device
-            # (memoized per tensor), bounds its keys inside the dense kernel -- no sync, one row or many
+            # (memoized per tensor), bounds its keys inside the dense kernel -- no sync
             _count("dense")
             out = torch_ops.key_start_attention(query, key, value, _key_starts(pos_ids), scale=scale,
                                                 window_left=win[0], softcap=cap)
