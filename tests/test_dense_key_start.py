@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import attention_proto  # noqa: F401
 from attention_proto.integrations import torch_ops
@@ -16,6 +18,7 @@ from attention_proto.ops.dense.forward import flash_attention_forward
 from attention_proto.ops.dense.reference import attention_reference
 from attention_proto.runtime.device import interpreter_mode, kernel_device
 from attention_proto.testing import assert_close_rule, poison_
+from test_fuzz_common import fuzz_settings
 
 DEV = kernel_device()
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -128,6 +131,34 @@ def test_key_start_op_opcheck():
     ks = torch_ops.key_starts_from_positions(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]], device=DEV))
     torch.library.opcheck(torch.ops.attention_proto.key_start_fwd.default, (q, k, v, ks, 0.25, -1, 0.0),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@st.composite
+def key_start_cases(draw):
+    """Free shapes and first keys, any values (also decreasing, negative or past the row: the kernel
+    takes the block's smallest and largest and masks per row, so every value is well defined)."""
+    Hkv = draw(st.integers(1, 2))
+    N = draw(st.integers(1, 40))
+    mode = draw(st.sampled_from(["documents", "free"]))
+    if mode == "documents":
+        ks = key_starts(2, N, draw(st.integers(1, 6)), torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
+    else:
+        vals = draw(st.lists(st.integers(-3, N + 3), min_size=2 * N, max_size=2 * N))
+        ks = torch.tensor(vals, dtype=torch.int32).reshape(2, N)
+    return dict(B=2, H=Hkv * draw(st.sampled_from([1, 2])), Hkv=Hkv, N=N, D=draw(st.sampled_from([16, 24, 32])),
+                dtype=draw(st.sampled_from([torch.float16, torch.float32])), ks=ks,
+                path=draw(st.sampled_from(["portable", "tma"])),
+                window=draw(st.sampled_from([None, (3, -1), (0, -1)])), softcap=draw(st.sampled_from([None, 15.0])))
+
+
+@fuzz_settings(25)
+@given(case=key_start_cases())
+def test_fuzz_key_start(case):
+    path = case["path"]
+    if path == "tma" and (case["dtype"] == torch.float32 or case["D"] == 24):
+        path = "portable"  # the TMA kernel takes fp16/bf16 and power-of-two D
+    run_check(case["B"], case["H"], case["Hkv"], case["N"], case["D"], case["dtype"], case["ks"],
+              config=SMALL[path], window=case["window"], softcap=case["softcap"])
 
 
 @pytest.mark.gpu
