@@ -83,6 +83,29 @@ def test_key_start_with_modifiers(mods, path):
 
 
 @pytest.mark.parametrize("path", ["portable", "tma"])
+@pytest.mark.parametrize("nq,nk", [(20, 20), (12, 30), (30, 12)])
+def test_key_start_int32_limits(nq, nk, path):
+    """First keys at the int32 limits (review, session 7: ks + BLOCK_N - 1 and pos - ks wrapped around)."""
+    g = _gen()
+    q = torch.randn(1, 2, nq, 16, generator=g).to(DEV, torch.float16)
+    k, v = (torch.randn(1, 1, nk, 16, generator=g).to(DEV, torch.float16) for _ in range(2))
+    ks = torch.zeros(1, nq, dtype=torch.int32)
+    ks[0, 3:9] = 2**31 - 1
+    ks[0, 9:12] = -2**31
+    for window in (None, (5, -1)):
+        out = poison_(torch.empty_like(q))
+        lse = poison_(torch.empty(1, 2, nq, device=DEV, dtype=torch.float32))
+        flash_attention_forward(q, k, v, causal=True, window=window, key_start=ks.to(DEV), out=out, lse=lse,
+                                config=SMALL[path])
+        ro, rl = attention_reference(q, k, v, causal=True, window=window, key_start=ks, device=DEV)
+        dead = torch.isinf(rl)
+        assert torch.equal(torch.isinf(lse), dead) and (out[dead] == 0).all()
+        to, _ = attention_reference(q, k, v, causal=True, window=window, key_start=ks, device=DEV,
+                                    compute_dtype=torch.float16)
+        assert_close_rule(out, to, ro, torch.float16, what="out")
+
+
+@pytest.mark.parametrize("path", ["portable", "tma"])
 def test_key_start_past_the_row_masks_it_fully(path):
     """A first key past the row's own position (or past Nk) leaves no key: output 0, LSE -inf."""
     ks = key_starts(1, 40, 2, _gen())
@@ -135,15 +158,17 @@ def test_key_start_op_opcheck():
 
 @st.composite
 def key_start_cases(draw):
-    """Free shapes and first keys, any values (also decreasing, negative or past the row: the kernel
-    takes the block's smallest and largest and masks per row, so every value is well defined)."""
+    """Free shapes and first keys, any values (also decreasing, negative, past the row or at the int32
+    limits: the kernel clamps them to [0, Nk], takes the block's smallest and largest and masks per
+    row, so every value is well defined)."""
     Hkv = draw(st.integers(1, 2))
     N = draw(st.integers(1, 40))
     mode = draw(st.sampled_from(["documents", "free"]))
     if mode == "documents":
         ks = key_starts(2, N, draw(st.integers(1, 6)), torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
     else:
-        vals = draw(st.lists(st.integers(-3, N + 3), min_size=2 * N, max_size=2 * N))
+        value = st.one_of(st.integers(-3, N + 3), st.sampled_from([-2**31, 2**31 - 1, 2**31 - 16]))
+        vals = draw(st.lists(value, min_size=2 * N, max_size=2 * N))
         ks = torch.tensor(vals, dtype=torch.int32).reshape(2, N)
     return dict(B=2, H=Hkv * draw(st.sampled_from([1, 2])), Hkv=Hkv, N=N, D=draw(st.sampled_from([16, 24, 32])),
                 dtype=draw(st.sampled_from([torch.float16, torch.float32])), ks=ks,

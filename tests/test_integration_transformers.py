@@ -164,6 +164,26 @@ def test_packed_sequences_through_position_ids():
     assert (trained.detach() - ref).abs().max() < 1e-4
 
 
+def test_packed_position_ids_under_inference_mode():
+    """Inference tensors have no version counter: the per-tensor memo must not read one (review, session
+    7: torch.inference_mode() forwards of a batch of one raised RuntimeError in the position_ids search)."""
+    model = model_of("llama", **SMALL)
+    ids, _ = hm.random_batch(1, 18, model.config.vocab_size, device=DEV, seed=10)
+    pos = torch.cat([torch.arange(7), torch.arange(11)])[None].to(DEV)
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids, position_ids=pos, use_cache=False).logits
+        plain_ref = model(ids).logits
+        model.set_attn_implementation("attention_proto")
+    with torch.inference_mode():
+        ours = model(ids, position_ids=pos).logits
+        plain = model(ids).logits
+    assert (ours - ref).abs().max() < 1e-4 and (plain - plain_ref).abs().max() < 1e-4
+    ap_hf.reset_stats()
+    with torch.inference_mode():  # gradients cannot be on here; the varlen path's memo is checked directly
+        assert ap_hf._packed_cu_seqlens(pos.clone())[1] == 11
+
+
 def test_key_starts_from_positions():
     pos = torch.tensor([[0, 1, 2, 0, 1, 5, 6, 0], [3, 4, 5, 6, 7, 8, 9, 10]])
     ks = torch_ops.key_starts_from_positions(pos)

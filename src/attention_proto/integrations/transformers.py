@@ -398,7 +398,7 @@ def PagedCache(config: Any = None, *, max_cache_len: int, page_size: int = 16, n
 # the attention function
 # ---------------------------------------------------------------------------------------------
 
-_PACKED_MEMO: List[Any] = [None, None]  # (key, cu_seqlens or None) of the last position_ids checked
+_PACKED_MEMO: List[Any] = [None]  # (weakref, version, cu_seqlens or None) of the last position_ids checked
 
 
 def _packed_cu_seqlens(position_ids: Tensor) -> Optional[Tuple[Tensor, int]]:
@@ -407,10 +407,10 @@ def _packed_cu_seqlens(position_ids: Tensor) -> Optional[Tuple[Tensor, int]]:
     Sequences restart their positions (a position not one more than the previous one starts a new
     sequence), as transformers' packed-sequence detection. One sync per distinct tensor.
     """
-    ref = _PACKED_MEMO[0]
-    if ref is not None and ref[0]() is position_ids and ref[1] == position_ids._version:
-        return _PACKED_MEMO[1]
-    key = (weakref.ref(position_ids), position_ids._version)
+    memo = _memoizable(position_ids)
+    hit = _PACKED_MEMO[0]
+    if memo and hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
+        return hit[2]
     pos = position_ids[0]
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[1:] = pos[1:] != pos[:-1] + 1
@@ -419,8 +419,18 @@ def _packed_cu_seqlens(position_ids: Tensor) -> Optional[Tuple[Tensor, int]]:
     if idx.numel() > 1:
         cu = torch.cat([idx, torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)])
         res = (cu, int((cu[1:] - cu[:-1]).max()))
-    _PACKED_MEMO[0], _PACKED_MEMO[1] = key, res
+    # one tuple, replaced whole (a concurrent reader never pairs one tensor's key with another's result)
+    _PACKED_MEMO[0] = (weakref.ref(position_ids), position_ids._version, res) if memo else None
     return res
+
+
+def _memoizable(t: Tensor) -> bool:
+    """Whether a per-tensor memo keyed by (tensor, version) is sound here: inference tensors have no
+    version counter, and a CUDA graph being captured must compute into its own graph (a memo hit would
+    bake one forward's result into every replay, whatever the position buffer then holds)."""
+    if t.is_inference():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 _KEY_START_MEMO: List[Any] = [None]  # (weakref, version, key starts) of the last position_ids seen: one
@@ -430,7 +440,7 @@ _KEY_START_MEMO: List[Any] = [None]  # (weakref, version, key starts) of the las
 def _key_starts(position_ids: Tensor) -> Tensor:
     """Each token's sequence start in a [B, N] position_ids (:func:`torch_ops.key_starts_from_positions`),
     computed once per tensor in eager mode (every layer of a forward gets the same position_ids)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _memoizable(position_ids):
         return torch_ops.key_starts_from_positions(position_ids)
     memo = _KEY_START_MEMO[0]
     if memo is not None and memo[0]() is position_ids and memo[1] == position_ids._version:

@@ -166,7 +166,15 @@ def kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
-def key_start_bounds(ks_base, offs_m, seqlen_q, lo, full_lo, full_hi, hi, BLOCK_N: tl.constexpr):
+def _first_keys(ks_base, offs_m, seqlen_q, seqlen_k):
+    """The rows' first keys clamped to [0, seqlen_k]: the same masks (below 0 nothing is masked, from
+    seqlen_k on every key is), and no int32 overflow in the bounds and windows built from them."""
+    ks = tl.load(ks_base + offs_m, mask=offs_m < seqlen_q, other=0)
+    return tl.minimum(tl.maximum(ks, 0), seqlen_k)
+
+
+@triton.jit
+def key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi, hi, BLOCK_N: tl.constexpr):
     """Fold per-row first keys into :func:`kv_block_range`'s bounds (packed causal documents).
 
     Row i may see keys j >= ``ks_base[i]`` (besides its other masks). Returns ``(lo, full_lo,
@@ -178,9 +186,9 @@ def key_start_bounds(ks_base, offs_m, seqlen_q, lo, full_lo, full_hi, hi, BLOCK_
     key past the row's position leaves the row fully masked (output 0, LSE -inf).
     """
     ok = offs_m < seqlen_q
-    ks = tl.load(ks_base + offs_m, mask=ok, other=0)
-    ks_lo = tl.maximum(tl.min(tl.where(ok, ks, 1 << 30), 0), 0)
-    ks_hi = tl.maximum(tl.max(tl.where(ok, ks, 0), 0), 0)
+    ks = _first_keys(ks_base, offs_m, seqlen_q, seqlen_k)
+    ks_lo = tl.min(tl.where(ok, ks, seqlen_k), 0)
+    ks_hi = tl.max(tl.where(ok, ks, 0), 0)
     lo = tl.maximum(lo, (ks_lo // BLOCK_N) * BLOCK_N)
     hi_blk = ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     full_lo = tl.minimum(tl.maximum(full_lo, ((ks_hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N), hi_blk)
@@ -190,11 +198,11 @@ def key_start_bounds(ks_base, offs_m, seqlen_q, lo, full_lo, full_hi, hi, BLOCK_
 
 
 @triton.jit
-def key_start_left(ks_base, offs_m, seqlen_q, off, win_left, HAS_WINDOW: tl.constexpr):
+def key_start_left(ks_base, offs_m, seqlen_q, seqlen_k, win_left, HAS_WINDOW: tl.constexpr):
     """The per-row left window [BLOCK_M, 1] of the first keys (the tighter of the two where a window
     is set too), which :func:`apply_mask` applies as ``j >= pos - left`` in the leading band."""
-    ks = tl.load(ks_base + offs_m, mask=offs_m < seqlen_q, other=0)
-    left = offs_m + off - ks
+    ks = _first_keys(ks_base, offs_m, seqlen_q, seqlen_k)
+    left = offs_m + (seqlen_k - seqlen_q) - ks
     if HAS_WINDOW:
         left = tl.minimum(left, win_left)
     return left[:, None]

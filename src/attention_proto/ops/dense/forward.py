@@ -248,8 +248,8 @@ def _fwd_kernel(
     if KEY_START is not None:
         # per-row first keys (packed documents): a left window per row in the leading band only
         ks_base = KEY_START + b64 * seqlen_q_arg
-        lo, full_lo, full_hi = key_start_bounds(ks_base, offs_m, seqlen_q, lo, full_lo, full_hi, hi, BLOCK_N)
-        left = key_start_left(ks_base, offs_m, seqlen_q, off, win_left, HAS_WINDOW)
+        lo, full_lo, full_hi = key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi, hi, BLOCK_N)
+        left = key_start_left(ks_base, offs_m, seqlen_q, seqlen_k, win_left, HAS_WINDOW)
     if HAS_WINDOW or KEY_START is not None:
         # leading band of a sliding window (or of the rows' first keys): masked
         for start_n in range(lo, full_lo, BLOCK_N):
