@@ -167,6 +167,32 @@ def _dense_fwd_tma():
             finite(flash_attention_forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, config=cfg, **mods)[0])
 
 
+@case("dense_fwd_key_start")
+def _dense_fwd_key_start():
+    """Per-row first keys (packed documents; session 7): both forward kernels read KEY_START."""
+    from attention_proto.ops.dense.configs import FwdConfig
+    from attention_proto.ops.dense.forward import flash_attention_forward
+    from attention_proto.runtime.device import is_hopper
+
+    def starts(B, N):
+        ks = torch.zeros(B, N, dtype=torch.int32)
+        for b in range(B):
+            for c in (3, 17 + b, N // 2):
+                ks[b, c:] = c
+        ks[0, 5] = 2**31 - 1  # clamped: a fully masked row
+        return ks.to(DEV)
+
+    runs = (dict(causal=True), dict(causal=True, window=(6, -1), softcap=20.0), dict(causal=True, alibi_slopes=True))
+    q, k, v = _qkv(Nq=61, Nk=61, D=64)
+    for mods in runs:
+        finite(flash_attention_forward(q, k, v, key_start=starts(2, 61), **mods)[0])
+    if is_hopper():
+        for cfg in (FwdConfig(64, 64, 4, 3, "tma"), FwdConfig(128, 64, 8, 2, "tma")):
+            q, k, v = _qkv(Nq=197, Nk=197, D=128)
+            for mods in runs:
+                finite(flash_attention_forward(q, k, v, key_start=starts(2, 197), config=cfg, **mods)[0])
+
+
 @case("dense_fwd_runtime")
 def _dense_fwd_runtime():
     from attention_proto.ops.dense.forward_runtime import flash_attention_forward_runtime
