@@ -166,27 +166,23 @@ def kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
-def _first_keys(ks_base, offs_m, seqlen_q, seqlen_k):
-    """The rows' first keys clamped to [0, seqlen_k]: the same masks (below 0 nothing is masked, from
-    seqlen_k on every key is), and no int32 overflow in the bounds and windows built from them."""
-    ks = tl.load(ks_base + offs_m, mask=offs_m < seqlen_q, other=0)
-    return tl.minimum(tl.maximum(ks, 0), seqlen_k)
-
-
-@triton.jit
-def key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi, hi, BLOCK_N: tl.constexpr):
+def key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi, hi, win_left,
+                     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Fold per-row first keys into :func:`kv_block_range`'s bounds (packed causal documents).
 
-    Row i may see keys j >= ``ks_base[i]`` (besides its other masks). Returns ``(lo, full_lo,
-    full_hi)``: the key blocks start no lower than the smallest first key of the rows, and the
-    leading masked band [lo, full_lo) reaches the largest one (rounded up to a block), into the
-    diagonal band where that is further (``full_hi`` moves up with it). Only that band needs the
-    first keys (:func:`key_start_left`): every key of a later block is at or after every row's
-    first key, so the mask-free middle and the diagonal band run exactly as without them. A first
-    key past the row's position leaves the row fully masked (output 0, LSE -inf).
+    Row i may see keys j >= ``ks_base[i]`` (besides its other masks). The first keys are clamped to
+    [0, seqlen_k] (the same masks: below 0 nothing is masked, from seqlen_k on every key is; and no
+    int32 overflow below). Returns ``(lo, full_lo, full_hi, left)``: the key blocks start no lower
+    than the smallest first key of the rows, and the leading masked band [lo, full_lo) reaches the
+    largest one (rounded up to a block), into the diagonal band where that is further (``full_hi``
+    moves up with it). Only that band needs the first keys: every key of a later block is at or after
+    every row's first key, so the mask-free middle and the diagonal band run exactly as without them.
+    ``left`` [BLOCK_M, 1] is the band's per-row left window (the tighter of the two where a window is
+    set too), which :func:`apply_mask` applies as ``j >= pos - left``. A first key past the row's
+    position leaves the row fully masked (output 0, LSE -inf).
     """
     ok = offs_m < seqlen_q
-    ks = _first_keys(ks_base, offs_m, seqlen_q, seqlen_k)
+    ks = tl.minimum(tl.maximum(tl.load(ks_base + offs_m, mask=ok, other=0), 0), seqlen_k)
     ks_lo = tl.min(tl.where(ok, ks, seqlen_k), 0)
     ks_hi = tl.max(tl.where(ok, ks, 0), 0)
     lo = tl.maximum(lo, (ks_lo // BLOCK_N) * BLOCK_N)
@@ -194,18 +190,10 @@ def key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi, 
     full_lo = tl.minimum(tl.maximum(full_lo, ((ks_hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N), hi_blk)
     full_lo = tl.maximum(full_lo, lo)
     full_hi = tl.maximum(full_hi, full_lo)
-    return lo, full_lo, full_hi
-
-
-@triton.jit
-def key_start_left(ks_base, offs_m, seqlen_q, seqlen_k, win_left, HAS_WINDOW: tl.constexpr):
-    """The per-row left window [BLOCK_M, 1] of the first keys (the tighter of the two where a window
-    is set too), which :func:`apply_mask` applies as ``j >= pos - left`` in the leading band."""
-    ks = _first_keys(ks_base, offs_m, seqlen_q, seqlen_k)
     left = offs_m + (seqlen_k - seqlen_q) - ks
     if HAS_WINDOW:
         left = tl.minimum(left, win_left)
-    return left[:, None]
+    return lo, full_lo, full_hi, left[:, None]
 
 
 @triton.jit

@@ -48,8 +48,8 @@ import triton.language as tl
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode, l2_bytes, sm_count_of
 from ...runtime.validation import describe
-from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_bounds, key_start_left, kv_block_range, load_rope_tile,
-                     load_tile, mul_rn, tanh_for)
+from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_bounds, kv_block_range,
+                     load_rope_tile, load_tile, mul_rn, tanh_for)
 from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
 from .rope import RopeSpec, theta_tables
 
@@ -248,8 +248,8 @@ def _fwd_kernel(
     if KEY_START is not None:
         # per-row first keys (packed documents): a left window per row in the leading band only
         ks_base = KEY_START + b64 * seqlen_q_arg
-        lo, full_lo, full_hi = key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi, hi, BLOCK_N)
-        left = key_start_left(ks_base, offs_m, seqlen_q, seqlen_k, win_left, HAS_WINDOW)
+        lo, full_lo, full_hi, left = key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi,
+                                                      hi, win_left, BLOCK_N, HAS_WINDOW)
     if HAS_WINDOW or KEY_START is not None:
         # leading band of a sliding window (or of the rows' first keys): masked
         for start_n in range(lo, full_lo, BLOCK_N):

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
-from .common import WINDOW_UNBOUNDED, key_start_bounds, key_start_left, kv_block_range, rope_rows
+from .common import WINDOW_UNBOUNDED, key_start_bounds, kv_block_range, rope_rows
 from .configs import FwdConfig, config_problems
 from .forward import alibi_lse_shift, attn_step, natural_scores
 
@@ -97,8 +97,8 @@ def _fwd_tma_kernel(
     if KEY_START is not None:
         # per-row first keys (packed documents): a left window per row in the leading band only
         ks_base = KEY_START + b.to(tl.int64) * seqlen_q
-        lo, full_lo, full_hi = key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi, hi, BLOCK_N)
-        left = key_start_left(ks_base, offs_m, seqlen_q, seqlen_k, win_left, HAS_WINDOW)
+        lo, full_lo, full_hi, left = key_start_bounds(ks_base, offs_m, seqlen_q, seqlen_k, lo, full_lo, full_hi,
+                                                      hi, win_left, BLOCK_N, HAS_WINDOW)
     if HAS_WINDOW or KEY_START is not None:
         for start_n in tl.range(lo, full_lo, BLOCK_N, num_stages=NUM_STAGES):
             k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
