@@ -30,6 +30,31 @@ def test_inference_tensors_are_read_every_time():
     assert a == b == [0, 2, 5] and a is not b
 
 
+def test_derived_values_are_kept_per_unchanged_tensor():
+    offsets.clear()
+    calls = []
+
+    def compute(t):
+        calls.append(1)
+        return t * 2
+
+    pos = torch.arange(6)[None]
+    a = offsets.derived(pos, "double", compute)
+    assert offsets.derived(pos, "double", compute) is a and len(calls) == 1
+    offsets.derived(pos, "other", compute)  # another name: computed again
+    pos[0, 0] = 9  # in place: the version counter moves
+    assert offsets.derived(pos, "double", compute)[0, 0] == 18 and len(calls) == 3
+    with torch.inference_mode():
+        inf = torch.arange(6)[None]
+    offsets.derived(inf, "double", compute)
+    offsets.derived(inf, "double", compute)  # no version counter: computed every time, never an error
+    assert len(calls) == 5
+    keep = [torch.arange(i + 1) for i in range(offsets.MEMO_SIZE + 3)]  # alive: distinct ids
+    for t in keep:
+        offsets.derived(t, "double", compute)
+    assert len(offsets._DERIVED) == offsets.MEMO_SIZE
+
+
 def test_memo_is_bounded():
     offsets.clear()
     keep = [torch.tensor([0, i], dtype=torch.int32) for i in range(offsets.MEMO_SIZE + 5)]

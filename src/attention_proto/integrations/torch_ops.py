@@ -182,17 +182,19 @@ def _(q, k, v, key_start, scale, window_left, softcap):
     return torch.empty_like(q)
 
 
-def key_starts_from_positions(position_ids: Tensor) -> Tensor:
-    """int32 [B, N]: the index of the first token of each token's sequence in ``position_ids`` [B, N].
-
-    A position that is not one more than the previous one starts a new sequence (transformers'
-    packed-sequence rule), so ``[0 1 2 0 1]`` gives ``[0 0 0 3 3]``. Computed on the device, no sync.
-    """
-    n = position_ids.shape[-1]
-    idx = torch.arange(n, device=position_ids.device).expand_as(position_ids)
+def sequence_starts(position_ids: Tensor) -> Tensor:
+    """bool [B, N]: where a sequence starts in ``position_ids`` [B, N]: the first token, and every
+    position that is not one more than the previous one (transformers' packed-sequence rule)."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return torch.where(starts, idx, 0).cummax(dim=-1).values.to(torch.int32)
+    return starts
+
+
+def key_starts_from_positions(position_ids: Tensor) -> Tensor:
+    """int32 [B, N]: the index of the first token of each token's sequence in ``position_ids`` [B, N]
+    (:func:`sequence_starts`), so ``[0 1 2 0 1]`` gives ``[0 0 0 3 3]``. Computed on the device, no sync."""
+    idx = torch.arange(position_ids.shape[-1], device=position_ids.device).expand_as(position_ids)
+    return torch.where(sequence_starts(position_ids), idx, 0).cummax(dim=-1).values.to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------

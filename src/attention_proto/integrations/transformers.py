@@ -44,7 +44,6 @@ import logging
 import math
 import threading
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -52,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import choose, reasons_from  # module level: an import per call costs ~1 us of host time
+from ..runtime.offsets import derived
 from . import torch_ops
 
 NAME = "attention_proto"
@@ -398,56 +398,28 @@ def PagedCache(config: Any = None, *, max_cache_len: int, page_size: int = 16, n
 # the attention function
 # ---------------------------------------------------------------------------------------------
 
-_PACKED_MEMO: List[Any] = [None]  # (weakref, version, cu_seqlens or None) of the last position_ids checked
+def _find_packed(position_ids: Tensor) -> Optional[Tuple[Tensor, int]]:
+    idx = torch.nonzero(torch_ops.sequence_starts(position_ids)[0]).flatten().to(torch.int32)
+    if idx.numel() <= 1:
+        return None
+    cu = torch.cat([idx, torch.tensor([position_ids.shape[-1]], dtype=torch.int32, device=idx.device)])
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def _packed_cu_seqlens(position_ids: Tensor) -> Optional[Tuple[Tensor, int]]:
     """cu_seqlens and the longest length when a [1, N] position_ids holds several sequences (else None).
 
-    Sequences restart their positions (a position not one more than the previous one starts a new
-    sequence), as transformers' packed-sequence detection. One sync per distinct tensor.
+    Sequences restart their positions (:func:`torch_ops.sequence_starts`), as transformers'
+    packed-sequence detection. One sync per distinct tensor (kept by :func:`...runtime.offsets.derived`:
+    every layer of a forward gets the same position_ids).
     """
-    memo = _memoizable(position_ids)
-    hit = _PACKED_MEMO[0]
-    if memo and hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
-        return hit[2]
-    pos = position_ids[0]
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[1:] = pos[1:] != pos[:-1] + 1
-    idx = torch.nonzero(starts).flatten().to(torch.int32)
-    res = None
-    if idx.numel() > 1:
-        cu = torch.cat([idx, torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)])
-        res = (cu, int((cu[1:] - cu[:-1]).max()))
-    # one tuple, replaced whole (a concurrent reader never pairs one tensor's key with another's result)
-    _PACKED_MEMO[0] = (weakref.ref(position_ids), position_ids._version, res) if memo else None
-    return res
-
-
-def _memoizable(t: Tensor) -> bool:
-    """Whether a per-tensor memo keyed by (tensor, version) is sound here: inference tensors have no
-    version counter, and a CUDA graph being captured must compute into its own graph (a memo hit would
-    bake one forward's result into every replay, whatever the position buffer then holds)."""
-    if t.is_inference():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-_KEY_START_MEMO: List[Any] = [None]  # (weakref, version, key starts) of the last position_ids seen: one
-# tuple, replaced whole, so a concurrent reader never pairs one tensor's key with another's starts
+    return derived(position_ids, "packed_cu_seqlens", _find_packed)
 
 
 def _key_starts(position_ids: Tensor) -> Tensor:
     """Each token's sequence start in a [B, N] position_ids (:func:`torch_ops.key_starts_from_positions`),
-    computed once per tensor in eager mode (every layer of a forward gets the same position_ids)."""
-    if torch.compiler.is_compiling() or not _memoizable(position_ids):
-        return torch_ops.key_starts_from_positions(position_ids)
-    memo = _KEY_START_MEMO[0]
-    if memo is not None and memo[0]() is position_ids and memo[1] == position_ids._version:
-        return memo[2]
-    ks = torch_ops.key_starts_from_positions(position_ids)
-    _KEY_START_MEMO[0] = (weakref.ref(position_ids), position_ids._version, ks)
-    return ks
+    computed once per tensor in eager mode (:func:`...runtime.offsets.derived`)."""
+    return derived(position_ids, "key_starts", torch_ops.key_starts_from_positions)
 
 
 def _window(sliding_window: Optional[int], causal: bool) -> Tuple[int, int]:
