@@ -238,6 +238,22 @@ def _dense_bwd():
     finite(*(t.grad for t in leaves))
 
 
+@case("dense_bwd_split")
+def _dense_bwd_split():
+    # RoPE + softcap on 16-bit inputs: the rope pass writes the residues, both portable kernels
+    # read them (split scores); ragged sizes, GQA, both dQ modes
+    from attention_proto.ops.dense.interface import attention
+    from attention_proto.ops.dense.rope import RopeSpec
+
+    for D in (40, 64):
+        q, k, v = _qkv(Nq=37, Nk=45, D=D)
+        for det in (True, False):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            attention(*leaves, deterministic=det, causal=True, softcap=5.0, alibi_slopes=True,
+                      rope=RopeSpec("half")).sum().backward()
+            finite(*(t.grad for t in leaves))
+
+
 @case("dense_bwd_tma", gpu_only="TMA descriptors need a Hopper GPU")
 def _dense_bwd_tma():
     from attention_proto.ops.dense.backward import flash_attention_backward, tma_bwd_config_candidates

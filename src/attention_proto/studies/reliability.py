@@ -58,8 +58,8 @@ def _fuzz_rows(d: Path) -> List[Dict[str, Any]]:
 #: the cases of scripts/sanitize.py (each kernel in the source maps to one of them there; a test keeps
 #: this list equal to the script's): the sanitizer bar needs every one of them clean under each tool
 SANITIZE_CASES = ("dense_fwd_portable", "dense_fwd_hooks", "dense_fwd_varlen", "dense_fwd_tma", "dense_fwd_key_start",
-                  "dense_fwd_runtime", "dense_rope_kernel", "dense_bwd", "dense_bwd_tma", "paged_decode",
-                  "paged_append", "linear")
+                  "dense_fwd_runtime", "dense_rope_kernel", "dense_bwd", "dense_bwd_split", "dense_bwd_tma",
+                  "paged_decode", "paged_append", "linear")
 
 
 def _tool_summary(report: str) -> Optional[int]:

@@ -50,6 +50,17 @@ dk. Rotating on load inside the main kernels would redo the rotation of each
 q tile once per KV block and, measured with ptxas for sm_90, pushes the dK/dV
 kernel into spills (cos/sin and partner tiles live next to the accumulators).
 
+Split scores (RoPE with softcap, 16-bit inputs): the rope pass also writes the rounding residue of
+the rotated q and k (x_lo = x - x_hi, in the input dtype), and the kernels add q_hi.k_lo + q_lo.k_hi
+to each score tile (2 more MMAs of the tile; scores accurate to ~2^-16 instead of the 16-bit
+operands' ~2^-8), and take tanh to fp32 accuracy (tanh.approx's 2^-11 matters as much there). The softcap gradient's factor 1 - tanh^2(s / c) is steep where |s| ~ c, so a
+score's rounding error there is amplified into dq/dk: with scale 1, D 256 and c 0.5 (scores far
+past the cap; only the few near 0 carry the gradient) the rounded rotation alone made dq 3.6-7.9x
+PyTorch's own bf16 error (session-8 GPU fuzz; a float64 emulation of the kernel reproduced the error
+and put all of it on the rounding of the rotated operands). Without RoPE the operands are the exact
+inputs and need no residue; without softcap the gradient is not sensitive to it. The TMA path does
+not take this mode (the residues' tiles do not fit its registers): rope + softcap runs here.
+
 Precision: fp16/bf16 MMA operands with fp32 accumulation; P and dS are cast
 to the input dtype before their MMAs, as FlashAttention does. fp32 inputs use
 ``tl.dot(..., input_precision="ieee")`` (true fp32 products, no TF32) so
@@ -81,7 +92,7 @@ from attention_proto.runtime.validation import (
 
 from . import backward_tma
 from .common import LOG2E as _LOG2E_F
-from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_for
+from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_f32, tanh_for
 from .reference import normalize_window
 from .rope import RopeSpec, theta_tables
 
@@ -93,6 +104,9 @@ BWD_PATHS = ("portable", "tma")
 #: since scripts/bench_dense_bwd.py on an H100 (2026-11-26, session 3): gradients within 0.04-0.13 of
 #: the bound, bitwise reruns equal, fwd+bwd 1.03-1.12x FlexAttention and 1.36-1.45x the portable path
 TMA_BACKWARD_DEFAULT = True
+#: RoPE + softcap on 16-bit inputs: split-precision scores on the portable kernels (module docstring).
+#: False restores the rounded scores and the TMA path (for timing the mode's cost, and its tests)
+SPLIT_ROPE_SOFTCAP_SCORES = True
 #: tests set this to fill every output and scratch buffer with NaN before the kernels run
 POISON_OUTPUTS = False
 #: float32 inputs: form delta = rowsum(dO * O) as the diagonal of dO @ O^T through the same IEEE dot
@@ -209,7 +223,7 @@ def tma_bwd_config_candidates(head_dim: int) -> list[BwdConfig]:
 
 
 def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int, tma: bool = False,
-                    softcap: bool = False) -> BwdConfig:
+                    softcap: bool = False, split: bool = False) -> BwdConfig:
     """Heuristic: tiny tiles under the interpreter, the first TMA candidate where ``tma`` (the caller
     checked :func:`.backward_tma.supports`), else the first portable sweep candidate.
 
@@ -250,16 +264,21 @@ def _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _scores(qk, rel, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DTYPE: tl.constexpr):
+def _scores(qk, rel, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DTYPE: tl.constexpr,
+            EXACT: tl.constexpr = False):
     """Scores of a tile before masking, and tanh(s/c) for the softcap gradient.
 
     ``rel`` = query position - key position, broadcast to the tile's orientation
-    ([M, N] in the dQ kernel, [N, M] in the dK/dV kernel).
+    ([M, N] in the dQ kernel, [N, M] in the dK/dV kernel). EXACT (split scores): tanh to fp32
+    accuracy, since 1 - tanh^2 near saturation is as sensitive to tanh.approx's 2^-11 as to the scores.
     """
     s = qk * scale
     th = s
     if SOFTCAP:
-        th = tanh_for(s / softcap, DTYPE)  # the forward's tanh for this dtype
+        if EXACT:
+            th = tanh_f32(s / softcap)
+        else:
+            th = tanh_for(s / softcap, DTYPE)  # the forward's tanh for this dtype
         s = softcap * th
     if ALIBI:
         s = s - slope * tl.abs(rel).to(tl.float32)
@@ -280,12 +299,15 @@ def _row_stats(LSE, DELTA, l_base, rows, ok):
 def _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, DQ_base, start_m, masked, offs_n,
                q_start, seqlen_q, seqlen_k, off, scale, softcap, slope, win_left, win_right,
                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
+               q_lo_base, k_lo,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
-               HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+               SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One query block against the program's key block, transposed (S^T = K Q^T, [BLOCK_N, BLOCK_M]).
 
-    ``masked`` (runtime) says whether this block needs the causal/window/bounds mask.
+    ``masked`` (runtime) says whether this block needs the causal/window/bounds mask. SPLIT: the
+    scores add the residues' products (``q_lo_base``: rows of q's residue, same strides as q;
+    ``k_lo``: the key block's residue tile).
     """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = q_start + offs_m
@@ -296,7 +318,11 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, DQ_base, start
 
     rel = offs_m[None, :] + off - offs_n[:, None]
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-    sT, thT = _scores(qkT, rel, scale, softcap, slope, SOFTCAP, ALIBI, q.dtype)
+    if SPLIT:
+        q_lo = load_tile(q_lo_base, rows, q_start + seqlen_q, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, True)
+        qkT += tl.dot(k_lo, tl.trans(q), tl.dot(k, tl.trans(q_lo), input_precision=DOT_PREC),
+                      input_precision=DOT_PREC)
+    sT, thT = _scores(qkT, rel, scale, softcap, slope, SOFTCAP, ALIBI, q.dtype, SPLIT)
     if masked:
         ok = m_ok[None, :] & (offs_n < seqlen_k)[:, None] & (rel >= -win_right) & (rel <= win_left)
         sT = tl.where(ok, sT, float("-inf"))
@@ -320,18 +346,26 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_base, DQ_base, start
 @triton.jit
 def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok,
              k_start, seqlen_k, off, scale, softcap, slope, win_left, win_right,
-             stride_kn, stride_kd, stride_vn, stride_vd,
+             stride_kn, stride_kd, stride_vn, stride_vd, q_lo, k_lo_base,
              MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
-             HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+             SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One key block against the program's query block ([BLOCK_M, BLOCK_N] orientation)."""
+    """One key block against the program's query block ([BLOCK_M, BLOCK_N] orientation).
+
+    SPLIT: the scores add the residues' products (``q_lo``: the query block's residue tile;
+    ``k_lo_base``: k's residue, same strides as k).
+    """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     rows = k_start + offs_n
     k = load_tile(k_base, rows, k_start + seqlen_k, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, MASK)
     v = load_tile(v_base, rows, k_start + seqlen_k, stride_vn, stride_vd, HEAD_DV, BLOCK_DV, MASK)
     rel = offs_m[:, None] + off - offs_n[None, :]
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    s, th = _scores(qk, rel, scale, softcap, slope, SOFTCAP, ALIBI, q.dtype)
+    if SPLIT:
+        k_lo = load_tile(k_lo_base, rows, k_start + seqlen_k, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, MASK)
+        qk += tl.dot(q_lo, tl.trans(k), tl.dot(q, tl.trans(k_lo), input_precision=DOT_PREC),
+                     input_precision=DOT_PREC)
+    s, th = _scores(qk, rel, scale, softcap, slope, SOFTCAP, ALIBI, q.dtype, SPLIT)
     if MASK:
         ok = m_ok[:, None] & (offs_n < seqlen_k)[None, :] & (rel >= -win_right) & (rel <= win_left)
         s = tl.where(ok, s, float("-inf"))
@@ -376,12 +410,16 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q,
 
 
 @triton.jit
-def _rope_pass(X, Y, COS, SIN, CU_Q, CU_K,
+def _rope_pass(X, Y, Y_LO, COS, SIN, CU_Q, CU_K,
                stride_xb, stride_xh, stride_xm, stride_xd, stride_yb, stride_yh, stride_ym, stride_yd,
                nq, nk, H, stride_cs, max_pos, pos_off,
                IS_VARLEN: tl.constexpr, IS_Q: tl.constexpr, Q_DEFAULT: tl.constexpr, ROPE: tl.constexpr,
-               INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Y = R X (INVERSE: R^T X) for the rows of q (IS_Q) or k; table row = pos_off + position."""
+               INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               WRITE_LO: tl.constexpr = False):
+    """Y = R X (INVERSE: R^T X) for the rows of q (IS_Q) or k; table row = pos_off + position.
+
+    WRITE_LO: Y_LO (Y's strides and dtype) gets the rounding residue R X - Y (split scores).
+    """
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -401,13 +439,17 @@ def _rope_pass(X, Y, COS, SIN, CU_Q, CU_K,
     x = load_rope_tile(X + b64 * stride_xb + h * stride_xh, rows, start + n, stride_xm, stride_xd, pos0,
                        COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, True, INVERSE)
     cols = tl.arange(0, BLOCK_D)
-    tl.store(Y + b64 * stride_yb + h * stride_yh + rows[:, None] * stride_ym + cols[None, :] * stride_yd,
-             x.to(Y.dtype.element_ty), mask=(rows < start + n)[:, None] & (cols < HEAD_DIM)[None, :])
+    y_off = b64 * stride_yb + h * stride_yh + rows[:, None] * stride_ym + cols[None, :] * stride_yd
+    y_ok = (rows < start + n)[:, None] & (cols < HEAD_DIM)[None, :]
+    y = x.to(Y.dtype.element_ty)
+    tl.store(Y + y_off, y, mask=y_ok)
+    if WRITE_LO:
+        tl.store(Y_LO + y_off, (x - y.to(tl.float32)).to(Y.dtype.element_ty), mask=y_ok)
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DVP, DQ, SLOPES, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DVP, DQ, SLOPES, CU_Q, CU_K, Q_LO, K_LO,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
@@ -416,8 +458,12 @@ def _bwd_dkdv(
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
-    """dK, dV of one key block of one kv head, summed over the query heads of its GQA group."""
+    """dK, dV of one key block of one kv head, summed over the query heads of its GQA group.
+
+    SPLIT: Q_LO/K_LO hold the residues of the rotated q/k (q's and k's strides): split scores.
+    """
     pid_n = tl.program_id(0)
     b = tl.program_id(1) // HKV
     hkv = tl.program_id(1) % HKV
@@ -433,6 +479,10 @@ def _bwd_dkdv(
                   HEAD_DIM, BLOCK_D, True)
     v = load_tile(V + b64 * stride_vb + hkv * stride_vh, rows_n, k_start + seqlen_k, stride_vn, stride_vd,
                   HEAD_DV, BLOCK_DV, True)
+    k_lo = k
+    if SPLIT:
+        k_lo = load_tile(K_LO + b64 * stride_kb + hkv * stride_kh, rows_n, k_start + seqlen_k, stride_kn,
+                         stride_kd, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -460,7 +510,9 @@ def _bwd_dkdv(
                                 (start_m < full_lo) | (start_m >= full_hi), offs_n,
                                 q_start, seqlen_q, seqlen_k, off, scale, softcap, slope, win_left, win_right,
                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dqm, stride_dqd,
-                                SOFTCAP, ALIBI, FUSE_DQ, DOT_PREC, HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+                                Q_LO + b64 * stride_qb + h * stride_qh, k_lo,
+                                SOFTCAP, ALIBI, FUSE_DQ, DOT_PREC, SPLIT, HEAD_DIM, HEAD_DV, BLOCK_M, BLOCK_D,
+                                BLOCK_DV)
 
     n_ok = offs_n < seqlen_k
     cols = tl.arange(0, BLOCK_D)
@@ -473,7 +525,7 @@ def _bwd_dkdv(
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, CU_Q, CU_K, Q_LO, K_LO,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
@@ -481,8 +533,9 @@ def _bwd_dq(
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
-    """dQ of one query block of one head (deterministic mode)."""
+    """dQ of one query block of one head (deterministic mode); SPLIT: as :func:`_bwd_dkdv`."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -503,6 +556,11 @@ def _bwd_dq(
     slope = 0.0
     if ALIBI:
         slope = tl.load(SLOPES + b64 * stride_sb + h).to(tl.float32)
+    q_lo = q
+    if SPLIT:
+        q_lo = load_tile(Q_LO + b64 * stride_qb + h * stride_qh, rows, q_start + seqlen_q, stride_qm, stride_qd,
+                         HEAD_DIM, BLOCK_D, True)
+    k_lo_base = K_LO + b64 * stride_kb + (h // GROUP) * stride_kh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b64 * stride_kb + (h // GROUP) * stride_kh
     v_base = V + b64 * stride_vb + (h // GROUP) * stride_vh
@@ -512,15 +570,18 @@ def _bwd_dq(
     for start_n in range(lo, full_lo, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off,
                       scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
-                      True, SOFTCAP, ALIBI, DOT_PREC, HEAD_DIM, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+                      q_lo, k_lo_base, True, SOFTCAP, ALIBI, DOT_PREC, SPLIT, HEAD_DIM, HEAD_DV, BLOCK_N,
+                      BLOCK_D, BLOCK_DV)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off,
                       scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
-                      False, SOFTCAP, ALIBI, DOT_PREC, HEAD_DIM, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+                      q_lo, k_lo_base, False, SOFTCAP, ALIBI, DOT_PREC, SPLIT, HEAD_DIM, HEAD_DV, BLOCK_N,
+                      BLOCK_D, BLOCK_DV)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, m_ok, k_start, seqlen_k, off,
                       scale, softcap, slope, win_left, win_right, stride_kn, stride_kd, stride_vn, stride_vd,
-                      True, SOFTCAP, ALIBI, DOT_PREC, HEAD_DIM, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+                      q_lo, k_lo_base, True, SOFTCAP, ALIBI, DOT_PREC, SPLIT, HEAD_DIM, HEAD_DV, BLOCK_N,
+                      BLOCK_D, BLOCK_DV)
     cols = tl.arange(0, BLOCK_D)
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + cols[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
@@ -658,6 +719,8 @@ def flash_attention_backward(
     D, Dv = q.shape[-1], v.shape[-1]
     sc = (1.0 / math.sqrt(D)) if scale is None else float(scale)
     use_softcap = softcap is not None and float(softcap) > 0
+    # split scores (module docstring): RoPE rounds the rotated operands, softcap's gradient amplifies it
+    split = SPLIT_ROPE_SOFTCAP_SCORES and rope is not None and use_softcap and q.dtype != torch.float32
 
     lq = lk = None  # per-sequence lengths, read on the host only when needed (one sync)
     if varlen:
@@ -698,10 +761,14 @@ def flash_attention_backward(
         # the TMA backward compiles for sm_90 and passes the interpreter's gradient tests, but it has
         # not run on a GPU yet: opt-in (BwdConfig(path="tma"), tma_bwd_config_candidates) until a GPU
         # run checks and times it (TMA_BACKWARD_DEFAULT flips dispatch to it)
-        tma_ok = TMA_BACKWARD_DEFAULT and not varlen and not backward_tma.supports(q, k, v)
-        cfg = pick_bwd_config(D, q.dtype, nq, nk, tma=tma_ok, softcap=use_softcap)
+        tma_ok = TMA_BACKWARD_DEFAULT and not varlen and not split and not backward_tma.supports(q, k, v)
+        cfg = pick_bwd_config(D, q.dtype, nq, nk, tma=tma_ok, softcap=use_softcap, split=split)
     else:
         cfg = config
+    if cfg.path == "tma" and split:
+        raise ValueError("the TMA backward path (BwdConfig.path='tma') does not take rope together with softcap "
+                         f"for 16-bit inputs (got q {describe(q)}): their gradient needs split-precision scores, "
+                         "which only the portable kernels compute; pass config=None or a portable BwdConfig")
     if cfg.path == "tma":
         reasons = backward_tma.supports(q, k, v, varlen=varlen, check_device=not interpreter_mode())
         if reasons:
@@ -717,20 +784,28 @@ def flash_attention_backward(
         cos, sin, pos0 = _rope_tables(rope, D, spans, dev)
         rb = 16 if small else max(16, 2048 // BD)  # four [rb, BD] fp32 tiles live at once
 
-        def rope_pass(x: torch.Tensor, is_q: bool, inverse: bool, dtype: torch.dtype) -> torch.Tensor:
+        def rope_pass(x: torch.Tensor, is_q: bool, inverse: bool, dtype: torch.dtype, lo=None) -> torch.Tensor:
             y = torch.empty(x.shape, dtype=dtype, device=dev)
             pos_off = (-pos0 if (rope.q_offset is None or not is_q) else int(rope.q_offset) - pos0)
             pos_off += 0 if is_q else int(rope.k_offset)
             KERNEL_CACHE.launch(
                 _rope_pass, (triton.cdiv(nq if is_q else nk, rb), B * x.shape[1]),
-                x, y, cos, sin, cu_q, cu_k, *_strides4(x, varlen), *_strides4(y, varlen), nq, nk, x.shape[1],
+                x, y, y if lo is None else lo, cos, sin, cu_q, cu_k, *_strides4(x, varlen), *_strides4(y, varlen),
+                nq, nk, x.shape[1],
                 cos.stride(0), cos.shape[0], pos_off,
                 IS_VARLEN=varlen, IS_Q=is_q, Q_DEFAULT=rope.q_offset is None, ROPE=1 if rope.layout == "half" else 2,
                 INVERSE=inverse, HEAD_DIM=D, BLOCK_M=rb, BLOCK_D=BD, num_warps=1 if small else 4,
+                WRITE_LO=lo is not None,
             )
             return y
 
-        q_in, k_in = rope_pass(q, True, False, q.dtype), rope_pass(k, False, False, k.dtype)
+        if split:  # residues with the temporaries' own (contiguous) strides: the kernels reuse q's/k's
+            q_lo = torch.empty(q.shape, dtype=q.dtype, device=dev)
+            k_lo = torch.empty(k.shape, dtype=k.dtype, device=dev)
+        q_in = rope_pass(q, True, False, q.dtype, q_lo if split else None)
+        k_in = rope_pass(k, False, False, k.dtype, k_lo if split else None)
+    if not split:
+        q_lo, k_lo = q_in, k_in  # unused (SPLIT=False)
 
     if cfg.path == "tma":  # always deterministic: separate dK/dV and dQ programs, no atomics
         backward_tma.run_tma_backward(
@@ -761,19 +836,19 @@ def flash_attention_backward(
                    *_strides4(do, varlen), *_lse_strides(lse, varlen))
     KERNEL_CACHE.launch(
         _bwd_dkdv, (triton.cdiv(nk, cfg.BLOCK_N), B * Hkv),
-        q_in, k_in, v, do, lse, delta, dk, dv, dq_acc, slopes, cu_q, cu_k,
+        q_in, k_in, v, do, lse, delta, dk, dv, dq_acc, slopes, cu_q, cu_k, q_lo, k_lo,
         *common_args, *_strides4(dk, varlen), *_strides4(dv, varlen), *_strides4(dq_acc, varlen),
         stride_sb, nq, nk, Hkv, H // Hkv, *mods,
-        FUSE_DQ=fuse, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **flags, **launch,
+        FUSE_DQ=fuse, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPLIT=split, **flags, **launch,
     )
     if fuse:
         dq = dq_acc if rope is not None else dq_acc.to(q.dtype)
     else:
         KERNEL_CACHE.launch(
             _bwd_dq, (triton.cdiv(nq, cfg.dq_m), B * H),
-            q_in, k_in, v, do, lse, delta, dq, slopes, cu_q, cu_k,
+            q_in, k_in, v, do, lse, delta, dq, slopes, cu_q, cu_k, q_lo, k_lo,
             *common_args, *_strides4(dq, varlen), stride_sb, nq, nk, H, H // Hkv, *mods,
-            BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **flags, **launch,
+            BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, SPLIT=split, **flags, **launch,
         )
     if rope is not None:  # d/dx of R x is R^T applied to the gradient
         dq, dk = rope_pass(dq, True, True, q.dtype), rope_pass(dk, False, True, k.dtype)
