@@ -6,7 +6,7 @@ ALiBi, RoPE (dq error 3.6-4.5x PyTorch's bf16 error; the rule allows 3x). With s
 scores are ~N(0, 256) against a cap of 0.5: nearly every tanh saturates, and dq is carried by the
 few scores near 0, where d/ds tanh is steep. This times nothing: it measures errors, per variant:
 
-    PYTHONPATH=src python scripts/probe_softcap_grad.py [split|nosplit]
+    PYTHONPATH=src python scripts/probe_softcap_grad.py [split|nosplit|split_reflse]
 
 ``nosplit`` turns off the split-precision scores (backward.SPLIT_ROPE_SOFTCAP_SCORES) that fixed it.
 (A first version rebound the kernels' tanh to the exact form: no change at all, so tanh.approx
@@ -27,14 +27,28 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1 
 SEEDS = 40 if DEV == "cuda" else int(os.environ.get("PROBE_SEEDS", "1"))
 
 
+REF_O_LSE = False
+
+
 def rebind(variant: str) -> None:
-    """``nosplit``: the rounded scores (and the TMA path) of before the split mode."""
+    """``nosplit``: the rounded scores (and the TMA path) of before the split mode; ``split_reflse``:
+    the backward alone, from the float64 reference's O and LSE instead of our forward's."""
+    global REF_O_LSE
     backward.SPLIT_ROPE_SOFTCAP_SCORES = variant != "nosplit"
+    REF_O_LSE = variant == "split_reflse"
 
 
 def grads(q, k, v, do, dt, mods, ours: bool):
     ins = [t.detach().clone().requires_grad_() for t in (q, k, v)] if ours else \
         [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+    if ours and REF_O_LSE:
+        o64, lse64 = attention_reference(*[t.double() for t in ins], causal=mods["causal"], scale=mods["scale"],
+                                         softcap=mods["softcap"], alibi_slopes=mods["alibi_ref"], rope=mods["rope"],
+                                         compute_dtype=torch.float64, device=DEV)
+        sl = mods["alibi_ref"].to(DEV) if mods["alibi_ref"] is not None else None
+        return backward.flash_attention_backward(do, *ins, o64.to(dt), lse64.float(), causal=mods["causal"],
+                                                 scale=mods["scale"], softcap=mods["softcap"], alibi_slopes=sl,
+                                                 rope=mods["rope"])
     if ours:
         out = attention_proto.attention(*ins, layout="bhsd", causal=mods["causal"], scale=mods["scale"],
                                         softcap=mods["softcap"], alibi_slopes=mods["alibi_gpu"],

@@ -269,17 +269,19 @@ def _scores(qk, rel, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.con
     """Scores of a tile before masking, and tanh(s/c) for the softcap gradient.
 
     ``rel`` = query position - key position, broadcast to the tile's orientation
-    ([M, N] in the dQ kernel, [N, M] in the dK/dV kernel). EXACT (split scores): tanh to fp32
-    accuracy, since 1 - tanh^2 near saturation is as sensitive to tanh.approx's 2^-11 as to the scores.
+    ([M, N] in the dQ kernel, [N, M] in the dK/dV kernel). EXACT (split scores): the returned tanh,
+    the gradient's, is taken to fp32 accuracy (1 - tanh^2 near saturation is as sensitive to
+    tanh.approx's 2^-11 as to the scores), while the scores keep the forward's tanh: p must match
+    the LSE that the forward formed with it.
     """
     s = qk * scale
     th = s
     if SOFTCAP:
-        if EXACT:
-            th = tanh_f32(s / softcap)
-        else:
-            th = tanh_for(s / softcap, DTYPE)  # the forward's tanh for this dtype
+        x = s / softcap
+        th = tanh_for(x, DTYPE)  # the forward's tanh for this dtype
         s = softcap * th
+        if EXACT:
+            th = tanh_f32(x)
     if ALIBI:
         s = s - slope * tl.abs(rel).to(tl.float32)
     return s, th
