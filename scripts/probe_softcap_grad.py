@@ -6,7 +6,7 @@ ALiBi, RoPE (dq error 3.6-4.5x PyTorch's bf16 error; the rule allows 3x). With s
 scores are ~N(0, 256) against a cap of 0.5: nearly every tanh saturates, and dq is carried by the
 few scores near 0, where d/ds tanh is steep. This times nothing: it measures errors, per variant:
 
-    PYTHONPATH=src python scripts/probe_softcap_grad.py [split|nosplit|split_reflse]
+    PYTHONPATH=src python scripts/probe_softcap_grad.py [split|nosplit|split_reflse|split_ref_o|split_ref_lse]
 
 ``nosplit`` turns off the split-precision scores (backward.SPLIT_ROPE_SOFTCAP_SCORES) that fixed it.
 (A first version rebound the kernels' tanh to the exact form: no change at all, so tanh.approx
@@ -35,7 +35,7 @@ def rebind(variant: str) -> None:
     the backward alone, from the float64 reference's O and LSE instead of our forward's."""
     global REF_O_LSE
     backward.SPLIT_ROPE_SOFTCAP_SCORES = variant != "nosplit"
-    REF_O_LSE = variant == "split_reflse"
+    REF_O_LSE = {"split_reflse": "both", "split_ref_o": "o", "split_ref_lse": "lse"}.get(variant, False)
 
 
 def grads(q, k, v, do, dt, mods, ours: bool):
@@ -46,7 +46,13 @@ def grads(q, k, v, do, dt, mods, ours: bool):
                                          softcap=mods["softcap"], alibi_slopes=mods["alibi_ref"], rope=mods["rope"],
                                          compute_dtype=torch.float64, device=DEV)
         sl = mods["alibi_ref"].to(DEV) if mods["alibi_ref"] is not None else None
-        return backward.flash_attention_backward(do, *ins, o64.to(dt), lse64.float(), causal=mods["causal"],
+        o, lse = o64.to(dt), lse64.float()
+        if REF_O_LSE != "both":  # one of the two from our forward
+            fo, flse = attention_proto.attention(*[t.detach() for t in ins], layout="bhsd", causal=mods["causal"],
+                                                 scale=mods["scale"], softcap=mods["softcap"],
+                                                 alibi_slopes=mods["alibi_gpu"], rope=mods["rope"], return_lse=True)
+            o, lse = (o, flse.float()) if REF_O_LSE == "o" else (fo, lse)
+        return backward.flash_attention_backward(do, *ins, o, lse, causal=mods["causal"],
                                                  scale=mods["scale"], softcap=mods["softcap"], alibi_slopes=sl,
                                                  rope=mods["rope"])
     if ours:
@@ -79,6 +85,9 @@ def main() -> None:
     ]
     if DEV == "cpu":
         configs = [c for c in configs if c[7] == torch.float16]
+    only = os.environ.get("PROBE_CONFIGS")
+    if only:
+        configs = [c for c in configs if c[0] in only.split(",")]
     for name, B, H, Hkv, Nq, Nk, D, dt, cap, alibi, rope, scale in configs:
         worst, over = 0.0, 0
         for seed in range(SEEDS):
