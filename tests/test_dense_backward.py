@@ -616,6 +616,29 @@ def test_gpu_fast_mode_matches():
 
 @gpu
 @needs_cuda
+@pytest.mark.xfail(strict=True, reason="known gap (docs/reliability.md): through our own forward's O and LSE, "
+                   "whose scores use the rounded rotated q/k, one of 120 gradient checks exceeds the 3x rule")
+def test_gpu_split_scores_saturated_through_our_forward():
+    """scripts/probe_softcap_grad.py's "fuzz s3" config, its 40 seeds: scale 1 at D 256, softcap 0.5, ALiBi,
+    RoPE, Nq 1 (H100, session 8: worst dq 2.74x PyTorch's bf16 error, 7.89x before the split scores;
+    0.43x from the float64 O/LSE)."""
+    B, H, Hkv, Nq, Nk, D, dt = 3, 6, 3, 1, 48, 256, torch.bfloat16
+    mods = dict(causal=True, scale=1.0, softcap=0.5, rope=RopeSpec("half"))
+    for seed in range(40):
+        g = torch.Generator(device="cuda").manual_seed(1000 + seed)
+        q, k, v, do = (torch.randn(s, generator=g, device="cuda").to(dt)
+                       for s in ((B, H, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D), (B, H, Nq, D)))
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention_proto.attention(*leaves, layout="bhsd", alibi_slopes=True, **mods)
+        ours = torch.autograd.grad(out, leaves, do)
+        _, _, g64 = ref_grads(q, k, v, do, torch.float64, device="cuda", alibi_slopes=alibi_slopes(H), **mods)
+        _, _, glow = ref_grads(q, k, v, do, dt, device="cuda", alibi_slopes=alibi_slopes(H), **mods)
+        for name, a, lo, hi in zip(("dq", "dk", "dv"), ours, glow, g64):
+            assert_close_rule(a, lo, hi, dt, factor=3, what=f"{name} (seed {1000 + seed})")
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mod", list(MODS) + ["gqa", "plain"])
 @pytest.mark.parametrize("D", [64, 128])
