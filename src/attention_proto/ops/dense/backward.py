@@ -53,13 +53,15 @@ kernel into spills (cos/sin and partner tiles live next to the accumulators).
 Split scores (RoPE with softcap, 16-bit inputs): the rope pass also writes the rounding residue of
 the rotated q and k (x_lo = x - x_hi, in the input dtype), and the kernels add q_hi.k_lo + q_lo.k_hi
 to each score tile (2 more MMAs of the tile; scores accurate to ~2^-16 instead of the 16-bit
-operands' ~2^-8), and take tanh to fp32 accuracy (tanh.approx's 2^-11 matters as much there). The softcap gradient's factor 1 - tanh^2(s / c) is steep where |s| ~ c, so a
-score's rounding error there is amplified into dq/dk: with scale 1, D 256 and c 0.5 (scores far
+operands' ~2^-8); the gradient's tanh is then taken to fp32 accuracy (:func:`_scores`). The softcap
+gradient's factor 1 - tanh^2(s / c) is steep where |s| ~ c, so a score's rounding error there is
+amplified into dq/dk: with scale 1, D 256 and c 0.5 (scores far
 past the cap; only the few near 0 carry the gradient) the rounded rotation alone made dq 3.6-7.9x
 PyTorch's own bf16 error (session-8 GPU fuzz; a float64 emulation of the kernel reproduced the error
 and put all of it on the rounding of the rotated operands). Without RoPE the operands are the exact
-inputs and need no residue; without softcap the gradient is not sensitive to it. The TMA path does
-not take this mode (the residues' tiles do not fit its registers): rope + softcap runs here. Cost on
+inputs and need no residue; without softcap the gradient is not sensitive to it. The TMA kernels
+do not implement this mode (their softcap tiles already run at the register limit): rope + softcap
+runs here. Cost on
 the H100 (B1 H16:8 N4k causal bf16, backward alone): 1.96x / 1.60x of the TMA path at D128
 (deterministic / fused dQ; the move off TMA alone is 1.40x / 1.33x), 1.46x / 1.21x at D256.
 
@@ -225,7 +227,7 @@ def tma_bwd_config_candidates(head_dim: int) -> list[BwdConfig]:
 
 
 def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int, tma: bool = False,
-                    softcap: bool = False, split: bool = False) -> BwdConfig:
+                    softcap: bool = False) -> BwdConfig:
     """Heuristic: tiny tiles under the interpreter, the first TMA candidate where ``tma`` (the caller
     checked :func:`.backward_tma.supports`), else the first portable sweep candidate.
 
@@ -762,11 +764,9 @@ def flash_attention_backward(
     cu_q = cu_seqlens_q.to(torch.int32).contiguous() if varlen else delta
     cu_k = cu_seqlens_k.to(torch.int32).contiguous() if varlen else delta
     if config is None:
-        # the TMA backward compiles for sm_90 and passes the interpreter's gradient tests, but it has
-        # not run on a GPU yet: opt-in (BwdConfig(path="tma"), tma_bwd_config_candidates) until a GPU
-        # run checks and times it (TMA_BACKWARD_DEFAULT flips dispatch to it)
+        # the TMA backward wherever it applies (TMA_BACKWARD_DEFAULT), except for split scores
         tma_ok = TMA_BACKWARD_DEFAULT and not varlen and not split and not backward_tma.supports(q, k, v)
-        cfg = pick_bwd_config(D, q.dtype, nq, nk, tma=tma_ok, softcap=use_softcap, split=split)
+        cfg = pick_bwd_config(D, q.dtype, nq, nk, tma=tma_ok, softcap=use_softcap)
     else:
         cfg = config
     if cfg.path == "tma" and split:
