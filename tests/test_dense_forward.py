@@ -504,7 +504,10 @@ def test_auto_pick_of_a_portable_entry_is_shrunk_for_rope(tmp_path, monkeypatch)
         plain = cfgmod.pick_forward_config(128, torch.bfloat16, True, 512, "auto", False)
         assert plain == FwdConfig(64, 64, 4, 3, "portable")
         q = torch.empty(1, 16, 600, 128, dtype=torch.bfloat16)  # past SMALL_PROBLEM_SCORES: the TMA-capable plan
-        for rope_mode, fused in ((0, False), (1, True)):
+        # the in-kernel rotation ("tile") needs the shrink; rotating q and k first ("rotate", what "auto"
+        # does at this size) runs the plain kernel on the plain tile
+        for mode, rope_mode, fused in (("tile", 0, False), ("tile", 1, True), ("auto", 1, False)):
+            monkeypatch.setattr(F, "PORTABLE_ROPE", mode)
             plan = F._make_plan(q, q, q, q, None, B=1, H=16, Hkv=16, Nq=600, Nk=600, D=128, varlen=False, causal=True,
                                 left=-1, right=-1, has_softcap=False, has_alibi=False, rope_mode=rope_mode,
                                 rope_args=(64, 1024, 0, 1, 0), score_mod=None, mask_mod=None, config=None,
@@ -514,6 +517,7 @@ def test_auto_pick_of_a_portable_entry_is_shrunk_for_rope(tmp_path, monkeypatch)
             assert plan.kernel is F._fwd_kernel
             assert cfgmod.fits(cfg, 128, torch.bfloat16, rope=fused), (rope_mode, cfg)
             assert (cfg == plain) == (not fused)
+            assert c["ROPE"] == (1 if fused else 0) and (plan.rotate is not None) == (mode == "auto")
     finally:
         monkeypatch.undo()
         cfgmod.reload_table()

@@ -6,9 +6,10 @@ GPU, N in {4k, 16k} (B = 16k / N, H16), causal, times by CUDA events:
 - RoPE as dispatched (on Hopper the TMA kernel rotates the query tile in registers and the keys
   are rotated once per call by the RoPE kernel) against plain attention on the same path; RoPE
   fused into every tile load of the portable kernel (``rope_tile``: queries and each key tile
-  rotated as loaded) against the plain kernel on that tile; and the separate RoPE kernel
-  (``rope_kernel.apply_rope`` on q and k) + attention, both paths (half layout; interleaved too
-  at 16k in full mode);
+  rotated as loaded) against the plain kernel on that tile; RoPE on the portable kernel as dispatched
+  (``forward.PORTABLE_ROPE`` "auto": q and k rotated by the RoPE kernel first at these sizes); and the
+  separate RoPE kernel (``rope_kernel.apply_rope`` on q and k) + attention, both paths (half layout;
+  interleaved too at 16k in full mode);
 - ALiBi and softcap 50 on both paths; softcap against FlexAttention's softcap and plain causal at
   16k, plus what bounds it: MUFU (special-function unit) instructions per score from the compiled
   kernels' PTX against the unit's peak rate, and tensor-core use against the measured matmul
@@ -147,7 +148,7 @@ class ModifiersStudy(Study):
     # ------------------------------------------------------------------ GPU
     def _at(self, ctx: StudyContext, n: int) -> None:
         from ..ops.dense.configs import pick_forward_config
-        from ..ops.dense.forward import flash_attention_forward
+        from ..ops.dense.forward import flash_attention_forward, portable_rope
         from ..ops.dense.rope import RopeSpec
         from ..ops.dense.rope_kernel import apply_rope
 
@@ -175,9 +176,14 @@ class ModifiersStudy(Study):
         # per-tile RoPE needs more shared memory (partner-column loads): the forward picks a portable
         # tile that fits; "the same kernel without it" is the plain kernel on that very tile
         rope_cfg = pick_forward_config(d, dt, True, n, "portable", True)
-        rope_fn = lambda: flash_attention_forward(q, k, v, causal=True, rope=half, config=rope_cfg)  # noqa: E731
+        def rope_fn():
+            with portable_rope("tile"):  # the in-kernel rotation even where "auto" rotates q and k first
+                return flash_attention_forward(q, k, v, causal=True, rope=half, config=rope_cfg)
+
         jobs.append(("plain", "rope_tile", {}, lambda: flash_attention_forward(q, k, v, causal=True, config=rope_cfg)))
         jobs.append(("rope", "rope_tile", {"rope": half}, rope_fn))
+        # the portable kernel with RoPE as dispatched (PORTABLE_ROPE "auto": q and k rotated first here)
+        jobs.append(("rope", "portable", {"rope": half}, fa(q, k, v, "portable", rope=half)))
         for path in ("default", "portable"):
             jobs.append(("rope_separate", path, {"rope": half}, sep(half, path)))
         jobs.append(("rope_kernel_only", "rope_kernel", {"rope": half}, lambda: apply_rope(q, k, half)))
@@ -327,6 +333,11 @@ class ModifiersStudy(Study):
                             f"{r['extra'].get('config', {}).get('BLOCK_M', '?')}x{r['extra'].get('config', {}).get('BLOCK_N', '?')}) "
                             f"costs {pct(y)} over that kernel without RoPE.")
                 f.metrics["per_tile_overhead"] = y
+            y2 = self._overhead(data, "rope", "portable", n)[0]
+            if y2 is not None:
+                f.claim += (f" The portable kernel as dispatched (q and k rotated by the RoPE kernel first, the plain "
+                            f"tile) costs {pct(y2)} over the portable kernel without RoPE.")
+                f.metrics["portable_overhead"] = y2
         return f
 
     def _f_alibi(self, data):
@@ -493,7 +504,7 @@ class ModifiersStudy(Study):
     def _f_table(self, data) -> Optional[Finding]:
         rows = []
         for n in self._ns(data):
-            for what, path in (("rope", "default"), ("rope", "rope_tile"), ("alibi", "default"), ("alibi", "portable"), ("softcap", "default"),
+            for what, path in (("rope", "default"), ("rope", "rope_tile"), ("rope", "portable"), ("alibi", "default"), ("alibi", "portable"), ("softcap", "default"),
                                ("softcap", "portable"), ("window", "default"), ("rope_interleaved", "default")):
                 x, r, b = self._overhead(data, what, path, n)
                 if x is not None:

@@ -391,17 +391,18 @@ class _Plan:
     makes a :class:`~attention_proto.runtime.cache.DirectLaunch` valid for it.
     """
 
-    __slots__ = ("kernel", "grid", "ints_a", "ints_b", "consts", "specs", "aligned", "direct", "rotate_k")
+    __slots__ = ("kernel", "grid", "ints_a", "ints_b", "consts", "specs", "aligned", "direct", "rotate")
 
-    def __init__(self, kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate_k=None):
+    def __init__(self, kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate=None):
         self.kernel, self.grid, self.ints_a, self.ints_b, self.consts = kernel, grid, ints_a, ints_b, consts
         # TMA: descriptor (shape, strides, block) of q, k, v, out, then make_descriptor; None: portable
         self.specs = specs
         self.aligned = aligned
         self.direct = None
-        # TMA with RoPE: (rotate_into, layout mode, first key position) of the keys' rotation into a
-        # scratch tensor before the launch (the kernel rotates the queries itself); None otherwise
-        self.rotate_k = rotate_k
+        # RoPE rotated before the launch: (rotate_into, layout mode, first query position or None, first
+        # key position): q (unless None: the kernel rotates it) and k go rotated into scratch tensors;
+        # None: no RoPE, or the kernel rotates both (PORTABLE_ROPE)
+        self.rotate = rotate
 
 
 #: the order of a causal TMA forward's programs. "head": each head's query blocks in turn, heaviest
@@ -414,6 +415,51 @@ class _Plan:
 CAUSAL_SCHEDULE = "auto"
 SCHEDULES = ("head", "lpt", "auto")
 LPT_MAX_WAVES = 4.0
+
+
+#: how the portable forward applies a fused RoPE. "tile": the kernel rotates q and every key tile as
+#: it loads them (partner-column loads, a shrunk tile). "rotate": q and k are rotated into scratch
+#: tensors by the RoPE kernel first and the plain kernel runs on its plain tile. "auto" (the default):
+#: "rotate" when a call has at least ROPE_ROTATE_MIN_Q queries and more than SMALL_PROBLEM_SCORES scores
+#: (K is then re-read by several query blocks), else "tile" (decode-like calls: two more launches would
+#: cost more than rotating each key tile once). Varlen calls always take "tile" (their positions restart
+#: per sequence). Measured on an H100 (modifiers study, session 9, B1 H16 N16k D128 bf16 causal): the
+#: "tile" kernel 16.88 ms against 2.55 ms without RoPE on its tile; the RoPE kernel + the plain
+#: portable kernel 2.28 ms (the RoPE kernel alone 0.12 ms). The TMA path always rotates the keys first.
+PORTABLE_ROPE = "auto"
+PORTABLE_ROPE_MODES = ("tile", "rotate", "auto")
+ROPE_ROTATE_MIN_Q = 128
+
+
+def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int, varlen: bool) -> bool:
+    """Whether a portable forward with RoPE rotates q and k before the launch (see :data:`PORTABLE_ROPE`)."""
+    if mode not in PORTABLE_ROPE_MODES:
+        raise ValueError(f"forward.PORTABLE_ROPE must be one of {PORTABLE_ROPE_MODES}; got {mode!r}")
+    if varlen or mode == "tile":
+        return False
+    return mode == "rotate" or (Nq >= ROPE_ROTATE_MIN_Q and B * H * Nq * Nk > SMALL_PROBLEM_SCORES)
+
+
+@contextlib.contextmanager
+def portable_rope(mode: str) -> Iterator[None]:
+    """Run a block with :data:`PORTABLE_ROPE` set to ``mode`` (the modifiers study times "tile").
+    Process-wide, not thread-safe, like :func:`causal_schedule`."""
+    global PORTABLE_ROPE
+    if mode not in PORTABLE_ROPE_MODES:
+        raise ValueError(f"portable_rope: mode must be one of {PORTABLE_ROPE_MODES}; got {mode!r}")
+    prev, PORTABLE_ROPE = PORTABLE_ROPE, mode
+    try:
+        yield
+    finally:
+        PORTABLE_ROPE = prev
+
+
+def _contiguous_strides(shape) -> Tuple[int, ...]:
+    strides, n = [], 1
+    for d in reversed(shape):
+        strides.append(n)
+        n *= d
+    return tuple(reversed(strides))
 
 
 @contextlib.contextmanager
@@ -471,14 +517,18 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
     """Pick the path and config and compute the integer arguments and constexprs of a launch."""
     if CAUSAL_SCHEDULE not in SCHEDULES:
         raise ValueError(f"forward.CAUSAL_SCHEDULE must be one of {SCHEDULES}; got {CAUSAL_SCHEDULE!r}")
+    # a portable launch with RoPE: rotate q and k first (the plain kernel and tile), or in the kernel
+    rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk, varlen)
     if config is None:
         path = "portable"
         small = B * H * Nq * Nk <= SMALL_PROBLEM_SCORES
         if not (varlen and rope_mode != 0) and not small and _tma_path_usable(q, k, v, out, varlen):
             path = "tma" if varlen else "auto"  # varlen has no warp-specialized kernel
-        # a portable config (also one the table picks under "auto") is shrunk for the fused RoPE loads;
-        # the TMA path rotates the keys in a separate pass: its tiles are the plain kernel's
-        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path, rope_mode != 0)
+        # a portable config (also one the table picks under "auto") is shrunk for the fused RoPE loads
+        # unless q and k are rotated first; the TMA path rotates the keys in a separate pass: its tiles
+        # are the plain kernel's
+        config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path,
+                                     rope_mode != 0 and not rotates)
     if config.path != "portable" and varlen:
         from . import forward_tma, forward_tma_varlen
 
@@ -494,7 +544,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
     if config.path != "portable":
         from . import forward_tma
 
-        rotate_k = None
+        rotate = None
         if rope_mode != 0:
             # the kernel reads the rotated keys from a scratch tensor allocated per call like this one
             k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -502,7 +552,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
             rope_ints = (stride_cs, max_pos, q_off + q_auto * (Nk - Nq))
             from .rope_kernel import rotate_into
 
-            rotate_k = (rotate_into, rope_mode, k_off)
+            rotate = (rotate_into, rope_mode, None, k_off)
         else:
             rope_ints = (0, 0, 0)
         reasons = forward_tma.supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
@@ -518,14 +568,25 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
             score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale,
             rope_mode=rope_mode, rope_ints=rope_ints, lpt_heads=lpt)
         specs = specs + (forward_tma.make_descriptor,)  # kept with the specs: no import per call
-        return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate_k)
+        return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate)
 
+    rotate = None
+    if rotates:
+        # q and k rotated into contiguous scratch tensors before the launch: the plain kernel reads them
+        from .rope_kernel import rotate_into
+
+        _, _, q_off, q_auto, k_off = rope_args
+        rotate = (rotate_into, rope_mode, q_off + q_auto * (Nk - Nq), k_off)
+        rope_mode, rope_args = 0, (0, 0, 0, 0, 0)
     BM, BN = config.BLOCK_M, config.BLOCK_N
     num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
     if varlen:
         strides = (0, q.stride(1), q.stride(0), q.stride(2), 0, k.stride(1), k.stride(0), k.stride(2),
                    0, v.stride(1), v.stride(0), v.stride(2), 0, out.stride(1), out.stride(0), out.stride(2),
                    0) + (lse.stride() if lse is not None else (0, 0))
+    elif rotate is not None:
+        strides = (_contiguous_strides((B, H, Nq, D)) + _contiguous_strides((B, Hkv, Nk, D)) + v.stride()
+                   + out.stride() + (lse.stride() if lse is not None else (0, 0, 0)))
     else:
         strides = q.stride() + k.stride() + v.stride() + out.stride() + (lse.stride() if lse is not None else (0, 0, 0))
     ints_a = tuple(strides) + (Nq, Nk, H, H // Hkv, num_m)
@@ -540,7 +601,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return _Plan(_fwd_kernel, (num_m, B * H), ints_a, ints_b, consts, None, aligned)
+    return _Plan(_fwd_kernel, (num_m, B * H), ints_a, ints_b, consts, None, aligned, rotate)
 
 
 def _output_keys(out, lse, return_lse) -> Tuple[Any, Any]:
@@ -697,7 +758,7 @@ def flash_attention_forward(
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
            rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE, LPT_MAX_WAVES,
-           key_start is not None)
+           key_start is not None, PORTABLE_ROPE if rope is not None else None)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,
@@ -710,6 +771,13 @@ def flash_attention_forward(
     floats = (sm_scale, sm_scale * _LOG2E, float(softcap) if has_softcap else 0.0)
     specs = plan.specs
     if specs is None:
+        if plan.rotate is not None:
+            rotate_into, mode, q_pos, k_pos = plan.rotate
+            q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+            rotate_into(q, q_rot, cos, sin, q_pos, mode)
+            rotate_into(k, k_rot, cos, sin, k_pos, mode)
+            q, k, cos, sin = q_rot, k_rot, None, None
         args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k, key_start) + plan.ints_a + floats + plan.ints_b
     elif specs[3] is None:  # varlen TMA: descriptors over q, k, v; the output by pointer
         make_descriptor = specs[4]
@@ -717,8 +785,8 @@ def flash_attention_forward(
                 out, lse, slopes, cu_q, cu_k) + plan.ints_a + floats + plan.ints_b
     else:
         make_descriptor = specs[4]
-        if plan.rotate_k is not None:
-            rotate_into, mode, k_off = plan.rotate_k
+        if plan.rotate is not None:
+            rotate_into, mode, _, k_off = plan.rotate
             k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
             rotate_into(k, k_rot, cos, sin, k_off, mode)
             k = k_rot
