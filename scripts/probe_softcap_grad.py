@@ -6,9 +6,10 @@ ALiBi, RoPE (dq error 3.6-4.5x PyTorch's bf16 error; the rule allows 3x). With s
 scores are ~N(0, 256) against a cap of 0.5: nearly every tanh saturates, and dq is carried by the
 few scores near 0, where d/ds tanh is steep. This times nothing: it measures errors, per variant:
 
-    PYTHONPATH=src python scripts/probe_softcap_grad.py [split|nosplit|split_reflse|split_ref_o|split_ref_lse]
+    PYTHONPATH=src python scripts/probe_softcap_grad.py [split|nosplit|split_reflse|split_ref_o|split_ref_lse|split_fwd]
 
 ``nosplit`` turns off the split-precision scores (backward.SPLIT_ROPE_SOFTCAP_SCORES) that fixed it.
+``split_fwd`` also turns them on in the forward (forward.SPLIT_ROPE_SOFTCAP_SCORES, opt-in since session 9).
 (A first version rebound the kernels' tanh to the exact form: no change at all, so tanh.approx
 is not the cause; a float64 emulation put the whole error on the rounded rotated q/k.)
 """
@@ -18,7 +19,7 @@ import os
 import sys
 
 import torch
-from attention_proto.ops.dense import backward
+from attention_proto.ops.dense import backward, forward
 from attention_proto.ops.dense.reference import alibi_slopes, attention_reference
 from attention_proto.ops.dense.rope import RopeSpec
 import attention_proto
@@ -35,6 +36,7 @@ def rebind(variant: str) -> None:
     the backward alone, from the float64 reference's O and LSE instead of our forward's."""
     global REF_O_LSE
     backward.SPLIT_ROPE_SOFTCAP_SCORES = variant != "nosplit"
+    forward.SPLIT_ROPE_SOFTCAP_SCORES = variant == "split_fwd"
     REF_O_LSE = {"split_reflse": "both", "split_ref_o": "o", "split_ref_lse": "lse"}.get(variant, False)
 
 

@@ -204,7 +204,7 @@ def test_small_problems_skip_the_tma_path(monkeypatch):
     asked, picked = [], []
     monkeypatch.setattr(fwd, "_tma_path_usable", lambda *a: asked.append(1) or True)
 
-    def pick(D, dtype, causal, N, path="auto", rope=False):
+    def pick(D, dtype, causal, N, path="auto", rope=False, split=False):
         picked.append(path)
         return FwdConfig(16, 16, 4, 1)
 
@@ -269,6 +269,29 @@ def test_shared_memory_model_covers_compiled_kernels():
     assert cfgmod.fits(bad, 128, torch.bfloat16) and not cfgmod.fits(bad, 128, torch.bfloat16, rope=True)
     fixed = cfgmod.shrink_to_fit(bad, 128, torch.bfloat16, rope=True)
     assert cfgmod.fits(fixed, 128, torch.bfloat16, rope=True) and fixed.num_stages == 2 and fixed.BLOCK_N == 64
+
+
+# the forward's split scores (RoPE + softcap, bf16, 2 stages), cross-compiled for sm_90 (session 9):
+# (D, rope in the kernel, BM, BN, bytes with the split, bytes without)
+_SPLIT_SMEM_SAMPLES = [
+    (128, True, 64, 64, 196608, 163840), (128, False, 64, 64, 131072, 81920),
+    (128, True, 128, 64, 229376, 180224), (128, False, 128, 64, 163840, 98304),
+    (256, True, 64, 32, 229376, 180224), (256, False, 64, 32, 163840, 98304),
+    (256, True, 64, 64, 393216, 327680), (256, False, 64, 64, 262144, 163840),
+]
+
+
+def test_shared_memory_model_covers_split_scores():
+    bf = torch.bfloat16
+    for D, rope, bm, bn, with_split, without in _SPLIT_SMEM_SAMPLES:
+        cfg = FwdConfig(bm, bn, 4, 2)
+        for split, measured in ((True, with_split), (False, without)):
+            est = cfgmod.shared_memory_bytes(cfg, D, bf, rope=rope, split=split)
+            assert measured <= est <= measured + 2048, (D, rope, bm, bn, split, measured, est)
+    # a split config the shrink must cut: 128x64 at D128 with 3 stages and RoPE in the kernel
+    cfg = FwdConfig(128, 64, 8, 3)
+    fixed = cfgmod.shrink_to_fit(cfg, 128, bf, rope=True, split=True)
+    assert cfgmod.fits(fixed, 128, bf, rope=True, split=True) and fixed != cfg
 
 
 def test_rope_configs_fit(gpu_picks):

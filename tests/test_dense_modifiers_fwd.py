@@ -13,7 +13,7 @@ import torch
 import attention_proto  # noqa: F401
 from attention_proto.ops.dense.reference import alibi_slopes
 from attention_proto.ops.dense.rope import RopeSpec, rope_cos_sin
-from test_dense_forward import DTYPES, check, qkv
+from test_dense_forward import DEV, DTYPES, check, qkv, rand
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
@@ -203,3 +203,107 @@ def test_gpu_portable_rope_rotated_first_bf16(layout):
     assert not torch.isnan(out).any()
     assert_close_rule(out, to, ro, dtype)
     F.clear_launch_plans()
+
+
+def test_portable_rope_context_sets_and_restores():
+    from attention_proto.ops.dense import forward as F
+
+    before = F.PORTABLE_ROPE
+    with F.portable_rope("tile"):
+        assert F.PORTABLE_ROPE == "tile"
+        with F.portable_rope("rotate"):
+            assert F.PORTABLE_ROPE == "rotate"
+        assert F.PORTABLE_ROPE == "tile"
+    assert F.PORTABLE_ROPE == before
+    with pytest.raises(ValueError, match="portable_rope: mode must be one of"):
+        with F.portable_rope("fused"):
+            pass
+    assert F.PORTABLE_ROPE == before
+
+
+# split scores in the forward (RoPE + softcap on 16-bit inputs; forward.SPLIT_ROPE_SOFTCAP_SCORES) ---------
+
+#: scale 1 at D 256 puts the scores far past a cap of 0.5 (the session-8 GPU fuzz class): the 16-bit
+#: rounding of the rotated q/k moves O and the LSE as much as PyTorch's own fp16 error (1.2x / 1.25x of
+#: it under the interpreter without the split, 0.29x / ~0 with it)
+SATURATED = dict(causal=True, scale=1.0, softcap=0.5, rope=RopeSpec("half"))
+
+
+def _split_on(monkeypatch, mode):
+    from attention_proto.ops.dense import forward as F
+
+    monkeypatch.setattr(F, "SPLIT_ROPE_SOFTCAP_SCORES", True)
+    monkeypatch.setattr(F, "PORTABLE_ROPE", mode)
+    F.clear_launch_plans()
+    return F
+
+
+@pytest.mark.parametrize("mode", ["tile", "rotate"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forward_split_scores_saturated_softcap_rope(mode, seed, monkeypatch):
+    from attention_proto.ops.dense.reference import attention_reference
+    from attention_proto.testing import poison_
+
+    F = _split_on(monkeypatch, mode)
+    g = torch.Generator().manual_seed(300 + seed)
+    q, k, v = (torch.randn(2, h, n, 256, generator=g).to(torch.float16) for h, n in ((6, 5), (3, 48), (3, 48)))
+    q, k, v = (t.to(DEV) for t in (q, k, v))
+    mods = dict(SATURATED, alibi_slopes=alibi_slopes(6))
+    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(2, 6, 5, device=q.device))
+    F.flash_attention_forward(q, k, v, out=out, lse=lse, **dict(mods, alibi_slopes=mods["alibi_slopes"].to(DEV)))
+    (plan,) = F._PLANS.values()
+    assert plan.consts.get("SPLIT") is True and plan.kernel is F._fwd_kernel
+    assert (plan.rotate is not None) == (mode == "rotate")
+    ro, rl = attention_reference(q.cpu(), k.cpu(), v.cpu(), **mods)
+    to, tl_ = attention_reference(q.cpu(), k.cpu(), v.cpu(), compute_dtype=torch.float16, **mods)
+    for name, a, lo, hi in (("out", out, to, ro), ("lse", lse, tl_, rl)):
+        assert not torch.isnan(a).any(), name
+        e_ours = (a.cpu().double() - hi).abs().max().item()
+        e_torch = (lo.double() - hi).abs().max().item()
+        assert e_ours <= 0.5 * e_torch + 1e-4, (name, e_ours, e_torch)
+    F.clear_launch_plans()
+
+
+def test_forward_split_scores_only_where_they_matter(monkeypatch):
+    from attention_proto.ops.dense import forward as F
+
+    assert F.SPLIT_ROPE_SOFTCAP_SCORES is False  # opt-in until run on a GPU
+    _split_on(monkeypatch, "auto")
+    for dtype, mods, want in ((torch.float16, SATURATED, True), (torch.float32, SATURATED, None),
+                              (torch.float16, dict(SATURATED, softcap=None), None),
+                              (torch.float16, dict(SATURATED, rope=None), None)):
+        F.clear_launch_plans()
+        q, k, v = qkv(1, 2, 1, 5, 9, 32, dtype)
+        F.flash_attention_forward(q, k, v, **mods)
+        (plan,) = F._PLANS.values()
+        assert plan.consts.get("SPLIT") is want, (dtype, mods)
+    F.clear_launch_plans()
+
+
+def test_forward_split_scores_reject_an_explicit_tma_config(monkeypatch):
+    from test_dense_forward import TMA_CFG
+
+    F = _split_on(monkeypatch, "auto")
+    q, k, v = qkv(1, 2, 2, 16, 16, 64, torch.float16)
+    with pytest.raises(ValueError, match="only the portable kernel has"):
+        F.flash_attention_forward(q, k, v, config=TMA_CFG, **SATURATED)
+    F.clear_launch_plans()
+
+
+def test_rotate_into_writes_the_rounding_residues():
+    from attention_proto.ops.dense.forward import rope_tables
+    from attention_proto.ops.dense.rope import apply_rope_reference
+    from attention_proto.ops.dense.rope_kernel import rotate_into
+
+    for D, layout in ((64, "half"), (40, "interleaved")):  # the shuffle kernel and the generic one
+        x = rand(2, 3, 37, D, dtype=torch.float16, scale=4.0)
+        cos, sin = rope_tables(RopeSpec(layout), D, 64, x.device)
+        y, y_lo = torch.empty_like(x), torch.empty_like(x)
+        rotate_into(x, y, cos, sin, 5, 1 if layout == "half" else 2, y_lo)
+        _, ref = apply_rope_reference(x.cpu().double(), x.cpu().double(), RopeSpec(layout, k_offset=5))
+        scale = ref.abs().max().item()
+        assert (y.cpu().double() - ref).abs().max().item() <= 2.0 ** -10 * scale  # hi: the rotation, rounded
+        # hi + lo carries ~22 bits: the residue is what the rounding dropped
+        assert (y.cpu().double() + y_lo.cpu().double() - ref).abs().max().item() <= 2.0 ** -18 * scale
+        with pytest.raises(ValueError, match="y_lo must match y"):
+            rotate_into(x, y, cos, sin, 5, 1, y_lo[:, :, :5])

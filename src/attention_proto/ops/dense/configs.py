@@ -90,7 +90,7 @@ def block_d(D: int) -> int:
     return max(16, 1 << (int(D) - 1).bit_length())
 
 
-def shared_memory_bytes(cfg: FwdConfig, D: int, dtype: torch.dtype, rope: bool = False) -> int:
+def shared_memory_bytes(cfg: FwdConfig, D: int, dtype: torch.dtype, rope: bool = False, split: bool = False) -> int:
     """Estimated shared memory of one program (bytes), fitted to cross-compiled sm_90 kernels.
 
     Without RoPE: the Q tile plus ``num_stages`` buffered (K, V) tiles (exact for the portable
@@ -98,25 +98,29 @@ def shared_memory_bytes(cfg: FwdConfig, D: int, dtype: torch.dtype, rope: bool =
     stage (``num_stages - 1`` of them) the K tile, its partner columns and V in the input dtype and
     the fp32 cos/sin tiles, plus the rotated K (and V with 1 stage) staged for the dot. Slightly
     conservative for interleaved RoPE (which needs 2 bytes less per element and stage).
+    ``split`` (the forward's split scores, portable only): the residue tiles add one Q tile and, with
+    RoPE in the kernel, one K tile, else one buffered K tile per stage (exact against 8 sm_90
+    cross-compiles at D128/D256, session 9).
     """
     elt = torch.empty((), dtype=dtype).element_size()
     bd = block_d(D)
     stages = max(1, cfg.num_stages)
     q_tile = cfg.BLOCK_M * bd * elt
     kv = cfg.BLOCK_N * bd
+    lo = (q_tile + (1 if rope else stages) * kv * elt) if split else 0
     if not rope:
-        return q_tile + stages * 2 * kv * elt + _SMEM_SLACK
+        return q_tile + stages * 2 * kv * elt + lo + _SMEM_SLACK
     per_stage = 4 * elt + 8
     staged = 2 * elt if stages == 1 else elt
-    return q_tile + kv * ((stages - 1) * per_stage + staged) + _SMEM_SLACK
+    return q_tile + kv * ((stages - 1) * per_stage + staged) + lo + _SMEM_SLACK
 
 
-def fits(cfg: FwdConfig, D: int, dtype: torch.dtype, rope: bool = False) -> bool:
+def fits(cfg: FwdConfig, D: int, dtype: torch.dtype, rope: bool = False, split: bool = False) -> bool:
     """Rough feasibility on Hopper: shared memory (:func:`shared_memory_bytes`) and accumulator registers."""
     bd = block_d(D)
     acc_regs = cfg.BLOCK_M * bd // (cfg.num_warps * 32)
     score_regs = cfg.BLOCK_M * cfg.BLOCK_N // (cfg.num_warps * 32)
-    return (shared_memory_bytes(cfg, D, dtype, rope) <= _SMEM_BYTES
+    return (shared_memory_bytes(cfg, D, dtype, rope, split) <= _SMEM_BYTES
             and acc_regs + score_regs <= _MAX_ACC_REGS_PER_THREAD + 64)
 
 
@@ -131,9 +135,9 @@ def config_problems(cfg: FwdConfig) -> List[str]:
     return out
 
 
-def shrink_to_fit(cfg: FwdConfig, D: int, dtype: torch.dtype, rope: bool = False) -> FwdConfig:
+def shrink_to_fit(cfg: FwdConfig, D: int, dtype: torch.dtype, rope: bool = False, split: bool = False) -> FwdConfig:
     """``cfg`` with fewer stages, then narrower key blocks, then fewer rows until :func:`fits` holds."""
-    while not fits(cfg, D, dtype, rope):
+    while not fits(cfg, D, dtype, rope, split):
         if cfg.num_stages > 2:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.BLOCK_N > 32:
@@ -265,7 +269,7 @@ def _from_table(D: int, dtype: torch.dtype, causal: bool, N: int, paths: Iterabl
 
 @functools.lru_cache(maxsize=512)
 def pick_forward_config(D: int, dtype: torch.dtype, causal: bool, N: int, path: str = "auto",
-                        rope: bool = False) -> FwdConfig:
+                        rope: bool = False, split: bool = False) -> FwdConfig:
     """The config for head dim D, dtype, causal flag, sequence length N and path.
 
     ``path``: "portable", "tma", "tma+ws", or "auto" (any path the table ranks best; without a
@@ -273,6 +277,7 @@ def pick_forward_config(D: int, dtype: torch.dtype, causal: bool, N: int, path: 
     rotates q and k; where the chosen config is the portable kernel's (also when "auto" picks a
     portable table entry), the tile loads rotate them and their extra shared memory may shrink the
     config (:func:`shrink_to_fit`; the TMA path rotates the keys in a separate pass and needs none).
+    ``split``: the forward's split scores (portable only), whose residue tiles shrink it further.
     Cached per distinct argument tuple (callers bucket N to a power of two).
     """
     if path not in PATHS + ("auto",):
@@ -283,8 +288,9 @@ def pick_forward_config(D: int, dtype: torch.dtype, causal: bool, N: int, path: 
     cfg = _from_table(D, dtype, causal, N, allowed)
     if cfg is not None:
         # an "auto" pick may be a portable entry: its fused RoPE needs the shrink as much as a "portable" one
-        return shrink_to_fit(cfg, D, dtype, rope) if (rope and cfg.path == "portable") else cfg
-    return heuristic_forward_config(D, dtype, causal, N, "tma" if path == "auto" else path, rope)
+        return shrink_to_fit(cfg, D, dtype, rope, split) if ((rope or split) and cfg.path == "portable") else cfg
+    cfg = heuristic_forward_config(D, dtype, causal, N, "tma" if path == "auto" else path, rope)
+    return shrink_to_fit(cfg, D, dtype, rope, split) if (split and cfg.path == "portable") else cfg
 
 
 def forward_candidates(D: int, dtype: torch.dtype, paths: Iterable[str] = PATHS,

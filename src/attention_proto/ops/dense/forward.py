@@ -73,8 +73,11 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr,
               MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, q_lo, k_lo, SPLIT: tl.constexpr):
     """One online-softmax update with key tile ``k`` [BLOCK_N, BLOCK_D] and value tile ``v``.
+
+    SPLIT (split scores, :data:`SPLIT_ROPE_SOFTCAP_SCORES`): ``q_lo``/``k_lo`` are the 16-bit rounding
+    residues of the rotated q and k tiles, and the scores add ``q.k_lo + q_lo.k`` (the backward's form).
 
     ``m_i`` is the running row max in log2 units, ``l_i`` the running row sum, ``acc`` the
     unnormalised output. Shared by the portable and the TMA kernels.
@@ -103,6 +106,8 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
       so large positions lose no precision.
     """
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if SPLIT:
+        qk += tl.dot(q, tl.trans(k_lo), tl.dot(q_lo, tl.trans(k), input_precision=DOT_PREC), input_precision=DOT_PREC)
     late = qk_scale2  # scale applied in the exponent's FFMA (every path but USE_NATURAL's)
     shift = 0.0  # per-tile scalar added to every score of the tile (fast ALiBi), in log2 units
     if USE_NATURAL:
@@ -164,30 +169,41 @@ def alibi_lse_shift(lse, offs_m, m0, slope, HAS_ALIBI: tl.constexpr, USE_NATURAL
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
+def _fwd_block(acc, l_i, m_i, q, q_lo, k_base, k_lo_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
                skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, alibi_c0, win_left, win_right,
                COS, SIN, stride_cs, max_pos, rope_k_off,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr,
                SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr,
-               HAS_HOOKS: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_HOOKS: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    # SPLIT: the key tile's rounding residue comes from the rotation in registers (ROPE) or from
+    # k_lo_base (keys rotated before the launch, residues beside them with k's strides)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if ROPE != 0:
-        k = load_rope_tile(k_base, offs_n, seqlen_k, skn, skd, rope_k_off, COS, SIN, stride_cs, max_pos,
-                           ROPE, HEAD_DIM, BLOCK_D, MASKED).to(q.dtype)
+        k32 = load_rope_tile(k_base, offs_n, seqlen_k, skn, skd, rope_k_off, COS, SIN, stride_cs, max_pos,
+                             ROPE, HEAD_DIM, BLOCK_D, MASKED)
+        k = k32.to(q.dtype)
+        if SPLIT:
+            k_lo = (k32 - k.to(tl.float32)).to(q.dtype)
+        else:
+            k_lo = k
     else:
         k = load_tile(k_base, offs_n, seqlen_k, skn, skd, HEAD_DIM, BLOCK_D, MASKED)
+        if SPLIT:
+            k_lo = load_tile(k_lo_base, offs_n, seqlen_k, skn, skd, HEAD_DIM, BLOCK_D, MASKED)
+        else:
+            k_lo = k
     v = load_tile(v_base, offs_n, seqlen_k, svn, svd, HEAD_DIM, BLOCK_D, MASKED)
     return attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
                      sm_scale, qk_scale2, softcap, slope, start_n - alibi_c0, win_left, win_right,
                      MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD,
-                     USE_NATURAL, HAS_HOOKS, DOT_PREC)
+                     USE_NATURAL, HAS_HOOKS, DOT_PREC, q_lo, k_lo, SPLIT)
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, ALIBI, COS, SIN, CU_Q, CU_K, KEY_START,
+    Q, K, V, O, LSE, ALIBI, COS, SIN, CU_Q, CU_K, KEY_START, Q_LO, K_LO,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
     seqlen_q_arg, seqlen_k_arg, H, GROUP, num_m_blocks,
     sm_scale, qk_scale2, softcap, win_left, win_right,
@@ -196,8 +212,10 @@ def _fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     ROPE: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr,
     HAS_HOOKS: tl.constexpr, IS_VARLEN: tl.constexpr, CHECK_M: tl.constexpr, REVERSE_M: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
+    # SPLIT: split scores (RoPE + softcap, 16-bit): with ROPE the residues of the rotated q/k are taken
+    # in registers; without (q and k rotated before the launch), Q_LO/K_LO hold them with q's/k's strides
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if REVERSE_M:
@@ -230,12 +248,23 @@ def _fwd_kernel(
     k_base = K + b64 * skb + hk64 * skh + k_start * skn
     v_base = V + b64 * svb + hk64 * svh + k_start * svn
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    k_lo_base = k_base
     if ROPE != 0:
-        q = load_rope_tile(q_base, offs_m, seqlen_q, sqm, sqd, rope_q_off + rope_q_auto * off,
-                           COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, CHECK_M)
-        q = q.to(Q.dtype.element_ty)
+        q32 = load_rope_tile(q_base, offs_m, seqlen_q, sqm, sqd, rope_q_off + rope_q_auto * off,
+                             COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, CHECK_M)
+        q = q32.to(Q.dtype.element_ty)
+        if SPLIT:
+            q_lo = (q32 - q.to(tl.float32)).to(Q.dtype.element_ty)
+        else:
+            q_lo = q
     else:
         q = load_tile(q_base, offs_m, seqlen_q, sqm, sqd, HEAD_DIM, BLOCK_D, CHECK_M)
+        if SPLIT:
+            q_lo = load_tile(Q_LO + b64 * sqb + h64 * sqh + q_start * sqm, offs_m, seqlen_q, sqm, sqd,
+                             HEAD_DIM, BLOCK_D, CHECK_M)
+            k_lo_base = K_LO + b64 * skb + hk64 * skh + k_start * skn
+        else:
+            q_lo = q
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + h)
@@ -254,28 +283,28 @@ def _fwd_kernel(
         # leading band of a sliding window (or of the rows' first keys): masked
         for start_n in range(lo, full_lo, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
+                acc, l_i, m_i, q, q_lo, k_base, k_lo_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
                 skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, left, win_right,
                 COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
                 IS_CAUSAL, HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
-                USE_NATURAL, HAS_HOOKS, DOT_PREC)
+                USE_NATURAL, HAS_HOOKS, DOT_PREC, SPLIT)
     # mask-free middle
     for start_n in range(full_lo, full_hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
+            acc, l_i, m_i, q, q_lo, k_base, k_lo_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
             skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right,
             COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, False,
             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
-            USE_NATURAL, HAS_HOOKS, DOT_PREC)
+            USE_NATURAL, HAS_HOOKS, DOT_PREC, SPLIT)
     # diagonal band (causal / right window) and the ragged tail (Nk % BLOCK_N): masked
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
+            acc, l_i, m_i, q, q_lo, k_base, k_lo_base, v_base, start_n, b, h, offs_m, seqlen_k, off,
             skn, skd, svn, svd, sm_scale, qk_scale2, softcap, slope, m0 + off, win_left, win_right,
             COS, SIN, stride_cs, max_pos, rope_k_off, HEAD_DIM, BLOCK_D, BLOCK_N, True,
             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, SCORE_MOD, MASK_MOD,
-            USE_NATURAL, HAS_HOOKS, DOT_PREC)
+            USE_NATURAL, HAS_HOOKS, DOT_PREC, SPLIT)
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
@@ -400,8 +429,9 @@ class _Plan:
         self.aligned = aligned
         self.direct = None
         # RoPE rotated before the launch: (rotate_into, layout mode, first query position or None, first
-        # key position): q (unless None: the kernel rotates it) and k go rotated into scratch tensors;
-        # None: no RoPE, or the kernel rotates both (PORTABLE_ROPE)
+        # key position, residues): q (unless None: the kernel rotates it) and k go rotated into scratch
+        # tensors, with their rounding residues beside them when ``residues`` (split scores); None: no
+        # RoPE, or the kernel rotates both (PORTABLE_ROPE)
         self.rotate = rotate
 
 
@@ -428,6 +458,14 @@ LPT_MAX_WAVES = 4.0
 #: portable kernel 2.28 ms (the RoPE kernel alone 0.12 ms). The TMA path always rotates the keys first.
 PORTABLE_ROPE = "auto"
 PORTABLE_ROPE_MODES = ("tile", "rotate", "auto")
+#: split scores in the forward for RoPE + softcap on 16-bit inputs, as the backward takes them
+#: (backward.SPLIT_ROPE_SOFTCAP_SCORES): each score adds q.k_lo + q_lo.k, the products with the 16-bit
+#: rounding residues of the rotated q and k, so O and the LSE come from the scores the backward
+#: uses. Such calls run on the portable kernel (residues in registers when it rotates per tile, or
+#: written beside the rotated tensors by the RoPE kernel). Why: through our own forward the RoPE +
+#: softcap gradient still reached 2.74x PyTorch's bf16 error at scale 1, D 256, cap 0.5 (H100,
+#: session 8; 0.43x from the float64 O/LSE). Off until run on a GPU (probe_softcap_grad.py, the fuzz).
+SPLIT_ROPE_SOFTCAP_SCORES = False
 ROPE_ROTATE_MIN_Q = 128
 
 
@@ -513,22 +551,28 @@ def _launch(plan: _Plan, args: tuple) -> None:
 
 
 def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left, right, has_softcap, has_alibi,
-               rope_mode, rope_args, score_mod, mask_mod, config, aligned, positive_scale) -> _Plan:
-    """Pick the path and config and compute the integer arguments and constexprs of a launch."""
+               rope_mode, rope_args, score_mod, mask_mod, config, aligned, positive_scale, split=False) -> _Plan:
+    """Pick the path and config and compute the integer arguments and constexprs of a launch.
+
+    ``split``: split scores (:data:`SPLIT_ROPE_SOFTCAP_SCORES`), on the portable kernel only."""
     if CAUSAL_SCHEDULE not in SCHEDULES:
         raise ValueError(f"forward.CAUSAL_SCHEDULE must be one of {SCHEDULES}; got {CAUSAL_SCHEDULE!r}")
+    if split and config is not None and config.path != "portable":
+        raise ValueError(f"config.path={config.path!r}: rope together with softcap on 16-bit inputs takes split "
+                         "scores (forward.SPLIT_ROPE_SOFTCAP_SCORES), which only the portable kernel has; pass a "
+                         "portable config, config=None, or set forward.SPLIT_ROPE_SOFTCAP_SCORES = False")
     # a portable launch with RoPE: rotate q and k first (the plain kernel and tile), or in the kernel
     rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk, varlen)
     if config is None:
         path = "portable"
         small = B * H * Nq * Nk <= SMALL_PROBLEM_SCORES
-        if not (varlen and rope_mode != 0) and not small and _tma_path_usable(q, k, v, out, varlen):
+        if not split and not (varlen and rope_mode != 0) and not small and _tma_path_usable(q, k, v, out, varlen):
             path = "tma" if varlen else "auto"  # varlen has no warp-specialized kernel
         # a portable config (also one the table picks under "auto") is shrunk for the fused RoPE loads
         # unless q and k are rotated first; the TMA path rotates the keys in a separate pass: its tiles
         # are the plain kernel's
         config = pick_forward_config(D, q.dtype, bool(causal), _next_pow2(max(Nq, Nk)), path,
-                                     rope_mode != 0 and not rotates)
+                                     rope_mode != 0 and not rotates, split)
     if config.path != "portable" and varlen:
         from . import forward_tma, forward_tma_varlen
 
@@ -552,7 +596,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
             rope_ints = (stride_cs, max_pos, q_off + q_auto * (Nk - Nq))
             from .rope_kernel import rotate_into
 
-            rotate = (rotate_into, rope_mode, None, k_off)
+            rotate = (rotate_into, rope_mode, None, k_off, False)
         else:
             rope_ints = (0, 0, 0)
         reasons = forward_tma.supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
@@ -576,7 +620,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         from .rope_kernel import rotate_into
 
         _, _, q_off, q_auto, k_off = rope_args
-        rotate = (rotate_into, rope_mode, q_off + q_auto * (Nk - Nq), k_off)
+        rotate = (rotate_into, rope_mode, q_off + q_auto * (Nk - Nq), k_off, split)
         rope_mode, rope_args = 0, (0, 0, 0, 0, 0)
     BM, BN = config.BLOCK_M, config.BLOCK_N
     num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
@@ -600,6 +644,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         IS_VARLEN=varlen, CHECK_M=varlen or (Nq % BM != 0), REVERSE_M=bool(causal),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"SPLIT": True} if split else {}),
     )
     return _Plan(_fwd_kernel, (num_m, B * H), ints_a, ints_b, consts, None, aligned, rotate)
 
@@ -754,31 +799,37 @@ def flash_attention_forward(
         cu_q = cu_k = None
         vkey = None
     aligned = (ptrs & 15) == 0
+    split = (SPLIT_ROPE_SOFTCAP_SCORES and rope is not None and has_softcap
+             and q.dtype in (torch.float16, torch.bfloat16))
     # every integer argument, constexpr and path/config choice is a function of this key
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
            rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE, LPT_MAX_WAVES,
-           key_start is not None, PORTABLE_ROPE if rope is not None else None)
+           key_start is not None, PORTABLE_ROPE if rope is not None else None, split)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,
                           left=left, right=right, has_softcap=has_softcap, has_alibi=slopes is not None,
                           rope_mode=rope_mode, rope_args=rope_args, score_mod=score_mod, mask_mod=mask_mod,
-                          config=config, aligned=aligned, positive_scale=sm_scale > 0.0)
+                          config=config, aligned=aligned, positive_scale=sm_scale > 0.0, split=split)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
     floats = (sm_scale, sm_scale * _LOG2E, float(softcap) if has_softcap else 0.0)
     specs = plan.specs
     if specs is None:
+        q_lo = k_lo = None
         if plan.rotate is not None:
-            rotate_into, mode, q_pos, k_pos = plan.rotate
+            rotate_into, mode, q_pos, k_pos, residues = plan.rotate
             q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-            rotate_into(q, q_rot, cos, sin, q_pos, mode)
-            rotate_into(k, k_rot, cos, sin, k_pos, mode)
+            if residues:
+                q_lo, k_lo = torch.empty_like(q_rot), torch.empty_like(k_rot)
+            rotate_into(q, q_rot, cos, sin, q_pos, mode, q_lo)
+            rotate_into(k, k_rot, cos, sin, k_pos, mode, k_lo)
             q, k, cos, sin = q_rot, k_rot, None, None
-        args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k, key_start) + plan.ints_a + floats + plan.ints_b
+        args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k, key_start, q_lo, k_lo) + plan.ints_a + floats \
+            + plan.ints_b
     elif specs[3] is None:  # varlen TMA: descriptors over q, k, v; the output by pointer
         make_descriptor = specs[4]
         args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
@@ -786,7 +837,7 @@ def flash_attention_forward(
     else:
         make_descriptor = specs[4]
         if plan.rotate is not None:
-            rotate_into, mode, _, k_off = plan.rotate
+            rotate_into, mode, _, k_off, _ = plan.rotate
             k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
             rotate_into(k, k_rot, cos, sin, k_off, mode)
             k = k_rot

@@ -107,7 +107,7 @@ def _fwd_tma_kernel(
                 acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
                 sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, left, win_right, True, IS_CAUSAL,
                 HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL,
-                HAS_HOOKS, "tf32")
+                HAS_HOOKS, "tf32", None, None, False)
     for start_n in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
@@ -115,14 +115,14 @@ def _fwd_tma_kernel(
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
             sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, False, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False)
     for start_n in tl.range(full_hi, hi, BLOCK_N, num_stages=NUM_STAGES):
         k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
             sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False)
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element

@@ -82,20 +82,20 @@ def _fwd_tma_varlen_kernel(
             acc, l_i, m_i = attn_step(
                 acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
                 sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
-                HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+                HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False)
     for start_n in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k, v = _kv_tile(desc_k, desc_v, k0, start_n, hk, seqlen_k, BLOCK_N, HEAD_DIM, False)
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
             sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, False, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False)
     for start_n in tl.range(full_hi, hi, BLOCK_N, num_stages=NUM_STAGES):
         k, v = _kv_tile(desc_k, desc_v, k0, start_n, hk, seqlen_k, BLOCK_N, HEAD_DIM, True)
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
             sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32")
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False)
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]

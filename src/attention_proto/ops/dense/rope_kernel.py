@@ -32,10 +32,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _rope_kernel(X, Y, COS, SIN,
+def _rope_kernel(X, Y, Y_LO, COS, SIN,
                  sxb, sxh, sxn, sxd, syb, syh, syn, syd,
                  N, H, pos0, stride_cs, max_pos,
                  ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Y_LO (None: not written): the rounding residue of each rotated element, Y's strides and dtype
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -45,11 +46,15 @@ def _rope_kernel(X, Y, COS, SIN,
                        ROPE, HEAD_DIM, BLOCK_D, True)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
-    tl.store(Y + b * syb + h * syh + rows[:, None] * syn + cols[None, :] * syd, y.to(Y.dtype.element_ty), mask=mask)
+    y_off = b * syb + h * syh + rows[:, None] * syn + cols[None, :] * syd
+    y_hi = y.to(Y.dtype.element_ty)
+    tl.store(Y + y_off, y_hi, mask=mask)
+    if Y_LO is not None:
+        tl.store(Y_LO + y_off, (y - y_hi.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_rows_kernel(X, Y, COS, SIN,
+def _rope_rows_kernel(X, Y, Y_LO, COS, SIN,
                       sxb, sxh, sxn, syb, syh, syn,
                       N, H, pos0, stride_cs, max_pos,
                       ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr):
@@ -72,8 +77,15 @@ def _rope_rows_kernel(X, Y, COS, SIN,
         h = (h0 + i).to(tl.int64)
         hmask = mask & (h < H)
         x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=hmask, other=0.0)
-        y = rotate_pairs(x, c, s, ROPE, HEAD_DIM)
-        tl.store(Y + b * syb + h * syh + rows[:, None] * syn + cols[None, :], y, mask=hmask)
+        y_off = b * syb + h * syh + rows[:, None] * syn + cols[None, :]
+        if Y_LO is None:
+            tl.store(Y + y_off, rotate_pairs(x, c, s, ROPE, HEAD_DIM).to(Y.dtype.element_ty), mask=hmask)
+        else:
+            # rotated in fp32 (the same arithmetic), stored rounded, the residue beside it
+            y = rotate_pairs(x.to(tl.float32), c, s, ROPE, HEAD_DIM)
+            y_hi = y.to(Y.dtype.element_ty)
+            tl.store(Y + y_off, y_hi, mask=hmask)
+            tl.store(Y_LO + y_off, (y - y_hi.to(tl.float32)).to(Y.dtype.element_ty), mask=hmask)
 
 
 def _block_n(D: int) -> int:
@@ -82,28 +94,34 @@ def _block_n(D: int) -> int:
     return 64 if block_d(D) <= 128 else 32  # ~16 KB of fp32 rotation work per program
 
 
-def rotate_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int, mode: int) -> None:
+def rotate_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int, mode: int,
+                y_lo: Optional[torch.Tensor] = None) -> None:
     """Write ``x`` [B, H, N, D] rotated at positions ``pos0 + j`` into ``y`` (same shape; no checks).
 
     ``cos``/``sin``: fp32 tables [max_pos, D/2] covering the positions; ``mode`` 1 half, 2
     interleaved. The dense forward's TMA path rotates its keys with this before the attention launch.
+    ``y_lo`` (y's shape, strides and dtype): also the rounding residue of each element, fp32 rotation
+    minus ``y`` (the forward's split scores).
     """
     B, H, N, D = x.shape
     if B == 0 or H == 0 or N == 0:
         return
+    if y_lo is not None and (y_lo.shape != y.shape or y_lo.stride() != y.stride() or y_lo.dtype != y.dtype):
+        raise ValueError(f"rotate_into: y_lo must match y (shape {tuple(y.shape)}, strides {y.stride()}, {y.dtype}); "
+                         f"got {describe(y_lo)} with strides {y_lo.stride()}")
     if D >= 16 and D & (D - 1) == 0 and x.stride(3) == 1 and y.stride(3) == 1 and x.dtype == y.dtype:
         bn = 16 if interpreter_mode() else max(16, 8192 // D)  # ~8K elements (16 KB of bf16) per head
         heads = min(4, H)
         KERNEL_CACHE.launch(
             _rope_rows_kernel, ((N + bn - 1) // bn, B, (H + heads - 1) // heads),
-            x, y, cos, sin, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+            x, y, y_lo, cos, sin, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
             N, H, pos0, cos.stride(0), cos.shape[0], ROPE=mode, HEAD_DIM=D, BLOCK_N=bn, HEADS=heads, num_warps=4,
         )
         return
     bn = _block_n(D)
     KERNEL_CACHE.launch(
         _rope_kernel, ((N + bn - 1) // bn, B * H),
-        x, y, cos, sin, *x.stride(), *y.stride(), N, H, pos0, cos.stride(0), cos.shape[0],
+        x, y, y_lo, cos, sin, *x.stride(), *y.stride(), N, H, pos0, cos.stride(0), cos.shape[0],
         ROPE=mode, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_N=bn, num_warps=4,
     )
 
