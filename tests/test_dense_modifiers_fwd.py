@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attention_proto  # noqa: F401
+from attention_proto.ops.dense.interface import attention_varlen
 from attention_proto.ops.dense.reference import alibi_slopes
 from attention_proto.ops.dense.rope import RopeSpec, rope_cos_sin
 from test_dense_forward import DEV, DTYPES, check, qkv, rand
@@ -155,20 +156,58 @@ def test_portable_rope_rotated_first_matches_the_reference(mods, dtype, Nq, Nk, 
     assert torch.allclose(outs["tile"][0].float(), outs["rotate"][0].float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
+@pytest.mark.parametrize("split", [False, True], ids=["plain", "split"])
+@pytest.mark.parametrize("q_offset", [None, 0])
+def test_varlen_rope_rotated_first_matches_the_reference(dtype, split, q_offset, monkeypatch):
+    """Varlen + RoPE rotated by the packed RoPE pass first (positions restart per sequence; the default
+    query positions shift by seqlen_k - seqlen_q per sequence), then the plain varlen kernel: against
+    the float64 reference sequence by sequence, and equal to the in-kernel rotation up to rounding."""
+    from attention_proto.ops.dense import forward as F
+    from attention_proto.ops.dense.reference import attention_reference
+    from attention_proto.testing import assert_close_rule
+    from test_dense_forward import _varlen_inputs
+
+    lq, lk = [5, 1, 0, 19, 3, 12], [7, 1, 4, 19, 0, 9]  # Nq > Nk in the last: shifted default positions
+    q, k, v, cq, ck = _varlen_inputs(lq, lk, 4, 2, 32, dtype)
+    if split and dtype == torch.float32:
+        pytest.skip("split scores are for 16-bit inputs")
+    mods = dict(causal=True, softcap=4.0 if split else None, rope=RopeSpec("half", q_offset=q_offset))
+    monkeypatch.setattr(F, "SPLIT_ROPE_SOFTCAP_SCORES", split)
+    outs = {}
+    for mode in ("tile", "rotate"):
+        monkeypatch.setattr(F, "PORTABLE_ROPE", mode)
+        F.clear_launch_plans()
+        out, lse = attention_varlen(q * 2, k * 2, v, cq, ck, max(lq), max(lk), return_lse=True, **mods)
+        (plan,) = F._PLANS.values()
+        assert (plan.rotate is not None) == (mode == "rotate") and plan.consts.get("SPLIT", False) == split
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        for b in range(len(lq)):
+            qs, ks, vs = (x[c[b]:c[b + 1]].transpose(0, 1)[None].cpu() for x, c in ((q * 2, cq), (k * 2, ck), (v, ck)))
+            if qs.shape[2] == 0:
+                continue
+            ro, rl = attention_reference(qs, ks, vs, **mods)
+            to, _ = attention_reference(qs, ks, vs, compute_dtype=dtype, **mods)
+            ours = out[cq[b]:cq[b + 1]].transpose(0, 1)[None].cpu()
+            assert_close_rule(ours, to, ro, dtype, what=f"out of sequence {b} ({mode})")
+        outs[mode] = out
+    F.clear_launch_plans()
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert torch.allclose(outs["tile"].float(), outs["rotate"].float(), atol=tol, rtol=tol)
+
+
 def test_portable_rope_mode_rule(monkeypatch):
     from attention_proto.ops.dense import forward as F
     from attention_proto.ops.dense.configs import SMALL_PROBLEM_SCORES
 
     assert F.PORTABLE_ROPE == "auto"
     big = SMALL_PROBLEM_SCORES  # B * H * Nq * Nk above it with Nq = Nk = 2048, H = 2
-    assert F.portable_rope_rotates("auto", 1, 2, 2048, 2048, False)
-    assert not F.portable_rope_rotates("auto", 1, 2, 2048, 2048, True)  # varlen: positions restart per sequence
-    assert not F.portable_rope_rotates("auto", 64, 32, 1, 65536, False)  # decode: rotate each key tile once
-    assert not F.portable_rope_rotates("auto", 1, 1, 128, big // 128, False)  # at the small-problem limit
-    assert F.portable_rope_rotates("rotate", 1, 1, 1, 1, False) and not F.portable_rope_rotates("tile", 9, 9, 4096,
-                                                                                                 4096, False)
+    assert F.portable_rope_rotates("auto", 1, 2, 2048, 2048)
+    assert not F.portable_rope_rotates("auto", 64, 32, 1, 65536)  # decode: rotate each key tile once
+    assert not F.portable_rope_rotates("auto", 1, 1, 128, big // 128)  # at the small-problem limit
+    assert F.portable_rope_rotates("rotate", 1, 1, 1, 1) and not F.portable_rope_rotates("tile", 9, 9, 4096, 4096)
     with pytest.raises(ValueError, match="PORTABLE_ROPE must be one of"):
-        F.portable_rope_rotates("fused", 1, 1, 1, 1, False)
+        F.portable_rope_rotates("fused", 1, 1, 1, 1)
     # the bad value is caught at the call, naming the switch
     monkeypatch.setattr(F, "PORTABLE_ROPE", "fast")
     F.clear_launch_plans()
@@ -307,3 +346,33 @@ def test_rotate_into_writes_the_rounding_residues():
         assert (y.cpu().double() + y_lo.cpu().double() - ref).abs().max().item() <= 2.0 ** -18 * scale
         with pytest.raises(ValueError, match="y_lo must match y"):
             rotate_into(x, y, cos, sin, 5, 1, y_lo[:, :, :5])
+
+
+def test_varlen_tma_kernel_takes_rope_rotated_first(monkeypatch):
+    """The varlen TMA kernel has no RoPE; with q and k rotated first it runs RoPE calls (descriptors
+    emulated by the interpreter), and "tile" still refuses them with a clear error."""
+    from attention_proto.ops.dense import forward as F
+    from attention_proto.ops.dense.reference import attention_reference_varlen
+    from attention_proto.testing import assert_close_rule, poison_
+    from test_dense_forward import TMA_CFG, _varlen_inputs
+
+    lq, lk = [5, 1, 0, 19, 3, 20], [7, 1, 4, 19, 0, 33]
+    q, k, v, cq, ck = _varlen_inputs(lq, lk, 4, 2, 32, torch.float16)
+    mods = dict(causal=True, rope=RopeSpec("interleaved"))
+    monkeypatch.setattr(F, "PORTABLE_ROPE", "tile")
+    F.clear_launch_plans()
+    with pytest.raises(ValueError, match="varlen TMA forward path does not apply.*RoPE"):
+        F.flash_attention_forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, config=TMA_CFG, **mods)
+    monkeypatch.setattr(F, "PORTABLE_ROPE", "rotate")
+    F.clear_launch_plans()
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(4, q.shape[0], device=q.device))
+    F.flash_attention_forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, config=TMA_CFG, out=out, lse=lse, **mods)
+    (plan,) = F._PLANS.values()
+    assert plan.kernel.fn.__name__ == "_fwd_tma_varlen_kernel" and plan.rotate.varlen == (6, 20, 33)
+    ro, rl = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), **mods)
+    to, _ = attention_reference_varlen(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu(), compute_dtype=torch.float16,
+                                       **mods)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close_rule(out, to, ro, torch.float16)
+    F.clear_launch_plans()

@@ -178,8 +178,8 @@ def our_kernels() -> List[Any]:
         "attention_proto.ops.dense.forward": ["_fwd_kernel"],
         "attention_proto.ops.dense.forward_tma": ["_fwd_tma_kernel"],
         "attention_proto.ops.dense.forward_runtime": ["_fwd_runtime_kernel"],
-        "attention_proto.ops.dense.rope_kernel": ["_rope_kernel"],
-        "attention_proto.ops.dense.backward": ["_bwd_preprocess", "_bwd_dkdv", "_bwd_dq", "_rope_pass"],
+        "attention_proto.ops.dense.rope_kernel": ["_rope_kernel", "_rope_rows_kernel", "_rope_pass"],
+        "attention_proto.ops.dense.backward": ["_bwd_preprocess", "_bwd_dkdv", "_bwd_dq"],
         "attention_proto.ops.paged.decode": ["_paged_decode_kernel", "_paged_reduce_kernel"],
         "attention_proto.ops.paged.cache": ["_paged_append_kernel"],
     }

@@ -96,9 +96,11 @@ from attention_proto.runtime.validation import (
 
 from . import backward_tma
 from .common import LOG2E as _LOG2E_F
-from .common import WINDOW_UNBOUNDED, kv_block_range, load_rope_tile, load_tile, q_block_range, tanh_f32, tanh_for
+from .common import WINDOW_UNBOUNDED, kv_block_range, load_tile, q_block_range, tanh_f32, tanh_for
+from .common import seq_bounds as _seq_bounds
 from .reference import normalize_window
 from .rope import RopeSpec, theta_tables
+from .rope_kernel import _rope_pass
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -251,23 +253,6 @@ def pick_bwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: 
 
 
 @triton.jit
-def _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
-    """(q_start, seqlen_q, k_start, seqlen_k) of batch entry b."""
-    if IS_VARLEN:
-        # int64 starts: packed row offsets times the row stride can pass 2**31
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = b * 0
-        k_start = b * 0
-        seqlen_q = nq + b * 0
-        seqlen_k = nk + b * 0
-    return q_start, seqlen_q, k_start, seqlen_k
-
-
-@triton.jit
 def _scores(qk, rel, scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DTYPE: tl.constexpr,
             EXACT: tl.constexpr = False):
     """Scores of a tile before masking, and tanh(s/c) for the softcap gradient.
@@ -413,44 +398,6 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q,
     else:
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + b64 * stride_lb + h * stride_lh + rows * stride_lm, delta, mask=rows < q_start + seqlen_q)
-
-
-@triton.jit
-def _rope_pass(X, Y, Y_LO, COS, SIN, CU_Q, CU_K,
-               stride_xb, stride_xh, stride_xm, stride_xd, stride_yb, stride_yh, stride_ym, stride_yd,
-               nq, nk, H, stride_cs, max_pos, pos_off,
-               IS_VARLEN: tl.constexpr, IS_Q: tl.constexpr, Q_DEFAULT: tl.constexpr, ROPE: tl.constexpr,
-               INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               WRITE_LO: tl.constexpr = False):
-    """Y = R X (INVERSE: R^T X) for the rows of q (IS_Q) or k; table row = pos_off + position.
-
-    WRITE_LO: Y_LO (Y's strides and dtype) gets the rounding residue R X - Y (split scores).
-    """
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN)
-    if IS_Q:
-        start = q_start
-        n = seqlen_q
-        pos0 = pos_off + (seqlen_k - seqlen_q if Q_DEFAULT else 0) - q_start
-    else:
-        start = k_start
-        n = seqlen_k
-        pos0 = pos_off - k_start
-    if pid_m * BLOCK_M >= n:
-        return
-    b64 = b.to(tl.int64)
-    rows = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    x = load_rope_tile(X + b64 * stride_xb + h * stride_xh, rows, start + n, stride_xm, stride_xd, pos0,
-                       COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, True, INVERSE)
-    cols = tl.arange(0, BLOCK_D)
-    y_off = b64 * stride_yb + h * stride_yh + rows[:, None] * stride_ym + cols[None, :] * stride_yd
-    y_ok = (rows < start + n)[:, None] & (cols < HEAD_DIM)[None, :]
-    y = x.to(Y.dtype.element_ty)
-    tl.store(Y + y_off, y, mask=y_ok)
-    if WRITE_LO:
-        tl.store(Y_LO + y_off, (x - y.to(tl.float32)).to(Y.dtype.element_ty), mask=y_ok)
 
 
 @triton.jit

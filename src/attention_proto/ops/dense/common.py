@@ -319,3 +319,20 @@ def rope_rows(x, pos, COS, SIN, stride_cs, max_pos, ROPE: tl.constexpr, HEAD_DIM
     c = tl.load(COS + cs_off, mask=ok[:, None], other=0.0)
     s = tl.load(SIN + cs_off, mask=ok[:, None], other=0.0)
     return rotate_pairs(x, c, s, ROPE, HEAD_DIM)
+
+
+@triton.jit
+def seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of batch entry b."""
+    if IS_VARLEN:
+        # int64 starts: packed row offsets times the row stride can pass 2**31
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = b * 0
+        k_start = b * 0
+        seqlen_q = nq + b * 0
+        seqlen_k = nk + b * 0
+    return q_start, seqlen_q, k_start, seqlen_k

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict, Hashable, Iterator, Optional, Tuple
+from typing import Any, Dict, Hashable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -411,6 +411,43 @@ def _tma_path_usable(q, k, v, out, varlen: bool = False) -> bool:
 # launch plans: the host work of a call signature, done once
 # ----------------------------------------------------------------------------------------------
 
+class _Rotation(NamedTuple):
+    """RoPE applied before a launch (see :data:`PORTABLE_ROPE`): q (unless ``q_pos`` is None: the
+    kernel rotates it) and k go rotated into contiguous scratch tensors, with their 16-bit rounding
+    residues beside them when ``residues`` (split scores). Dense: ``q_pos``/``k_pos`` are the first
+    table rows. Varlen (``varlen`` = (batch, max_seqlen_q, max_seqlen_k)): they are the table offsets
+    of each sequence's row 0, q's shifted by ``seqlen_k - seqlen_q`` when ``q_default``."""
+
+    mode: int
+    q_pos: Optional[int]
+    k_pos: int
+    residues: bool = False
+    varlen: Optional[Tuple[int, int, int]] = None
+    q_default: bool = False
+
+    def apply(self, q, k, cos, sin, cu_q=None, cu_k=None):
+        """(q', k', q residues or None, k residues or None)."""
+        from .rope_kernel import rotate_into, rotate_packed_into
+
+        k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        k_lo = torch.empty_like(k_rot) if self.residues else None
+        q_rot = q_lo = None
+        if self.q_pos is not None:
+            q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            q_lo = torch.empty_like(q_rot) if self.residues else None
+        if self.varlen is None:
+            if q_rot is not None:
+                rotate_into(q, q_rot, cos, sin, self.q_pos, self.mode, q_lo)
+            rotate_into(k, k_rot, cos, sin, self.k_pos, self.mode, k_lo)
+        else:
+            batch, max_q, max_k = self.varlen
+            kw = dict(batch=batch, max_q=max_q, max_k=max_k, q_default=self.q_default, mode=self.mode)
+            if q_rot is not None:
+                rotate_packed_into(q, q_rot, cos, sin, cu_q, cu_k, is_q=True, pos_off=self.q_pos, y_lo=q_lo, **kw)
+            rotate_packed_into(k, k_rot, cos, sin, cu_q, cu_k, is_q=False, pos_off=self.k_pos, y_lo=k_lo, **kw)
+        return (q if q_rot is None else q_rot), k_rot, q_lo, k_lo
+
+
 class _Plan:
     """Everything one call signature launches except tensors and float values.
 
@@ -428,10 +465,7 @@ class _Plan:
         self.specs = specs
         self.aligned = aligned
         self.direct = None
-        # RoPE rotated before the launch: (rotate_into, layout mode, first query position or None, first
-        # key position, residues): q (unless None: the kernel rotates it) and k go rotated into scratch
-        # tensors, with their rounding residues beside them when ``residues`` (split scores); None: no
-        # RoPE, or the kernel rotates both (PORTABLE_ROPE)
+        # a _Rotation applied before the launch; None: no RoPE, or the kernel rotates q and k itself
         self.rotate = rotate
 
 
@@ -452,10 +486,12 @@ LPT_MAX_WAVES = 4.0
 #: tensors by the RoPE kernel first and the plain kernel runs on its plain tile. "auto" (the default):
 #: "rotate" when a call has at least ROPE_ROTATE_MIN_Q queries and more than SMALL_PROBLEM_SCORES scores
 #: (K is then re-read by several query blocks), else "tile" (decode-like calls: two more launches would
-#: cost more than rotating each key tile once). Varlen calls always take "tile" (their positions restart
-#: per sequence). Measured on an H100 (modifiers study, session 9, B1 H16 N16k D128 bf16 causal): the
-#: "tile" kernel 16.88 ms against 2.55 ms without RoPE on its tile; the RoPE kernel + the plain
-#: portable kernel 2.28 ms (the RoPE kernel alone 0.12 ms). The TMA path always rotates the keys first.
+#: cost more than rotating each key tile once). Varlen calls read the rule at their longest sequences;
+#: rotated, they may take the varlen TMA kernel, which has no RoPE of its own (before, varlen + RoPE
+#: always ran the "tile" kernel). Measured on an H100 (modifiers study, session 9, B1 H16 N16k D128
+#: bf16 causal): the "tile" kernel 16.88 ms against 2.55 ms without RoPE on its tile; the RoPE
+#: kernel + the plain portable kernel 2.28 ms (the RoPE kernel alone 0.12 ms). The dense TMA path
+#: always rotates the keys first and q in registers.
 PORTABLE_ROPE = "auto"
 PORTABLE_ROPE_MODES = ("tile", "rotate", "auto")
 #: split scores in the forward for RoPE + softcap on 16-bit inputs, as the backward takes them
@@ -469,11 +505,12 @@ SPLIT_ROPE_SOFTCAP_SCORES = False
 ROPE_ROTATE_MIN_Q = 128
 
 
-def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int, varlen: bool) -> bool:
-    """Whether a portable forward with RoPE rotates q and k before the launch (see :data:`PORTABLE_ROPE`)."""
+def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int) -> bool:
+    """Whether a forward with RoPE off the TMA kernel rotates q and k before the launch (see
+    :data:`PORTABLE_ROPE`); varlen calls pass their longest sequences as Nq, Nk."""
     if mode not in PORTABLE_ROPE_MODES:
         raise ValueError(f"forward.PORTABLE_ROPE must be one of {PORTABLE_ROPE_MODES}; got {mode!r}")
-    if varlen or mode == "tile":
+    if mode == "tile":
         return False
     return mode == "rotate" or (Nq >= ROPE_ROTATE_MIN_Q and B * H * Nq * Nk > SMALL_PROBLEM_SCORES)
 
@@ -562,11 +599,21 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
                          "scores (forward.SPLIT_ROPE_SOFTCAP_SCORES), which only the portable kernel has; pass a "
                          "portable config, config=None, or set forward.SPLIT_ROPE_SOFTCAP_SCORES = False")
     # a portable launch with RoPE: rotate q and k first (the plain kernel and tile), or in the kernel
-    rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk, varlen)
+    rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk)
+    rotation = None
+    if rotates:
+        _, _, q_off, q_auto, k_off = rope_args
+        rotation = (_Rotation(rope_mode, q_off, k_off, split, (B, Nq, Nk), bool(q_auto)) if varlen else
+                    _Rotation(rope_mode, q_off + q_auto * (Nk - Nq), k_off, split))
+        if varlen:
+            # the varlen kernels read the rotated copies: plan with contiguous stand-ins of their layout
+            q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if config is None:
         path = "portable"
         small = B * H * Nq * Nk <= SMALL_PROBLEM_SCORES
-        if not split and not (varlen and rope_mode != 0) and not small and _tma_path_usable(q, k, v, out, varlen):
+        varlen_rope = varlen and rope_mode != 0 and not rotates  # the varlen TMA kernel does not rotate
+        if not split and not varlen_rope and not small and _tma_path_usable(q, k, v, out, varlen):
             path = "tma" if varlen else "auto"  # varlen has no warp-specialized kernel
         # a portable config (also one the table picks under "auto") is shrunk for the fused RoPE loads
         # unless q and k are rotated first; the TMA path rotates the keys in a separate pass: its tiles
@@ -576,15 +623,16 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
     if config.path != "portable" and varlen:
         from . import forward_tma, forward_tma_varlen
 
-        reasons = forward_tma_varlen.supports(q, k, v, rope=None if rope_mode == 0 else rope_mode, out=out,
-                                              check_device=not interpreter_mode(), config=config)
+        reasons = forward_tma_varlen.supports(q, k, v, rope=None if rope_mode == 0 or rotates else rope_mode,
+                                              out=out, check_device=not interpreter_mode(), config=config)
         if reasons:
             raise ValueError("the varlen TMA forward path does not apply: " + "; ".join(reasons))
         grid, specs, ints_a, ints_b, consts = forward_tma_varlen.varlen_launch_parts(
             q, k, v, out, lse, batch=B, max_seqlen_q=Nq, causal=causal, window=(left, right), has_softcap=has_softcap,
             has_alibi=has_alibi, score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale)
         specs = specs + (None, forward_tma.make_descriptor)  # no output descriptor: pointer stores
-        return _Plan(forward_tma_varlen._fwd_tma_varlen_kernel, grid, ints_a, ints_b, consts, specs, aligned)
+        return _Plan(forward_tma_varlen._fwd_tma_varlen_kernel, grid, ints_a, ints_b, consts, specs, aligned,
+                     rotation)
     if config.path != "portable":
         from . import forward_tma
 
@@ -594,9 +642,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
             k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
             stride_cs, max_pos, q_off, q_auto, k_off = rope_args
             rope_ints = (stride_cs, max_pos, q_off + q_auto * (Nk - Nq))
-            from .rope_kernel import rotate_into
-
-            rotate = (rotate_into, rope_mode, None, k_off, False)
+            rotate = _Rotation(rope_mode, None, k_off)  # the kernel rotates q in registers
         else:
             rope_ints = (0, 0, 0)
         reasons = forward_tma.supports(q, k, v, out=out, check_device=not interpreter_mode(), config=config)
@@ -614,13 +660,9 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         specs = specs + (forward_tma.make_descriptor,)  # kept with the specs: no import per call
         return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate)
 
-    rotate = None
+    rotate = rotation
     if rotates:
         # q and k rotated into contiguous scratch tensors before the launch: the plain kernel reads them
-        from .rope_kernel import rotate_into
-
-        _, _, q_off, q_auto, k_off = rope_args
-        rotate = (rotate_into, rope_mode, q_off + q_auto * (Nk - Nq), k_off, split)
         rope_mode, rope_args = 0, (0, 0, 0, 0, 0)
     BM, BN = config.BLOCK_M, config.BLOCK_N
     num_m = (Nq + BM - 1) // BM  # not triton.cdiv: a jit function, slow to call from Python
@@ -817,17 +859,12 @@ def flash_attention_forward(
         _PLANS[key] = plan
     floats = (sm_scale, sm_scale * _LOG2E, float(softcap) if has_softcap else 0.0)
     specs = plan.specs
-    if specs is None:
+    if plan.rotate is not None and plan.rotate.q_pos is not None:  # q and k rotated first: plain kernels
+        q, k, q_lo, k_lo = plan.rotate.apply(q, k, cos, sin, cu_q, cu_k)
+        cos = sin = None
+    else:
         q_lo = k_lo = None
-        if plan.rotate is not None:
-            rotate_into, mode, q_pos, k_pos, residues = plan.rotate
-            q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-            if residues:
-                q_lo, k_lo = torch.empty_like(q_rot), torch.empty_like(k_rot)
-            rotate_into(q, q_rot, cos, sin, q_pos, mode, q_lo)
-            rotate_into(k, k_rot, cos, sin, k_pos, mode, k_lo)
-            q, k, cos, sin = q_rot, k_rot, None, None
+    if specs is None:
         args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k, key_start, q_lo, k_lo) + plan.ints_a + floats \
             + plan.ints_b
     elif specs[3] is None:  # varlen TMA: descriptors over q, k, v; the output by pointer
@@ -836,11 +873,8 @@ def flash_attention_forward(
                 out, lse, slopes, cu_q, cu_k) + plan.ints_a + floats + plan.ints_b
     else:
         make_descriptor = specs[4]
-        if plan.rotate is not None:
-            rotate_into, mode, _, k_off, _ = plan.rotate
-            k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-            rotate_into(k, k_rot, cos, sin, k_off, mode)
-            k = k_rot
+        if plan.rotate is not None and plan.rotate.q_pos is None:  # the keys only; the kernel rotates q
+            _, k, _, _ = plan.rotate.apply(q, k, cos, sin)
         args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
                 make_descriptor(out, *specs[3]), lse, slopes, cos, sin, key_start) + plan.ints_a + floats + plan.ints_b
     _launch(plan, args)

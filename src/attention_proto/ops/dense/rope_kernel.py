@@ -23,7 +23,7 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from ...runtime.validation import (describe, require_dtype, require_rank, require_same_device, require_same_dtype,
                                    require_tensor)
-from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rotate_pairs
+from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rotate_pairs, seq_bounds
 from .configs import block_d
 from .forward import rope_tables
 from .rope import RopeSpec
@@ -88,6 +88,44 @@ def _rope_rows_kernel(X, Y, Y_LO, COS, SIN,
             tl.store(Y_LO + y_off, (y - y_hi.to(tl.float32)).to(Y.dtype.element_ty), mask=hmask)
 
 
+@triton.jit
+def _rope_pass(X, Y, Y_LO, COS, SIN, CU_Q, CU_K,
+               stride_xb, stride_xh, stride_xm, stride_xd, stride_yb, stride_yh, stride_ym, stride_yd,
+               nq, nk, H, stride_cs, max_pos, pos_off,
+               IS_VARLEN: tl.constexpr, IS_Q: tl.constexpr, Q_DEFAULT: tl.constexpr, ROPE: tl.constexpr,
+               INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               WRITE_LO: tl.constexpr = False):
+    """Y = R X (INVERSE: R^T X) for the rows of q (IS_Q) or k; table row = pos_off + position.
+
+    WRITE_LO: Y_LO (Y's strides and dtype) gets the rounding residue R X - Y (split scores).
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN)
+    if IS_Q:
+        start = q_start
+        n = seqlen_q
+        pos0 = pos_off + (seqlen_k - seqlen_q if Q_DEFAULT else 0) - q_start
+    else:
+        start = k_start
+        n = seqlen_k
+        pos0 = pos_off - k_start
+    if pid_m * BLOCK_M >= n:
+        return
+    b64 = b.to(tl.int64)
+    rows = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x = load_rope_tile(X + b64 * stride_xb + h * stride_xh, rows, start + n, stride_xm, stride_xd, pos0,
+                       COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, True, INVERSE)
+    cols = tl.arange(0, BLOCK_D)
+    y_off = b64 * stride_yb + h * stride_yh + rows[:, None] * stride_ym + cols[None, :] * stride_yd
+    y_ok = (rows < start + n)[:, None] & (cols < HEAD_DIM)[None, :]
+    y = x.to(Y.dtype.element_ty)
+    tl.store(Y + y_off, y, mask=y_ok)
+    if WRITE_LO:
+        tl.store(Y_LO + y_off, (x - y.to(tl.float32)).to(Y.dtype.element_ty), mask=y_ok)
+
+
 def _block_n(D: int) -> int:
     if interpreter_mode():
         return 16
@@ -123,6 +161,30 @@ def rotate_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.
         _rope_kernel, ((N + bn - 1) // bn, B * H),
         x, y, y_lo, cos, sin, *x.stride(), *y.stride(), N, H, pos0, cos.stride(0), cos.shape[0],
         ROPE=mode, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_N=bn, num_warps=4,
+    )
+
+
+def rotate_packed_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       cu_q: torch.Tensor, cu_k: torch.Tensor, *, batch: int, max_q: int, max_k: int, is_q: bool,
+                       q_default: bool, pos_off: int, mode: int, y_lo: Optional[torch.Tensor] = None) -> None:
+    """Rotate the packed rows ``x`` [T, H, D] of a varlen batch into ``y`` (same shape; no checks).
+
+    Sequence b's rows are ``cu[b]:cu[b + 1]`` (``cu_q`` for q, ``cu_k`` for k); its row i takes table
+    row ``pos_off + i``, plus ``seqlen_k - seqlen_q`` for q when ``q_default`` (the dense forward's
+    varlen indexing). ``y_lo``: also the rounding residues (y's strides). The dense forward rotates
+    packed q and k with this before a plain (portable or TMA) varlen launch; the backward's own rope
+    pass launches the same kernel.
+    """
+    T, H, D = x.shape
+    small = interpreter_mode()
+    rb = 16 if small else max(16, 2048 // block_d(D))  # four [rb, BD] fp32 tiles live at once
+    KERNEL_CACHE.launch(
+        _rope_pass, (triton.cdiv(max_q if is_q else max_k, rb), batch * H),
+        x, y, y if y_lo is None else y_lo, cos, sin, cu_q, cu_k,
+        0, x.stride(1), x.stride(0), x.stride(2), 0, y.stride(1), y.stride(0), y.stride(2),
+        max_q, max_k, H, cos.stride(0), cos.shape[0], pos_off,
+        IS_VARLEN=True, IS_Q=is_q, Q_DEFAULT=q_default, ROPE=mode, INVERSE=False, HEAD_DIM=D, BLOCK_M=rb,
+        BLOCK_D=block_d(D), num_warps=1 if small else 4, WRITE_LO=y_lo is not None,
     )
 
 
