@@ -486,9 +486,9 @@ LPT_MAX_WAVES = 4.0
 #: tensors by the RoPE kernel first and the plain kernel runs on its plain tile. "auto" (the default):
 #: "rotate" when a call has at least ROPE_ROTATE_MIN_Q queries and more than SMALL_PROBLEM_SCORES scores
 #: (K is then re-read by several query blocks), else "tile" (decode-like calls: two more launches would
-#: cost more than rotating each key tile once). Varlen calls read the rule at their longest sequences;
-#: rotated, they may take the varlen TMA kernel, which has no RoPE of its own (before, varlen + RoPE
-#: always ran the "tile" kernel). Measured on an H100 (modifiers study, session 9, B1 H16 N16k D128
+#: cost more than rotating each key tile once). Varlen calls: "rotate" rotates them per sequence, and
+#: then they may take the varlen TMA kernel, which has no RoPE of its own; "auto" keeps "tile" for
+#: them until that path has run on a GPU (session 9 built it and tested it under the interpreter). Measured on an H100 (modifiers study, session 9, B1 H16 N16k D128
 #: bf16 causal): the "tile" kernel 16.88 ms against 2.55 ms without RoPE on its tile; the RoPE
 #: kernel + the plain portable kernel 2.28 ms (the RoPE kernel alone 0.12 ms). The dense TMA path
 #: always rotates the keys first and q in registers.
@@ -505,12 +505,12 @@ SPLIT_ROPE_SOFTCAP_SCORES = False
 ROPE_ROTATE_MIN_Q = 128
 
 
-def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int) -> bool:
+def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int, varlen: bool = False) -> bool:
     """Whether a forward with RoPE off the TMA kernel rotates q and k before the launch (see
     :data:`PORTABLE_ROPE`); varlen calls pass their longest sequences as Nq, Nk."""
     if mode not in PORTABLE_ROPE_MODES:
         raise ValueError(f"forward.PORTABLE_ROPE must be one of {PORTABLE_ROPE_MODES}; got {mode!r}")
-    if mode == "tile":
+    if mode == "tile" or (varlen and mode == "auto"):
         return False
     return mode == "rotate" or (Nq >= ROPE_ROTATE_MIN_Q and B * H * Nq * Nk > SMALL_PROBLEM_SCORES)
 
@@ -599,7 +599,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
                          "scores (forward.SPLIT_ROPE_SOFTCAP_SCORES), which only the portable kernel has; pass a "
                          "portable config, config=None, or set forward.SPLIT_ROPE_SOFTCAP_SCORES = False")
     # a portable launch with RoPE: rotate q and k first (the plain kernel and tile), or in the kernel
-    rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk)
+    rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk, varlen)
     rotation = None
     if rotates:
         _, _, q_off, q_auto, k_off = rope_args
