@@ -379,3 +379,17 @@ def test_varlen_tma_kernel_takes_rope_rotated_first(monkeypatch):
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert_close_rule(out, to, ro, torch.float16)
     F.clear_launch_plans()
+
+
+def test_forward_split_scores_refuse_an_explicit_config_over_shared_memory(monkeypatch):
+    # a portable tile that fits plain but not with the residue tiles (the Hopper model of configs.fits)
+    from attention_proto.ops.dense.configs import FwdConfig, fits
+
+    F = _split_on(monkeypatch, "tile")
+    big = FwdConfig(128, 64, 8, 3, "portable")
+    assert not fits(big, 128, torch.float16, rope=True, split=True)
+    monkeypatch.setattr(F, "interpreter_mode", lambda: False)  # the check models the GPU; the launch is never reached
+    q, k, v = qkv(1, 2, 2, 16, 16, 128, torch.float16)
+    with pytest.raises(ValueError, match="residue tiles need .* bytes of shared memory"):
+        F.flash_attention_forward(q, k, v, config=big, **SATURATED)
+    F.clear_launch_plans()

@@ -50,7 +50,8 @@ from ...runtime.device import interpreter_mode, l2_bytes, sm_count_of
 from ...runtime.validation import describe
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_bounds, kv_block_range,
                      load_rope_tile, load_tile, mul_rn, tanh_for)
-from .configs import RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, pick_forward_config
+from .configs import (RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, fits, pick_forward_config,
+                      shared_memory_bytes)
 from .rope import RopeSpec, theta_tables
 
 _LOG2E = 1.4426950408889634
@@ -411,6 +412,18 @@ def _tma_path_usable(q, k, v, out, varlen: bool = False) -> bool:
 # launch plans: the host work of a call signature, done once
 # ----------------------------------------------------------------------------------------------
 
+_ROPE_FNS: list = []
+
+
+def _rope_fns():
+    """(rotate_into, rotate_packed_into), imported once (rope_kernel imports this module)."""
+    if not _ROPE_FNS:
+        from .rope_kernel import rotate_into, rotate_packed_into
+
+        _ROPE_FNS.extend((rotate_into, rotate_packed_into))
+    return _ROPE_FNS
+
+
 class _Rotation(NamedTuple):
     """RoPE applied before a launch (see :data:`PORTABLE_ROPE`): q (unless ``q_pos`` is None: the
     kernel rotates it) and k go rotated into contiguous scratch tensors, with their 16-bit rounding
@@ -427,8 +440,7 @@ class _Rotation(NamedTuple):
 
     def apply(self, q, k, cos, sin, cu_q=None, cu_k=None):
         """(q', k', q residues or None, k residues or None)."""
-        from .rope_kernel import rotate_into, rotate_packed_into
-
+        rotate_into, rotate_packed_into = _rope_fns()
         k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         k_lo = torch.empty_like(k_rot) if self.residues else None
         q_rot = q_lo = None
@@ -600,6 +612,11 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
                          "portable config, config=None, or set forward.SPLIT_ROPE_SOFTCAP_SCORES = False")
     # a portable launch with RoPE: rotate q and k first (the plain kernel and tile), or in the kernel
     rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk, varlen)
+    if split and config is not None and not interpreter_mode() and not fits(config, D, q.dtype, not rotates, True):
+        raise ValueError(f"config={config}: with split scores (forward.SPLIT_ROPE_SOFTCAP_SCORES) its residue "
+                         f"tiles need {shared_memory_bytes(config, D, q.dtype, not rotates, True)} bytes of shared "
+                         "memory, more than Hopper's 227 KB; pass a smaller portable config (configs.shrink_to_fit("
+                         "config, D, dtype, rope, split=True)) or config=None")
     rotation = None
     if rotates:
         _, _, q_off, q_auto, k_off = rope_args
@@ -847,7 +864,7 @@ def flash_attention_forward(
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
            rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE, LPT_MAX_WAVES,
-           key_start is not None, PORTABLE_ROPE if rope is not None else None, split)
+           key_start is not None, (PORTABLE_ROPE, ROPE_ROTATE_MIN_Q) if rope is not None else None, split)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,

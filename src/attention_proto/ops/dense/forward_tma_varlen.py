@@ -122,7 +122,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope: Any = N
     if config is not None and config.path == "tma+ws":
         reasons.append("the varlen TMA kernel has no warp-specialized loop (path 'tma+ws')")
     if rope is not None:
-        reasons.append("RoPE with varlen runs on the portable kernel (positions restart per sequence)")
+        reasons.append("the varlen TMA kernel does not rotate by RoPE itself (positions restart per sequence): set "
+                       "forward.PORTABLE_ROPE = 'rotate' (q and k rotated first, then this kernel) or pass a "
+                       "portable config")
     return reasons
 
 
