@@ -174,3 +174,23 @@ def test_interpreter_mode_records_correctness(tmp_path):
     data.mode = "interpreter"
     (f,) = STUDY.analyze(data)
     assert f.verdict == "supported"
+
+
+def test_time_breakdown_from_kernel_durations(tmp_path):
+    # session 9's H100 probe at B8 N4k (us): decode 49.9, merge 2.6, read 46.1; walls 56.4 and 49.4
+    kb, run_id, ctx = _ctx(tmp_path, "breakdown")
+    kv = 2.0 * 8 * 4096 * 8 * 128 * 2
+    ctx.record(op="paged_kernel_times", impl=OURS, variant="auto", B=8, H=32, Hkv=8, N=1, Nk=4096, D=128,
+               dtype="bfloat16", causal=True, nbytes=kv,
+               extra={"sweep": "kernel_times", "kernels_us": {"_paged_decode_kernel": 49.9, "_paged_reduce_kernel": 2.6},
+                      "read_kernels_us": {"read_stream_kernel": 46.1}, "wall_us": 56.4, "read_wall_us": 49.4,
+                      "version": "v2", "num_partitions": 4, "kv_bytes": kv})
+    f = {x.id: x for x in STUDY.analyze(_data(kb, run_id))}["paged-time-breakdown"]
+    m = f.metrics
+    assert f.verdict == "observation"
+    assert m["decode_us"] == pytest.approx(49.9) and m["merge_us"] == pytest.approx(2.6)
+    assert m["replay_us"] == pytest.approx(3.9) and m["read_replay_us"] == pytest.approx(3.3)
+    assert m["bar_wall_us"] == pytest.approx(kv / (0.85 * COPY * 1e3))  # 52.6 us at a 3000 GB/s copy
+    assert m["slack_us"] == pytest.approx(m["bar_wall_us"] - 3.3 - 46.1)
+    assert m["over_read_us"] == pytest.approx(6.4)
+    assert "decode kernel takes 49.90 us" in f.claim and "they spend 6.40 us more" in f.claim

@@ -12,7 +12,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 SHORT_KERNEL_MS = 0.02
 
@@ -96,6 +96,33 @@ def bench_clean_l2(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: fl
     ts = sorted(timed(min(MAX_CLEAN_REPS, max(1, int(rep_ms / est)))))
     q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
     return _timing(statistics.median(ts), q[1], q[7])
+
+
+def kernel_times_clean_l2(fn: Callable[[], object], reps: int = 30, flush_bytes: int = 256 * 2**20) -> Dict[str, float]:
+    """Mean GPU duration (us, CUPTI via torch.profiler) of each kernel ``fn`` launches, by kernel name,
+    with L2 emptied by reading ``flush_bytes`` before every call (the flush's own reduction kernel is
+    left out). What a wall time hides: how much is each kernel and how much is launch and replay."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        buf = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
+        _FLUSH[dev] = (buf, torch.empty((), dtype=torch.float32, device="cuda"))
+    buf, sink = _FLUSH[dev]
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            torch.sum(buf, dim=0, out=sink)
+            fn()
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as ref:  # the flush alone: its kernel names
+        torch.sum(buf, dim=0, out=sink)
+        torch.cuda.synchronize()
+    flush_names = {e.key for e in ref.key_averages() if e.device_time_total > 0}
+    return {e.key: e.device_time_total / e.count for e in prof.key_averages()
+            if e.device_time_total > 0 and e.count and e.key not in flush_names}
 
 
 def wall_time_per_call(fn: Callable[[], object], calls: int = 2000, sync: Optional[Callable[[], None]] = None) -> float:

@@ -12,6 +12,8 @@ On a GPU (full mode aimed at ~90 s on an H100; every section logs its time;
 - grid (B x N): V1, V2 (dispatch's partition count), auto, and the peers on
   contiguous K/V ``[B, Hkv, N, D]``: SDPA cuDNN and SDPA FLASH (enable_gqa);
   a V2 partition sweep at small batches (B <= 8): how the count should scale;
+- the bar shapes again with L2 emptied by a read (and a trivial read of the same bytes), and at
+  B8 N4k each kernel's GPU time (CUPTI) against the read's: where the time beyond the read goes;
 - host time per eager call (checks on / off) against SDPA cuDNN;
 - page sizes 8..256 at B8 N32k, against ours on one page per sequence
   (contiguous), with the compiled kernels' shared memory / registers;
@@ -62,6 +64,8 @@ class Sweep:
     # the bar shapes, where a trivial read of the same bytes is timed beside ours (a size-matched ceiling)
     stream_shapes: Tuple[Tuple[int, int], ...] = ((1, 65536), (8, 4096), (8, 32768), (32, 4096), (32, 32768),
                                                   (128, 4096))
+    # the bar shape whose time is taken apart by kernel (CUPTI durations, L2 emptied by a read); None: skip
+    breakdown_shape: Optional[Tuple[int, int]] = (8, 4096)
 
     @staticmethod
     def full() -> "Sweep":
@@ -312,6 +316,27 @@ class PagedStudy(Study):
             peer("sdpa_cudnn", q, k, v, lens, sweep=CLEAN_SWEEP, clean=True)
             stream(lens, Hkv, D, sweep=CLEAN_SWEEP, clean=True)
         section("bar shapes, clean L2")
+        # ---- where the worst bar shape's time goes: each kernel's GPU time against the read's ----------
+        if use_graphs and sw.breakdown_shape:
+            from ..runtime.timing import kernel_times_clean_l2
+
+            B, N = sw.breakdown_shape
+            q, kc, vc, bt, sl, lens = setup(B, N, page, Hq, Hkv, D)
+            kw = dict(max_seq_len=N, check_inputs=False, total_tokens=sum(lens))
+            with ctx.guard(f"kernel times B{B} N{N}"):
+                ours_fn = _graphed(lambda: paged_attention(q, kc, vc, bt, sl, **kw))
+                read_fn = _graphed(read_stream_fn(int(_kv_bytes(lens, Hkv, D)), device))
+                k_ours, k_read = kernel_times_clean_l2(ours_fn), kernel_times_clean_l2(read_fn)
+                w_ours = ctx.bench_clean_l2(ours_fn, *sw.bench_ms).ms_median * 1e3
+                w_read = ctx.bench_clean_l2(read_fn, *sw.bench_ms).ms_median * 1e3
+                p = explain(q, kc, bt, max_seq_len=N, total_tokens=sum(lens))
+                ctx.record(op="paged_kernel_times", impl=OURS, variant="auto", B=B, H=Hq, Hkv=Hkv, N=1, Nk=N, D=D,
+                           dtype=dname, causal=True, nbytes=_kv_bytes(lens, Hkv, D),
+                           extra={"sweep": "kernel_times", "kernels_us": k_ours, "read_kernels_us": k_read,
+                                  "wall_us": w_ours, "read_wall_us": w_read, "version": p.version,
+                                  "num_partitions": p.num_partitions, "kv_bytes": _kv_bytes(lens, Hkv, D),
+                                  "timing_protocol": _protocol(True) + "; kernels: CUPTI durations"})
+            section("kernel times")
         # ---- host overhead (eager calls, no graph) -------------------------------------------
         from ..runtime.timing import wall_time_per_call
 

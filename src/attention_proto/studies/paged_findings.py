@@ -22,7 +22,8 @@ def analyze(data: RunData) -> List[Finding]:
     if data.mode != "gpu":
         return out
     copy = (data.ceilings or {}).get("copy_gbps")
-    for fn in (_bars, _bars_clean_l2, _v1_v2, _partitions, _pages, _smem, _mixed, _others, _host, _configs):
+    for fn in (_bars, _bars_clean_l2, _breakdown, _v1_v2, _partitions, _pages, _smem, _mixed, _others, _host,
+               _configs):
         try:
             out.extend(fn(data, copy))
         except Exception as e:  # noqa: BLE001 - one broken finding must not hide the others
@@ -140,6 +141,46 @@ def _bars_clean_l2(data: RunData, copy) -> List[Finding]:
                "write (whose dirty lines the timed kernel must write back while it reads): "
                + " | ".join(parts) + f". Copy ceiling {fmt(copy, 0)} GB/s (2 GiB, where neither flush matters)."),
         verdict=verdict, metrics=metrics, evidence=evidence)]
+
+
+#: the copy-ceiling bar of issue #5
+BAR_COPY = 0.85
+
+
+def _breakdown(data: RunData, copy) -> List[Finding]:
+    """Where the worst bar shape's time goes: each kernel's GPU time against a read of the same bytes."""
+    rows = data.rows(op="paged_kernel_times", impl=OURS)
+    if not rows or not copy:
+        return []
+    r = rows[-1]
+    ex = r["extra"]
+    ks, rk = ex.get("kernels_us") or {}, ex.get("read_kernels_us") or {}
+    if not ks or not rk:
+        return []
+    decode = sum(t for n, t in ks.items() if "decode" in n)
+    merge = sum(t for n, t in ks.items() if "reduce" in n)
+    other = sum(ks.values()) - decode - merge
+    read = sum(rk.values())
+    wall, rwall = ex["wall_us"], ex["read_wall_us"]
+    replay, rreplay = wall - sum(ks.values()), rwall - read
+    need = ex["kv_bytes"] / (BAR_COPY * copy * 1e3)  # us at the bar (copy in GB/s = 1e3 bytes per us)
+    slack = need - rreplay - read  # the kernels' room over the read, if ours replayed as cheaply as the read
+    over = sum(ks.values()) - read
+    plan = f"{ex.get('version')} with {ex.get('num_partitions')} partitions"
+    claim = (f"At B{r['B']} N{_n(r['Nk'])} (GQA {r['H']}:{r['Hkv']}, D{r['D']}, {fmt(ex['kv_bytes'] / 1e6, 0)} MB of "
+             f"K/V), L2 emptied by a read before each call: our decode kernel takes {fmt(decode)} us and the merge "
+             f"kernel {fmt(merge)} us ({plan}{f'; other kernels {fmt(other)} us' if other > 0.05 else ''}), "
+             f"against {fmt(read)} us for a trivial read of the same bytes. Launch and CUDA-graph replay add "
+             f"{fmt(replay)} us to our wall time ({fmt(wall)} us) and {fmt(rreplay)} us to the read's "
+             f"({fmt(rwall)} us). The {pct(BAR_COPY)} bar needs a wall time of at most {fmt(need)} us, so the "
+             f"kernels may spend {fmt(slack)} us more than the read; they spend {fmt(over)} us more.")
+    return [Finding(
+        id="paged-time-breakdown", title="Where the worst bar shape's time goes (GPU kernel durations)",
+        claim=claim, verdict="observation",
+        metrics={"decode_us": decode, "merge_us": merge, "other_us": other, "read_us": read, "wall_us": wall,
+                 "read_wall_us": rwall, "replay_us": replay, "read_replay_us": rreplay, "bar_wall_us": need,
+                 "slack_us": slack, "over_read_us": over},
+        evidence=[r["id"]])]
 
 
 def _stream(data: RunData, B: int, N: int, sweep: str = "grid"):
