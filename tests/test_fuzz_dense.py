@@ -125,6 +125,10 @@ def modifiers(draw, nk: int, D: int, hooks: bool):
     if D % 2 == 0 and draw(st.booleans()):
         m["rope"] = (draw(st.sampled_from(["half", "interleaved"])),
                      draw(st.one_of(st.none(), st.integers(0, 6))), draw(st.integers(0, 4)))
+        # how the forward applies it off the TMA kernel (forward.PORTABLE_ROPE; "auto" is "tile" at these
+        # sizes) and whether its scores are split (forward.SPLIT_ROPE_SOFTCAP_SCORES, opt-in): see in_modes
+        m["rope_mode"] = draw(st.sampled_from(["auto", "tile", "rotate"]))
+        m["split_fwd"] = draw(st.booleans())
     if hooks:
         m["score_hook"] = draw(st.booleans())
         m["mask_hook"] = draw(st.booleans())
@@ -428,6 +432,19 @@ def check_varlen(case, backward: bool):
         assert_close_rule(t.grad, lo, hi, dt, factor=3, what=name)
 
 
+def in_modes(case, check):
+    """Run ``check(case)`` with the forward's RoPE mode and split scores the case drew (defaults otherwise)."""
+    from attention_proto.ops.dense import forward as F
+
+    prev = F.SPLIT_ROPE_SOFTCAP_SCORES
+    F.SPLIT_ROPE_SOFTCAP_SCORES = bool(case.get("split_fwd"))
+    try:
+        with F.portable_rope(case.get("rope_mode") or F.PORTABLE_ROPE):
+            return check(case)
+    finally:
+        F.SPLIT_ROPE_SOFTCAP_SCORES = prev
+
+
 @pytest.fixture
 def poison_backward(monkeypatch):
     monkeypatch.setattr(dense_backward, "POISON_OUTPUTS", True)
@@ -440,26 +457,26 @@ def poison_backward(monkeypatch):
 @fuzz_settings(40)
 @given(case=dense_cases())
 def test_fuzz_dense_forward(nan_empty, case):
-    run_case("dense_fwd", case, lambda: check_dense_forward(case))
+    run_case("dense_fwd", case, lambda: in_modes(case, check_dense_forward))
 
 
 @fuzz_settings(14)
 @given(case=dense_cases(hooks=False), deterministic=st.booleans(), api=st.booleans())
 def test_fuzz_dense_backward(nan_empty, poison_backward, case, deterministic, api):
     case = dict(case, deterministic=deterministic, entry="api" if api else "public")
-    run_case("dense_bwd", case, lambda: check_dense_backward(case))
+    run_case("dense_bwd", case, lambda: in_modes(case, check_dense_backward))
 
 
 @fuzz_settings(10)
 @given(case=varlen_cases())
 def test_fuzz_dense_varlen_forward(nan_empty, case):
-    run_case("dense_varlen_fwd", case, lambda: check_varlen(case, backward=False))
+    run_case("dense_varlen_fwd", case, lambda: in_modes(case, lambda c: check_varlen(c, backward=False)))
 
 
 @fuzz_settings(6)
 @given(case=varlen_cases())
 def test_fuzz_dense_varlen_backward(nan_empty, poison_backward, case):
-    run_case("dense_varlen_bwd", case, lambda: check_varlen(case, backward=True))
+    run_case("dense_varlen_bwd", case, lambda: in_modes(case, lambda c: check_varlen(c, backward=True)))
 
 
 # ------------------------------------------------------------------------------------------------
