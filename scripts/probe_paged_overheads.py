@@ -42,31 +42,13 @@ from attention_proto.ops.paged import PagedConfig, paged_attention  # noqa: E402
 from attention_proto.ops.paged.dispatch import ctas_per_sm  # noqa: E402
 from attention_proto.ops.paged.testing import check_paged  # noqa: E402
 from attention_proto.runtime.ceilings import measure_copy  # noqa: E402
-from attention_proto.runtime.timing import bench_clean_l2  # noqa: E402
+from attention_proto.runtime.timing import bench_clean_l2, kernel_times_clean_l2  # noqa: E402
 from attention_proto.studies.paged import _graphed as graphed  # noqa: E402
 
 
 def kernel_times(fns, reps: int = 30):
-    """{name: {kernel: mean us}} from CUPTI, each replay after a 256 MB read (clean L2)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    flush = torch.ones(64 * 2**20, dtype=torch.float32, device="cuda")
-    sink = torch.empty((), dtype=torch.float32, device="cuda")
-    out = {}
-    for name, replay in fns:
-        replay()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                torch.sum(flush, dim=0, out=sink)
-                replay()
-            torch.cuda.synchronize()
-        ks = {}
-        for e in prof.key_averages():
-            if "_paged" in e.key or "read_stream" in e.key:
-                ks[e.key] = e.device_time_total / max(1, e.count)
-        out[name] = ks
-    return out
+    """{name: {kernel: mean us}}: runtime.timing.kernel_times_clean_l2 of each (name, replay)."""
+    return {name: kernel_times_clean_l2(replay, reps) for name, replay in fns}
 
 
 def main() -> int:

@@ -702,15 +702,19 @@ def test_gpu_varlen_and_rope_bf16():
     for mods in (dict(causal=True), dict(causal=True, rope=RopeSpec("interleaved"))):
         out, lse = attention_varlen(q, k, v, cq, ck, return_lse=True, **mods)
         assert not torch.isnan(out).any()
-        for b in range(len(lq)):
-            qs, ks, vs = (x[c[b]:c[b + 1]].transpose(0, 1)[None].cpu()
-                          for x, c in ((q, cq), (k, ck), (v, ck)))
-            if qs.shape[2] == 0:
-                continue
-            ro, rl = attention_reference(qs, ks, vs, **mods)
-            to, _ = attention_reference(qs, ks, vs, compute_dtype=dtype, **mods)
-            ours = out[cq[b]:cq[b + 1]].transpose(0, 1)[None].cpu()
-            assert_close_rule(ours, to, ro, dtype, what=f"out of sequence {b}")
+        check_varlen_per_sequence(out, q, k, v, cq, ck, dtype, **mods)
+
+
+def check_varlen_per_sequence(out, q, k, v, cq, ck, dtype, what="", **mods):
+    """The error rule on each packed sequence of a varlen ``out`` [T, H, D] against the dense reference."""
+    for b in range(len(cq) - 1):
+        qs, ks, vs = (x[c[b]:c[b + 1]].transpose(0, 1)[None].cpu() for x, c in ((q, cq), (k, ck), (v, ck)))
+        if qs.shape[2] == 0:
+            continue
+        ro, _ = attention_reference(qs, ks, vs, **mods)
+        to, _ = attention_reference(qs, ks, vs, compute_dtype=dtype, **mods)
+        ours = out[cq[b]:cq[b + 1]].transpose(0, 1)[None].cpu()
+        assert_close_rule(ours, to, ro, dtype, what=f"out of sequence {b}{what}")
 
 
 @pytest.mark.gpu

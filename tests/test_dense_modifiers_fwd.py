@@ -164,9 +164,7 @@ def test_varlen_rope_rotated_first_matches_the_reference(dtype, split, q_offset,
     query positions shift by seqlen_k - seqlen_q per sequence), then the plain varlen kernel: against
     the float64 reference sequence by sequence, and equal to the in-kernel rotation up to rounding."""
     from attention_proto.ops.dense import forward as F
-    from attention_proto.ops.dense.reference import attention_reference
-    from attention_proto.testing import assert_close_rule
-    from test_dense_forward import _varlen_inputs
+    from test_dense_forward import _varlen_inputs, check_varlen_per_sequence
 
     lq, lk = [5, 1, 0, 19, 3, 12], [7, 1, 4, 19, 0, 9]  # Nq > Nk in the last: shifted default positions
     q, k, v, cq, ck = _varlen_inputs(lq, lk, 4, 2, 32, dtype)
@@ -182,14 +180,7 @@ def test_varlen_rope_rotated_first_matches_the_reference(dtype, split, q_offset,
         (plan,) = F._PLANS.values()
         assert (plan.rotate is not None) == (mode == "rotate") and plan.consts.get("SPLIT", False) == split
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-        for b in range(len(lq)):
-            qs, ks, vs = (x[c[b]:c[b + 1]].transpose(0, 1)[None].cpu() for x, c in ((q * 2, cq), (k * 2, ck), (v, ck)))
-            if qs.shape[2] == 0:
-                continue
-            ro, rl = attention_reference(qs, ks, vs, **mods)
-            to, _ = attention_reference(qs, ks, vs, compute_dtype=dtype, **mods)
-            ours = out[cq[b]:cq[b + 1]].transpose(0, 1)[None].cpu()
-            assert_close_rule(ours, to, ro, dtype, what=f"out of sequence {b} ({mode})")
+        check_varlen_per_sequence(out, q * 2, k * 2, v, cq, ck, dtype, what=f" ({mode})", **mods)
         outs[mode] = out
     F.clear_launch_plans()
     tol = 2e-3 if dtype == torch.float16 else 1e-5
@@ -333,7 +324,7 @@ def test_forward_split_scores_reject_an_explicit_tma_config(monkeypatch):
 
 
 def test_rotate_into_writes_the_rounding_residues():
-    from attention_proto.ops.dense.forward import rope_tables
+    from attention_proto.ops.dense.rope import rope_tables
     from attention_proto.ops.dense.rope import apply_rope_reference
     from attention_proto.ops.dense.rope_kernel import rotate_into
 

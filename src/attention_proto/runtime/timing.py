@@ -54,6 +54,18 @@ _FLUSH: dict = {}  # device -> (the 256 MB buffer read to empty L2, a scalar sin
 MAX_CLEAN_REPS = 1000
 
 
+def _l2_flush(flush_bytes: int) -> Callable[[], object]:
+    """A call that empties L2 by reading ``flush_bytes`` (buffer kept per device for the process)."""
+    import torch
+
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        buf = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
+        _FLUSH[dev] = (buf, torch.empty((), dtype=torch.float32, device="cuda"))
+    buf, sink = _FLUSH[dev]
+    return lambda: torch.sum(buf, dim=0, out=sink)
+
+
 def bench_clean_l2(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0,
                    flush_bytes: int = 256 * 2**20) -> Timing:
     """:func:`bench` with the L2 cache emptied by *reading* ``flush_bytes`` before each repetition.
@@ -66,16 +78,12 @@ def bench_clean_l2(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: fl
     """
     import torch
 
-    dev = torch.cuda.current_device()
-    if dev not in _FLUSH:
-        buf = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
-        _FLUSH[dev] = (buf, torch.empty((), dtype=torch.float32, device="cuda"))
-    buf, sink = _FLUSH[dev]
+    flush = _l2_flush(flush_bytes)
 
     def timed(n: int) -> List[float]:
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for s, e in ev:
-            torch.sum(buf, dim=0, out=sink)
+            flush()
             s.record()
             fn()
             e.record()
@@ -105,20 +113,16 @@ def kernel_times_clean_l2(fn: Callable[[], object], reps: int = 30, flush_bytes:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    dev = torch.cuda.current_device()
-    if dev not in _FLUSH:
-        buf = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
-        _FLUSH[dev] = (buf, torch.empty((), dtype=torch.float32, device="cuda"))
-    buf, sink = _FLUSH[dev]
+    flush = _l2_flush(flush_bytes)
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            torch.sum(buf, dim=0, out=sink)
+            flush()
             fn()
         torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as ref:  # the flush alone: its kernel names
-        torch.sum(buf, dim=0, out=sink)
+        flush()
         torch.cuda.synchronize()
     flush_names = {e.key for e in ref.key_averages() if e.device_time_total > 0}
     return {e.key: e.device_time_total / e.count for e in prof.key_averages()

@@ -98,9 +98,10 @@ from . import backward_tma
 from .common import LOG2E as _LOG2E_F
 from .common import WINDOW_UNBOUNDED, kv_block_range, load_tile, q_block_range, tanh_f32, tanh_for
 from .common import seq_bounds as _seq_bounds
+from .common import strides4 as _strides4
 from .reference import normalize_window
 from .rope import RopeSpec, theta_tables
-from .rope_kernel import _rope_pass
+from .rope_kernel import rope_pass as rotate_rows
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -543,13 +544,6 @@ def _bwd_dq(
 # --------------------------------------------------------------------------- host side
 
 
-def _strides4(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int, int]:
-    """(batch, head, seq, dim) strides; packed THD tensors have batch stride 0 (rows come from cu_seqlens)."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0), t.stride(2)
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
 def _lse_strides(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
     return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
@@ -733,21 +727,14 @@ def flash_attention_backward(
         qo = [rope.resolved_q_offset(a, b) for a, b in zip(lq, lk)]
         spans = [(s, s + n) for s, n in zip(qo, lq)] + [(rope.k_offset, rope.k_offset + n) for n in lk]
         cos, sin, pos0 = _rope_tables(rope, D, spans, dev)
-        rb = 16 if small else max(16, 2048 // BD)  # four [rb, BD] fp32 tiles live at once
 
         def rope_pass(x: torch.Tensor, is_q: bool, inverse: bool, dtype: torch.dtype, lo=None) -> torch.Tensor:
             y = torch.empty(x.shape, dtype=dtype, device=dev)
             pos_off = (-pos0 if (rope.q_offset is None or not is_q) else int(rope.q_offset) - pos0)
             pos_off += 0 if is_q else int(rope.k_offset)
-            KERNEL_CACHE.launch(
-                _rope_pass, (triton.cdiv(nq if is_q else nk, rb), B * x.shape[1]),
-                x, y, y if lo is None else lo, cos, sin, cu_q, cu_k, *_strides4(x, varlen), *_strides4(y, varlen),
-                nq, nk, x.shape[1],
-                cos.stride(0), cos.shape[0], pos_off,
-                IS_VARLEN=varlen, IS_Q=is_q, Q_DEFAULT=rope.q_offset is None, ROPE=1 if rope.layout == "half" else 2,
-                INVERSE=inverse, HEAD_DIM=D, BLOCK_M=rb, BLOCK_D=BD, num_warps=1 if small else 4,
-                WRITE_LO=lo is not None,
-            )
+            rotate_rows(x, y, cos, sin, cu_q, cu_k, varlen=varlen, batch=B, nq=nq, nk=nk, is_q=is_q,
+                        q_default=rope.q_offset is None, pos_off=pos_off, mode=1 if rope.layout == "half" else 2,
+                        inverse=inverse, y_lo=lo)
             return y
 
         if split:  # residues with the temporaries' own (contiguous) strides: the kernels reuse q's/k's

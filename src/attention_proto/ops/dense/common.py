@@ -336,3 +336,11 @@ def seq_bounds(CU_Q, CU_K, b, nq, nk, IS_VARLEN: tl.constexpr):
         seqlen_q = nq + b * 0
         seqlen_k = nk + b * 0
     return q_start, seqlen_q, k_start, seqlen_k
+
+
+def strides4(t, varlen: bool) -> tuple:
+    """(batch, head, seq, dim) strides of a tensor; packed THD tensors have batch stride 0 (rows come from
+    cu_seqlens)."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0), t.stride(2)
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)

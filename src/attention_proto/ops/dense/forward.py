@@ -52,7 +52,8 @@ from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_b
                      load_rope_tile, load_tile, mul_rn, tanh_for)
 from .configs import (RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, fits, pick_forward_config,
                       shared_memory_bytes)
-from .rope import RopeSpec, theta_tables
+from .rope import RopeSpec, rope_tables
+from .rope_kernel import rope_pass, rotate_into
 
 _LOG2E = 1.4426950408889634
 
@@ -372,31 +373,6 @@ def resolve_alibi(alibi_slopes: Any, H: int, device: torch.device) -> Optional[t
     return alibi_slopes
 
 
-def rope_tables(spec: RopeSpec, D: int, needed: int, device: torch.device,
-                first: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables [max_pos, D/2] on ``device`` whose row r holds position ``first + r``,
-    covering rows < ``needed``.
-
-    User tables are checked and converted (no copy when already fp32, contiguous, on device; their
-    row r is position r, so ``first`` must be 0); theta tables are views into one cached table
-    (:func:`.rope.theta_tables`, shared with the backward).
-    """
-    if spec.cos is not None:
-        if first:
-            raise ValueError(f"rope: given cos/sin tables have no rows for negative positions (first={first})")
-        cos, sin = spec.cos, spec.sin
-        if cos.dim() != 2 or cos.shape[1] != D // 2:
-            raise ValueError(f"rope cos/sin tables must be [max_pos, D/2] = [*, {D // 2}]; got {tuple(cos.shape)}")
-        if needed > cos.shape[0]:
-            raise ValueError(f"rope cos/sin tables have {cos.shape[0]} positions; positions up to {needed - 1} are needed")
-        if cos.dtype != torch.float32 or cos.device != device or not cos.is_contiguous():
-            cos = cos.to(device=device, dtype=torch.float32).contiguous()
-        if sin.dtype != torch.float32 or sin.device != device or not sin.is_contiguous():
-            sin = sin.to(device=device, dtype=torch.float32).contiguous()
-        return cos, sin
-    return theta_tables(spec.theta, D, first, first + needed, device)
-
-
 def _tma_path_usable(q, k, v, out, varlen: bool = False) -> bool:
     if interpreter_mode() or not q.is_cuda:
         return False
@@ -411,18 +387,6 @@ def _tma_path_usable(q, k, v, out, varlen: bool = False) -> bool:
 # ----------------------------------------------------------------------------------------------
 # launch plans: the host work of a call signature, done once
 # ----------------------------------------------------------------------------------------------
-
-_ROPE_FNS: list = []
-
-
-def _rope_fns():
-    """(rotate_into, rotate_packed_into), imported once (rope_kernel imports this module)."""
-    if not _ROPE_FNS:
-        from .rope_kernel import rotate_into, rotate_packed_into
-
-        _ROPE_FNS.extend((rotate_into, rotate_packed_into))
-    return _ROPE_FNS
-
 
 class _Rotation(NamedTuple):
     """RoPE applied before a launch (see :data:`PORTABLE_ROPE`): q (unless ``q_pos`` is None: the
@@ -440,7 +404,6 @@ class _Rotation(NamedTuple):
 
     def apply(self, q, k, cos, sin, cu_q=None, cu_k=None):
         """(q', k', q residues or None, k residues or None)."""
-        rotate_into, rotate_packed_into = _rope_fns()
         k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         k_lo = torch.empty_like(k_rot) if self.residues else None
         q_rot = q_lo = None
@@ -453,10 +416,10 @@ class _Rotation(NamedTuple):
             rotate_into(k, k_rot, cos, sin, self.k_pos, self.mode, k_lo)
         else:
             batch, max_q, max_k = self.varlen
-            kw = dict(batch=batch, max_q=max_q, max_k=max_k, q_default=self.q_default, mode=self.mode)
+            kw = dict(varlen=True, batch=batch, nq=max_q, nk=max_k, q_default=self.q_default, mode=self.mode)
             if q_rot is not None:
-                rotate_packed_into(q, q_rot, cos, sin, cu_q, cu_k, is_q=True, pos_off=self.q_pos, y_lo=q_lo, **kw)
-            rotate_packed_into(k, k_rot, cos, sin, cu_q, cu_k, is_q=False, pos_off=self.k_pos, y_lo=k_lo, **kw)
+                rope_pass(q, q_rot, cos, sin, cu_q, cu_k, is_q=True, pos_off=self.q_pos, y_lo=q_lo, **kw)
+            rope_pass(k, k_rot, cos, sin, cu_q, cu_k, is_q=False, pos_off=self.k_pos, y_lo=k_lo, **kw)
         return (q if q_rot is None else q_rot), k_rot, q_lo, k_lo
 
 
@@ -527,41 +490,31 @@ def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int, varlen: b
     return mode == "rotate" or (Nq >= ROPE_ROTATE_MIN_Q and B * H * Nq * Nk > SMALL_PROBLEM_SCORES)
 
 
-@contextlib.contextmanager
-def portable_rope(mode: str) -> Iterator[None]:
+def portable_rope(mode: str) -> "contextlib.AbstractContextManager[None]":
     """Run a block with :data:`PORTABLE_ROPE` set to ``mode`` (the modifiers study times "tile").
     Process-wide, not thread-safe, like :func:`causal_schedule`."""
-    global PORTABLE_ROPE
-    if mode not in PORTABLE_ROPE_MODES:
-        raise ValueError(f"portable_rope: mode must be one of {PORTABLE_ROPE_MODES}; got {mode!r}")
-    prev, PORTABLE_ROPE = PORTABLE_ROPE, mode
+    return _switch("PORTABLE_ROPE", mode, PORTABLE_ROPE_MODES, "portable_rope: mode")
+
+
+@contextlib.contextmanager
+def _switch(name: str, value: str, allowed: Tuple[str, ...], what: str) -> Iterator[None]:
+    """Set the module switch ``name`` to ``value`` for a block (checked against ``allowed``; ``what``
+    names the argument in the error), and restore it after."""
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}; got {value!r}")
+    g = globals()
+    prev, g[name] = g[name], value
     try:
         yield
     finally:
-        PORTABLE_ROPE = prev
+        g[name] = prev
 
 
-def _contiguous_strides(shape) -> Tuple[int, ...]:
-    strides, n = [], 1
-    for d in reversed(shape):
-        strides.append(n)
-        n *= d
-    return tuple(reversed(strides))
-
-
-@contextlib.contextmanager
-def causal_schedule(order: str) -> Iterator[None]:
+def causal_schedule(order: str) -> "contextlib.AbstractContextManager[None]":
     """Run a block with :data:`CAUSAL_SCHEDULE` set to ``order`` (warmup compiles both orders: "auto"
     picks by batch and SM count, so a serving batch may take the other one). Process-wide, not
     thread-safe: both orders compute the same tiles, so a race costs a compile, never a result."""
-    global CAUSAL_SCHEDULE
-    if order not in SCHEDULES:
-        raise ValueError(f"causal_schedule: order must be one of {SCHEDULES}; got {order!r}")
-    prev, CAUSAL_SCHEDULE = CAUSAL_SCHEDULE, order
-    try:
-        yield
-    finally:
-        CAUSAL_SCHEDULE = prev
+    return _switch("CAUSAL_SCHEDULE", order, SCHEDULES, "causal_schedule: order")
 
 
 def use_lpt(schedule: str, programs: int, sms: int) -> bool:
@@ -688,8 +641,9 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
                    0, v.stride(1), v.stride(0), v.stride(2), 0, out.stride(1), out.stride(0), out.stride(2),
                    0) + (lse.stride() if lse is not None else (0, 0))
     elif rotate is not None:
-        strides = (_contiguous_strides((B, H, Nq, D)) + _contiguous_strides((B, Hkv, Nk, D)) + v.stride()
-                   + out.stride() + (lse.stride() if lse is not None else (0, 0, 0)))
+        # the scratch copies' (contiguous) strides
+        strides = (torch.empty(q.shape, device="meta").stride() + torch.empty(k.shape, device="meta").stride()
+                   + v.stride() + out.stride() + (lse.stride() if lse is not None else (0, 0, 0)))
     else:
         strides = q.stride() + k.stride() + v.stride() + out.stride() + (lse.stride() if lse is not None else (0, 0, 0))
     ints_a = tuple(strides) + (Nq, Nk, H, H // Hkv, num_m)
@@ -876,11 +830,11 @@ def flash_attention_forward(
         _PLANS[key] = plan
     floats = (sm_scale, sm_scale * _LOG2E, float(softcap) if has_softcap else 0.0)
     specs = plan.specs
-    if plan.rotate is not None and plan.rotate.q_pos is not None:  # q and k rotated first: plain kernels
+    q_lo = k_lo = None
+    if plan.rotate is not None:
         q, k, q_lo, k_lo = plan.rotate.apply(q, k, cos, sin, cu_q, cu_k)
-        cos = sin = None
-    else:
-        q_lo = k_lo = None
+        if plan.rotate.q_pos is not None:  # q and k both rotated: the plain kernels take no tables
+            cos = sin = None
     if specs is None:
         args = (q, k, v, out, lse, slopes, cos, sin, cu_q, cu_k, key_start, q_lo, k_lo) + plan.ints_a + floats \
             + plan.ints_b
@@ -890,8 +844,6 @@ def flash_attention_forward(
                 out, lse, slopes, cu_q, cu_k) + plan.ints_a + floats + plan.ints_b
     else:
         make_descriptor = specs[4]
-        if plan.rotate is not None and plan.rotate.q_pos is None:  # the keys only; the kernel rotates q
-            _, k, _, _ = plan.rotate.apply(q, k, cos, sin)
         args = (make_descriptor(q, *specs[0]), make_descriptor(k, *specs[1]), make_descriptor(v, *specs[2]),
                 make_descriptor(out, *specs[3]), lse, slopes, cos, sin, key_start) + plan.ints_a + floats + plan.ints_b
     _launch(plan, args)

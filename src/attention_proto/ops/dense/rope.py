@@ -108,3 +108,28 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, spec: RopeSpec) -> Tu
     qc, qs = cos_sin_for(spec, spec.resolved_q_offset(nq, nk), nq, d, q.dtype, q.device)
     kc, ks = cos_sin_for(spec, spec.k_offset, nk, d, k.dtype, k.device)
     return rotate(q, qc, qs, spec.layout), rotate(k, kc, ks, spec.layout)
+
+
+def rope_tables(spec: RopeSpec, D: int, needed: int, device: torch.device,
+                first: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables [max_pos, D/2] on ``device`` whose row r holds position ``first + r``,
+    covering rows < ``needed``.
+
+    User tables are checked and converted (no copy when already fp32, contiguous, on device; their
+    row r is position r, so ``first`` must be 0); theta tables are views into one cached table
+    (:func:`theta_tables`, shared with the backward).
+    """
+    if spec.cos is not None:
+        if first:
+            raise ValueError(f"rope: given cos/sin tables have no rows for negative positions (first={first})")
+        cos, sin = spec.cos, spec.sin
+        if cos.dim() != 2 or cos.shape[1] != D // 2:
+            raise ValueError(f"rope cos/sin tables must be [max_pos, D/2] = [*, {D // 2}]; got {tuple(cos.shape)}")
+        if needed > cos.shape[0]:
+            raise ValueError(f"rope cos/sin tables have {cos.shape[0]} positions; positions up to {needed - 1} are needed")
+        if cos.dtype != torch.float32 or cos.device != device or not cos.is_contiguous():
+            cos = cos.to(device=device, dtype=torch.float32).contiguous()
+        if sin.dtype != torch.float32 or sin.device != device or not sin.is_contiguous():
+            sin = sin.to(device=device, dtype=torch.float32).contiguous()
+        return cos, sin
+    return theta_tables(spec.theta, D, first, first + needed, device)

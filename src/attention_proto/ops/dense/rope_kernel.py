@@ -23,10 +23,9 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from ...runtime.validation import (describe, require_dtype, require_rank, require_same_device, require_same_dtype,
                                    require_tensor)
-from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rotate_pairs, seq_bounds
+from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rotate_pairs, seq_bounds, strides4
 from .configs import block_d
-from .forward import rope_tables
-from .rope import RopeSpec
+from .rope import RopeSpec, rope_tables
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -164,26 +163,24 @@ def rotate_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.
     )
 
 
-def rotate_packed_into(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       cu_q: torch.Tensor, cu_k: torch.Tensor, *, batch: int, max_q: int, max_k: int, is_q: bool,
-                       q_default: bool, pos_off: int, mode: int, y_lo: Optional[torch.Tensor] = None) -> None:
-    """Rotate the packed rows ``x`` [T, H, D] of a varlen batch into ``y`` (same shape; no checks).
-
-    Sequence b's rows are ``cu[b]:cu[b + 1]`` (``cu_q`` for q, ``cu_k`` for k); its row i takes table
-    row ``pos_off + i``, plus ``seqlen_k - seqlen_q`` for q when ``q_default`` (the dense forward's
-    varlen indexing). ``y_lo``: also the rounding residues (y's strides). The dense forward rotates
-    packed q and k with this before a plain (portable or TMA) varlen launch; the backward's own rope
-    pass launches the same kernel.
+def rope_pass(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_q, cu_k, *,
+              varlen: bool, batch: int, nq: int, nk: int, is_q: bool, q_default: bool, pos_off: int, mode: int,
+              inverse: bool = False, y_lo: Optional[torch.Tensor] = None) -> None:
+    """Rotate the rows of q (``is_q``) or k into ``y`` (same shape; no checks): ``x`` [B, H, N, D], or
+    packed [T, H, D] when ``varlen`` (sequence b's rows ``cu[b]:cu[b + 1]``, ``cu_q`` for q, ``cu_k``
+    for k; ``nq``/``nk`` then the longest sequences). Row i of a sequence takes table row
+    ``pos_off + i``, plus ``seqlen_k - seqlen_q`` for q when ``q_default``. ``inverse``: R^T (the
+    backward's gradients). ``y_lo``: also the rounding residues (y's strides). The backward rotates
+    with this; the dense forward rotates packed q and k with it before a plain varlen launch.
     """
-    T, H, D = x.shape
     small = interpreter_mode()
+    D = x.shape[-1]
     rb = 16 if small else max(16, 2048 // block_d(D))  # four [rb, BD] fp32 tiles live at once
     KERNEL_CACHE.launch(
-        _rope_pass, (triton.cdiv(max_q if is_q else max_k, rb), batch * H),
-        x, y, y if y_lo is None else y_lo, cos, sin, cu_q, cu_k,
-        0, x.stride(1), x.stride(0), x.stride(2), 0, y.stride(1), y.stride(0), y.stride(2),
-        max_q, max_k, H, cos.stride(0), cos.shape[0], pos_off,
-        IS_VARLEN=True, IS_Q=is_q, Q_DEFAULT=q_default, ROPE=mode, INVERSE=False, HEAD_DIM=D, BLOCK_M=rb,
+        _rope_pass, (triton.cdiv(nq if is_q else nk, rb), batch * x.shape[1]),
+        x, y, y if y_lo is None else y_lo, cos, sin, cu_q, cu_k, *strides4(x, varlen), *strides4(y, varlen),
+        nq, nk, x.shape[1], cos.stride(0), cos.shape[0], pos_off,
+        IS_VARLEN=varlen, IS_Q=is_q, Q_DEFAULT=q_default, ROPE=mode, INVERSE=inverse, HEAD_DIM=D, BLOCK_M=rb,
         BLOCK_D=block_d(D), num_warps=1 if small else 4, WRITE_LO=y_lo is not None,
     )
 
