@@ -194,9 +194,7 @@ def test_portable_rope_mode_rule(monkeypatch):
     assert F.PORTABLE_ROPE == "auto"
     big = SMALL_PROBLEM_SCORES  # B * H * Nq * Nk above it with Nq = Nk = 2048, H = 2
     assert F.portable_rope_rotates("auto", 1, 2, 2048, 2048)
-    # varlen: "rotate" only, until the rotated varlen path has run on a GPU
-    assert not F.portable_rope_rotates("auto", 1, 2, 2048, 2048, True) and F.portable_rope_rotates("rotate", 1, 2, 8, 8,
-                                                                                                  True)
+    assert F.portable_rope_rotates("rotate", 1, 2, 8, 8) and not F.portable_rope_rotates("auto", 1, 2, 8, 8)
     assert not F.portable_rope_rotates("auto", 64, 32, 1, 65536)  # decode: rotate each key tile once
     assert not F.portable_rope_rotates("auto", 1, 1, 128, big // 128)  # at the small-problem limit
     assert F.portable_rope_rotates("rotate", 1, 1, 1, 1) and not F.portable_rope_rotates("tile", 9, 9, 4096, 4096)

@@ -461,12 +461,14 @@ LPT_MAX_WAVES = 4.0
 #: tensors by the RoPE kernel first and the plain kernel runs on its plain tile. "auto" (the default):
 #: "rotate" when a call has at least ROPE_ROTATE_MIN_Q queries and more than SMALL_PROBLEM_SCORES scores
 #: (K is then re-read by several query blocks), else "tile" (decode-like calls: two more launches would
-#: cost more than rotating each key tile once). Varlen calls: "rotate" rotates them per sequence, and
-#: then they may take the varlen TMA kernel, which has no RoPE of its own; "auto" keeps "tile" for
-#: them until that path has run on a GPU (session 9 built it and tested it under the interpreter). Measured on an H100 (modifiers study, session 9, B1 H16 N16k D128
-#: bf16 causal): the "tile" kernel 16.88 ms against 2.55 ms without RoPE on its tile; the RoPE
-#: kernel + the plain portable kernel 2.28 ms (the RoPE kernel alone 0.12 ms). The dense TMA path
-#: always rotates the keys first and q in registers.
+#: cost more than rotating each key tile once). Varlen calls, judged by their longest sequences, are
+#: rotated by the packed RoPE pass (positions restart per sequence) and may then take the varlen TMA
+#: kernel, which has no RoPE of its own. Measured on an H100 (modifiers study, session 9, B1 H16 N16k
+#: D128 bf16 causal): the "tile" kernel 16.88 ms against 2.55 ms without RoPE on its tile; the RoPE
+#: kernel + the plain portable kernel 2.28 ms (the RoPE kernel alone 0.12 ms). Varlen (session 10,
+#: scripts/bench_rope_paths.py: 33 sequences, 64k tokens, H16 D128 bf16 causal): "tile" 17.08 ms,
+#: "rotate" 2.77 ms (the varlen TMA kernel), 2.32 ms without RoPE. The dense TMA path always rotates
+#: the keys first and q in registers.
 PORTABLE_ROPE = "auto"
 PORTABLE_ROPE_MODES = ("tile", "rotate", "auto")
 #: split scores in the forward for RoPE + softcap on 16-bit inputs, as the backward takes them
@@ -475,17 +477,23 @@ PORTABLE_ROPE_MODES = ("tile", "rotate", "auto")
 #: uses. Such calls run on the portable kernel (residues in registers when it rotates per tile, or
 #: written beside the rotated tensors by the RoPE kernel). Why: through our own forward the RoPE +
 #: softcap gradient still reached 2.74x PyTorch's bf16 error at scale 1, D 256, cap 0.5 (H100,
-#: session 8; 0.43x from the float64 O/LSE). Off until run on a GPU (probe_softcap_grad.py, the fuzz).
+#: session 8; 0.43x from the float64 O/LSE). Off by default: on an H100 (session 10,
+#: scripts/bench_rope_paths.py, B1 H16:8 N4k causal bf16, softcap 50 + RoPE half) it takes 0.411 against
+#: 0.186 ms at D128 (the TMA kernel) and 1.115 against 0.494 ms at D256 (2.2x), for gradients that
+#: already pass the 3x rule without it except at that saturated corner; with it the GPU twin test
+#: passes (probe_softcap_grad.py split_fwd: worst dq 0.13-0.95x PyTorch's error, 0 over the bound, in
+#: the six of its ten configs that the run printed).
 SPLIT_ROPE_SOFTCAP_SCORES = False
 ROPE_ROTATE_MIN_Q = 128
 
 
-def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int, varlen: bool = False) -> bool:
+def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int) -> bool:
     """Whether a forward with RoPE off the TMA kernel rotates q and k before the launch (see
-    :data:`PORTABLE_ROPE`); varlen calls pass their longest sequences as Nq, Nk."""
+    :data:`PORTABLE_ROPE`); varlen calls pass their sequence count as B and their longest sequences
+    as Nq, Nk."""
     if mode not in PORTABLE_ROPE_MODES:
         raise ValueError(f"forward.PORTABLE_ROPE must be one of {PORTABLE_ROPE_MODES}; got {mode!r}")
-    if mode == "tile" or (varlen and mode == "auto"):
+    if mode == "tile":
         return False
     return mode == "rotate" or (Nq >= ROPE_ROTATE_MIN_Q and B * H * Nq * Nk > SMALL_PROBLEM_SCORES)
 
@@ -564,7 +572,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
                          "scores (forward.SPLIT_ROPE_SOFTCAP_SCORES), which only the portable kernel has; pass a "
                          "portable config, config=None, or set forward.SPLIT_ROPE_SOFTCAP_SCORES = False")
     # a portable launch with RoPE: rotate q and k first (the plain kernel and tile), or in the kernel
-    rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk, varlen)
+    rotates = rope_mode != 0 and portable_rope_rotates(PORTABLE_ROPE, B, H, Nq, Nk)
     if split and config is not None and not interpreter_mode() and not fits(config, D, q.dtype, not rotates, True):
         raise ValueError(f"config={config}: with split scores (forward.SPLIT_ROPE_SOFTCAP_SCORES) its residue "
                          f"tiles need {shared_memory_bytes(config, D, q.dtype, not rotates, True)} bytes of shared "
