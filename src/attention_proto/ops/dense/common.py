@@ -68,44 +68,6 @@ def tanh_approx(x):
                                          is_pure=True, pack=1)
 
 
-#: 2^f = 1 + f * (C1 + f * (C2 + f * (C3 + f * C4))) on f in [-1/2, 1/2]: relative error 2.9e-6 in fp32
-#: (a Lawson-weighted least-squares fit of degree 4 with the constant fixed at 1, so that 2^-127
-#: comes out as exactly +0 below)
-EXP2_C1 = tl.constexpr(0.6931241750717163)
-EXP2_C2 = tl.constexpr(0.24024099111557007)
-EXP2_C3 = tl.constexpr(0.055906426161527634)
-EXP2_C4 = tl.constexpr(0.009582852944731712)
-
-
-@triton.jit
-def exp2_fma(x):
-    """2^x for fp32 ``x <= 0`` on the FMA and integer units, without the special-function unit.
-
-    ``x + 1.5 * 2^23`` rounds x to an integer n held in the low mantissa bits; a polynomial
-    gives 2^(x - n) in [0.7, 1.42]; n shifted into the exponent field scales it. Relative error
-    2.9e-6 (16-bit P and the LSE's fp32 sum lose nothing they keep). x is clamped at -127,
-    where the polynomial is exactly 1 and the sum of the bits is exactly +0, so -inf gives 0
-    (masked scores) and nothing wraps into the sign bit. FlashAttention-4's trick to take
-    exponentials off the MUFU, which softcap's tanh already loads (:func:`exp2_split`).
-    """
-    x = tl.maximum(x, -127.0)
-    j = x + 12582912.0
-    f = x - (j - 12582912.0)
-    p = f * (EXP2_C1 + f * (EXP2_C2 + f * (EXP2_C3 + f * EXP2_C4))) + 1.0
-    bits = p.to(tl.int32, bitcast=True) + (j.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def exp2_split(x):
-    """2^x over a [M, N] tile: the even columns by ``ex2.approx`` (MUFU), the odd ones by
-    :func:`exp2_fma`, so each unit takes half (the columns a thread holds in adjacent registers)."""
-    M: tl.constexpr = x.shape[0]
-    N: tl.constexpr = x.shape[1]
-    a, b = tl.split(tl.reshape(x, [M, N // 2, 2]))
-    return tl.reshape(tl.join(tl.math.exp2(a), exp2_fma(b)), [M, N])
-
-
 @triton.jit
 def mul_rn(x, c):
     """``x * c`` rounded on its own: PTX ``mul.rn.f32``, which the compiler may not fuse into an FMA

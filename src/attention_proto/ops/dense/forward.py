@@ -48,8 +48,8 @@ import triton.language as tl
 from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode, l2_bytes, sm_count_of
 from ...runtime.validation import describe
-from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, exp2_split, key_start_bounds,
-                     kv_block_range, load_rope_tile, load_tile, mul_rn, tanh_for)
+from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_bounds, kv_block_range,
+                     load_rope_tile, load_tile, mul_rn, tanh_for)
 from .configs import (RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, fits, pick_forward_config,
                       shared_memory_bytes)
 from .rope import RopeSpec, rope_tables
@@ -75,13 +75,11 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr,
               MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
-              DOT_PREC: tl.constexpr, q_lo, k_lo, SPLIT: tl.constexpr, EXP2_SPLIT: tl.constexpr = False):
+              DOT_PREC: tl.constexpr, q_lo, k_lo, SPLIT: tl.constexpr):
     """One online-softmax update with key tile ``k`` [BLOCK_N, BLOCK_D] and value tile ``v``.
 
     SPLIT (split scores, :data:`SPLIT_ROPE_SOFTCAP_SCORES`): ``q_lo``/``k_lo`` are the 16-bit rounding
     residues of the rotated q and k tiles, and the scores add ``q.k_lo + q_lo.k`` (the backward's form).
-    EXP2_SPLIT (:data:`EXP2_SPLIT`, 16-bit inputs off the natural-units path): half of P's
-    exponentials on the FMA units (:func:`.common.exp2_split`).
 
     ``m_i`` is the running row max in log2 units, ``l_i`` the running row sum, ``acc`` the
     unnormalised output. Shared by the portable and the TMA kernels.
@@ -151,8 +149,6 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
         # that value exactly and the backward cancels there (see backward.DELTA_DOT_FP32). Not on the
         # fast causal-ALiBi form, whose per-tile shift rounds m - shift (shift is 0 everywhere else)
         p = tl.math.exp2(mul_rn(s, late) - (m_use - shift)[:, None])
-    elif EXP2_SPLIT:
-        p = exp2_split(s * late - (m_use - shift)[:, None])
     else:
         p = tl.math.exp2(s * late - (m_use - shift)[:, None])
     alpha = tl.math.exp2(m_i - m_use)
@@ -489,19 +485,6 @@ PORTABLE_ROPE_MODES = ("tile", "rotate", "auto")
 #: the six of its ten configs that the run printed).
 SPLIT_ROPE_SOFTCAP_SCORES = False
 ROPE_ROTATE_MIN_Q = 128
-#: which TMA forward calls on 16-bit inputs take half of P's exponentials on the FMA units
-#: (:func:`.common.exp2_split`, FlashAttention-4's trick): "off", "softcap" (the calls whose tanh
-#: already loads the special-function unit beside the exponentials) or "all". Calls on the
-#: natural-units path (hooks, a non-positive scale, ALiBi with softcap) keep ex2 everywhere.
-EXP2_SPLIT = "off"
-EXP2_SPLIT_MODES = ("off", "softcap", "all")
-
-
-def exp2_split_applies(mode: str, has_softcap: bool) -> bool:
-    """Whether :data:`EXP2_SPLIT` ``mode`` takes a call (16-bit, TMA, not natural units) with or without softcap."""
-    if mode not in EXP2_SPLIT_MODES:
-        raise ValueError(f"forward.EXP2_SPLIT must be one of {EXP2_SPLIT_MODES}; got {mode!r}")
-    return mode == "all" or (mode == "softcap" and has_softcap)
 
 
 def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int) -> bool:
@@ -651,9 +634,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         grid, specs, ints_a, ints_b, consts = forward_tma.tma_launch_parts(
             q, k, v, out, lse, causal=causal, window=(left, right), has_softcap=has_softcap, has_alibi=has_alibi,
             score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale,
-            rope_mode=rope_mode, rope_ints=rope_ints, lpt_heads=lpt,
-            exp2_split=(q.dtype != torch.float32 and exp2_split_applies(EXP2_SPLIT, has_softcap)
-                        and not natural_scores(has_softcap, has_alibi, bool(causal), score_mod, positive_scale)))
+            rope_mode=rope_mode, rope_ints=rope_ints, lpt_heads=lpt)
         specs = specs + (forward_tma.make_descriptor,)  # kept with the specs: no import per call
         return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate)
 
@@ -845,8 +826,7 @@ def flash_attention_forward(
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
            rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE, LPT_MAX_WAVES,
-           key_start is not None, (PORTABLE_ROPE, ROPE_ROTATE_MIN_Q) if rope is not None else None, split,
-           EXP2_SPLIT)
+           key_start is not None, (PORTABLE_ROPE, ROPE_ROTATE_MIN_Q) if rope is not None else None, split)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,
