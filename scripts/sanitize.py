@@ -134,6 +134,16 @@ def _dense_fwd_varlen():
                  dict(causal=True, rope=RopeSpec("half", q_offset=0))):
         o, _ = flash_attention_forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, **mods)
         finite(o)
+    # RoPE rotated first (the packed RoPE pass), then the plain varlen kernel: portable at D40, the
+    # varlen TMA kernel at D64 (what "auto" takes for long varlen batches)
+    from attention_proto.ops.dense.forward import portable_rope
+
+    with portable_rope("rotate"):
+        for d in (40, 64):
+            q, k, v = rnd(sum(lq), 4, d), rnd(sum(lk), 2, d), rnd(sum(lk), 2, d)
+            o, _ = flash_attention_forward(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, causal=True,
+                                           rope=RopeSpec("interleaved"))
+            finite(o)
 
 
 @case("dense_fwd_tma", gpu_only="TMA descriptors need a Hopper GPU")
