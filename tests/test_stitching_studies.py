@@ -131,6 +131,29 @@ def test_modifiers_gpu_dry_run(tmp_path, monkeypatch):
     _no_analysis_errors(findings)
 
 
+@cpu_only
+def test_modifiers_bar_pairs_alternate_in_rounds(tmp_path, monkeypatch):
+    # not quick, at the bar N: plain, RoPE, ALiBi and softcap on the default path run BAR_ROUNDS rounds
+    # one after the other (after everything else), each row keeps its rounds, the rest run once
+    from attention_proto.studies.modifiers import BAR_ROUNDS
+
+    kb, run_id, ctx = _ctx(tmp_path, "modifiers", quick=False)
+    _fake_bench(ctx, monkeypatch)
+    st = ModifiersStudy()
+    st.ns, st.tokens, st.heads, st.head_dim, st.kv_heads_gqa = (48,), 48, 2, 32, 1
+    st.window, st.bar_n, st.flex, st.dtype, st.device = 8, 48, False, torch.float16, "cpu"
+    st.measure(ctx)
+    assert not ctx.errors, ctx.errors
+    rows = {(r["extra"]["what"], r["extra"]["path"]): r for r in kb.measurements(run_id) if r["op"] == "attn_fwd"}
+    for what in ("plain", "rope", "alibi", "softcap"):
+        rounds = rows[(what, "default")]["extra"]["round_ms"]
+        assert len(rounds) == BAR_ROUNDS
+        # the fake clock ticks per call: the four alternate, so each round is four calls after the last
+        assert [round(b - a, 4) for a, b in zip(rounds, rounds[1:])] == [0.04] * (BAR_ROUNDS - 1)
+    assert "round_ms" not in rows[("window", "default")]["extra"]
+    assert "round_ms" not in rows[("softcap", "portable")]["extra"]
+
+
 # ---------------------------------------------------------------------------------------------- bars
 
 def _row(ctx, what, path, ms, N=16384, impl="attention_proto", mods=(), H=16, Hkv=16, **extra):
@@ -176,3 +199,22 @@ def test_modifiers_bar_verdicts(tmp_path, monkeypatch, good):
     bound = f["modifiers-softcap-bound"]
     assert bound.metrics["mufu_ops_per_score"]["softcap"] == pytest.approx(4.0)
     assert "MUFU" in bound.claim
+
+
+def test_modifiers_overheads_from_alternating_rounds(tmp_path):
+    # per-round ratios, then their median: 19%, 30%, 1% -> 19% (bar 20%: met), where the ratio of the
+    # two median rounds (12.1 / 10.0) would read 21%
+    kb, run_id, ctx = _ctx(tmp_path, "modifiers", quick=False)
+    _row(ctx, "plain", "default", 10.0, round_ms=[10.0, 10.0, 12.0])
+    _row(ctx, "softcap", "default", 12.1, mods=["softcap:50"], round_ms=[11.9, 13.0, 12.1])
+    _row(ctx, "alibi", "default", 10.4, mods=["alibi"])  # timed once: the plain ratio
+    _row(ctx, "softcap", "flex", 25.0, impl="flex", mods=["softcap:50"])
+    f = {x.id: x for x in ModifiersStudy().analyze(_data(kb, run_id))}
+    soft = f["modifiers-softcap-cost"]
+    assert soft.metrics["overhead"] == pytest.approx(0.19) and soft.verdict == "supported", soft.claim
+    assert soft.metrics["round_overheads"] == [0.19, 0.3, pytest.approx(0.0083, abs=1e-4)]
+    assert "median of 3 alternating rounds" in soft.claim
+    alibi = f["modifiers-alibi-overhead"]
+    assert alibi.metrics["overhead"] == pytest.approx(0.04) and alibi.metrics["round_overheads"] is None
+    assert "alternating" not in alibi.claim
+
