@@ -75,7 +75,7 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr,
               MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
-              DOT_PREC: tl.constexpr, q_lo, k_lo, SPLIT: tl.constexpr, SOFTCAP_BOUND: tl.constexpr = False):
+              DOT_PREC: tl.constexpr, q_lo, k_lo, SPLIT: tl.constexpr):
     """One online-softmax update with key tile ``k`` [BLOCK_N, BLOCK_D] and value tile ``v``.
 
     SPLIT (split scores, :data:`SPLIT_ROPE_SOFTCAP_SCORES`): ``q_lo``/``k_lo`` are the 16-bit rounding
@@ -83,10 +83,6 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
 
     ``m_i`` is the running row max in log2 units, ``l_i`` the running row sum, ``acc`` the
     unnormalised output. Shared by the portable and the TMA kernels.
-
-    SOFTCAP_BOUND (the fast softcap form below, 16-bit inputs; :func:`softcap_reference`): every
-    score is ``c * tanh(.)``, at most ``c`` in natural units, so ``m_i`` stays at the fixed
-    reference the kernel starts it at: no row max, no rescaling of ``acc`` and ``l_i``.
 
     Plain scores (not USE_NATURAL) stay unscaled: the row max is taken on ``qk`` and scaled once
     per row, and ``exp2(qk * qk_scale2 - m)`` is one FFMA per element (scaling first costs an
@@ -136,34 +132,28 @@ def attn_step(acc, l_i, m_i, q, k, v, b, h, offs_m, offs_n, seqlen_k, off,
         s = apply_mask(s, offs_m, offs_n, seqlen_k, off, win_left, win_right, IS_CAUSAL, HAS_WINDOW, True)
     if MASK_MOD is not None:
         s = tl.where(MASK_MOD(b, h, offs_m[:, None], offs_n[None, :]), s, float("-inf"))
-    if SOFTCAP_BOUND:
-        # exponents at most late - m_i <= SOFTCAP_BOUND_HEADROOM: nothing to rescale
-        p = tl.math.exp2(s * late - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        m_new = m_i
+    if USE_NATURAL:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     else:
-        if USE_NATURAL:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * late + shift)
-        if MASKED or HAS_HOOKS:
-            # rows with no allowed key yet: exponentiate against 0, not -inf (-inf - -inf = NaN)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        if USE_NATURAL:
-            p = tl.math.exp2(s - m_use[:, None])
-        elif q.dtype == tl.float32:
-            # float32 inputs: the row max takes exp2(0) = 1 exactly, as in the reference's softmax (a fused
-            # s * late - m leaves the product's rounding residue), so a row with one visible key returns
-            # that value exactly and the backward cancels there (see backward.DELTA_DOT_FP32). Not on the
-            # fast causal-ALiBi form, whose per-tile shift rounds m - shift (shift is 0 everywhere else)
-            p = tl.math.exp2(mul_rn(s, late) - (m_use - shift)[:, None])
-        else:
-            p = tl.math.exp2(s * late - (m_use - shift)[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        m_new = tl.maximum(m_i, tl.max(s, 1) * late + shift)
+    if MASKED or HAS_HOOKS:
+        # rows with no allowed key yet: exponentiate against 0, not -inf (-inf - -inf = NaN)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    if USE_NATURAL:
+        p = tl.math.exp2(s - m_use[:, None])
+    elif q.dtype == tl.float32:
+        # float32 inputs: the row max takes exp2(0) = 1 exactly, as in the reference's softmax (a fused
+        # s * late - m leaves the product's rounding residue), so a row with one visible key returns
+        # that value exactly and the backward cancels there (see backward.DELTA_DOT_FP32). Not on the
+        # fast causal-ALiBi form, whose per-tile shift rounds m - shift (shift is 0 everywhere else)
+        p = tl.math.exp2(mul_rn(s, late) - (m_use - shift)[:, None])
+    else:
+        p = tl.math.exp2(s * late - (m_use - shift)[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -495,45 +485,6 @@ PORTABLE_ROPE_MODES = ("tile", "rotate", "auto")
 #: the six of its ten configs that the run printed).
 SPLIT_ROPE_SOFTCAP_SCORES = False
 ROPE_ROTATE_MIN_Q = 128
-#: whether the TMA forward's fast softcap form (16-bit inputs, caps up to softcap_bound_max) runs
-#: against a fixed row reference instead of a running row max (:func:`softcap_reference`)
-SOFTCAP_FIXED_REFERENCE = True
-#: the fixed reference puts the largest possible exponent at this many powers of two (P is cast to
-#: the input dtype for the second MMA: bf16 holds 2^32, fp16 at most 2^15)
-SOFTCAP_HEADROOM_BF16 = tl.constexpr(32.0)
-SOFTCAP_HEADROOM_FP16 = tl.constexpr(15.0)
-#: (headroom, the smallest normal exponent's magnitude) per input dtype
-_SOFTCAP_RANGE = {torch.bfloat16: (SOFTCAP_HEADROOM_BF16.value, 126.0), torch.float16: (SOFTCAP_HEADROOM_FP16.value, 14.0)}
-
-
-def softcap_bound_max(dtype: torch.dtype) -> float:
-    """The largest cap whose fixed reference keeps every P normal in ``dtype``: exponents lie in
-    ``[-(2 c log2(e) - headroom), headroom]`` (bf16 about 54.8, Gemma 2's 50 included; fp16 about 10.0)."""
-    head, lowest = _SOFTCAP_RANGE[dtype]
-    return (lowest + head) / (2 * _LOG2E)
-
-
-def softcap_bounded(softcap: Optional[float], dtype: torch.dtype) -> bool:
-    """Whether a forward with this softcap on ``dtype`` inputs may run without the running row max."""
-    return (softcap is not None and dtype in _SOFTCAP_RANGE and 0.0 < float(softcap) <= softcap_bound_max(dtype))
-
-
-@triton.jit
-def softcap_reference(softcap, BLOCK_M: tl.constexpr, DTYPE: tl.constexpr):
-    """The fixed row reference (log2 units) of the softcap form: ``c log2(e) - headroom``.
-
-    Scores ``c tanh(x)`` lie in [-c, c], so ``p = 2^(s log2(e) - ref)`` lies in
-    [2^-(2 c log2(e) - headroom), 2^headroom]: normal in the 16-bit P for caps up to
-    :func:`softcap_bound_max`; the fp32 row sums of up to 2^30 keys stay below 2^62, and the
-    accumulators finite for any |V| below 2^60.
-    Relative precision is the running max's (``ex2`` and the 16-bit P round relatively). Without the
-    row max the kernel skips a reduction, the rescale exponential and the rescale of the
-    accumulator on every tile."""
-    if DTYPE == tl.float16:
-        ref = softcap * 1.4426950408889634 - SOFTCAP_HEADROOM_FP16
-    else:
-        ref = softcap * 1.4426950408889634 - SOFTCAP_HEADROOM_BF16
-    return tl.full([BLOCK_M], 0.0, tl.float32) + ref
 
 
 def portable_rope_rotates(mode: str, B: int, H: int, Nq: int, Nk: int) -> bool:
@@ -610,8 +561,7 @@ def _launch(plan: _Plan, args: tuple) -> None:
 
 
 def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left, right, has_softcap, has_alibi,
-               rope_mode, rope_args, score_mod, mask_mod, config, aligned, positive_scale, split=False,
-               softcap_bound=False) -> _Plan:
+               rope_mode, rope_args, score_mod, mask_mod, config, aligned, positive_scale, split=False) -> _Plan:
     """Pick the path and config and compute the integer arguments and constexprs of a launch.
 
     ``split``: split scores (:data:`SPLIT_ROPE_SOFTCAP_SCORES`), on the portable kernel only."""
@@ -684,7 +634,7 @@ def _make_plan(q, k, v, out, lse, *, B, H, Hkv, Nq, Nk, D, varlen, causal, left,
         grid, specs, ints_a, ints_b, consts = forward_tma.tma_launch_parts(
             q, k, v, out, lse, causal=causal, window=(left, right), has_softcap=has_softcap, has_alibi=has_alibi,
             score_mod=score_mod, mask_mod=mask_mod, config=config, positive_scale=positive_scale,
-            rope_mode=rope_mode, rope_ints=rope_ints, lpt_heads=lpt, softcap_bound=softcap_bound)
+            rope_mode=rope_mode, rope_ints=rope_ints, lpt_heads=lpt)
         specs = specs + (forward_tma.make_descriptor,)  # kept with the specs: no import per call
         return _Plan(forward_tma._fwd_tma_kernel, grid, ints_a, ints_b, consts, specs, aligned, rotate)
 
@@ -872,19 +822,17 @@ def flash_attention_forward(
     aligned = (ptrs & 15) == 0
     split = (SPLIT_ROPE_SOFTCAP_SCORES and rope is not None and has_softcap
              and q.dtype in (torch.float16, torch.bfloat16))
-    bounded = SOFTCAP_FIXED_REFERENCE and has_softcap and softcap_bounded(softcap, q.dtype)
     # every integer argument, constexpr and path/config choice is a function of this key
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            out_key, lse_key, vkey, bool(causal), left, right, has_softcap, slopes is not None, rope_mode,
            rope_args, score_mod, mask_mod, config, aligned, sm_scale > 0.0, CAUSAL_SCHEDULE, LPT_MAX_WAVES,
-           key_start is not None, (PORTABLE_ROPE, ROPE_ROTATE_MIN_Q) if rope is not None else None, split, bounded)
+           key_start is not None, (PORTABLE_ROPE, ROPE_ROTATE_MIN_Q) if rope is not None else None, split)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, out, lse, B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, varlen=varlen, causal=causal,
                           left=left, right=right, has_softcap=has_softcap, has_alibi=slopes is not None,
                           rope_mode=rope_mode, rope_args=rope_args, score_mod=score_mod, mask_mod=mask_mod,
-                          config=config, aligned=aligned, positive_scale=sm_scale > 0.0, split=split,
-                          softcap_bound=bounded)
+                          config=config, aligned=aligned, positive_scale=sm_scale > 0.0, split=split)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan

@@ -38,7 +38,7 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from .common import WINDOW_UNBOUNDED, key_start_bounds, kv_block_range, rope_rows
 from .configs import FwdConfig, config_problems
-from .forward import alibi_lse_shift, attn_step, natural_scores, softcap_reference
+from .forward import alibi_lse_shift, attn_step, natural_scores
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -58,7 +58,6 @@ def _fwd_tma_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, USE_NATURAL: tl.constexpr, HAS_HOOKS: tl.constexpr,
     REVERSE_M: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr, LPT: tl.constexpr = False,
-    SOFTCAP_BOUND: tl.constexpr = False,
 ):
     if LPT:
         # causal, longest first across heads: blocks are issued in linear program order, so the linear id
@@ -89,10 +88,7 @@ def _fwd_tma_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + h)
-    if SOFTCAP_BOUND:
-        m_i = softcap_reference(softcap, BLOCK_M, q.dtype)  # fixed: scores are bounded by the cap
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, full_lo, full_hi, hi = kv_block_range(m0, seqlen_q, seqlen_k, win_left, win_right,
@@ -111,7 +107,7 @@ def _fwd_tma_kernel(
                 acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
                 sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, left, win_right, True, IS_CAUSAL,
                 HAS_WINDOW or KEY_START is not None, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL,
-                HAS_HOOKS, "tf32", None, None, False, SOFTCAP_BOUND)
+                HAS_HOOKS, "tf32", None, None, False)
     for start_n in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
@@ -119,14 +115,14 @@ def _fwd_tma_kernel(
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
             sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, False, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False, SOFTCAP_BOUND)
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False)
     for start_n in tl.range(full_hi, hi, BLOCK_N, num_stages=NUM_STAGES):
         k = desc_k.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         v = desc_v.load([b, hk, start_n, 0]).reshape([BLOCK_N, HEAD_DIM])
         acc, l_i, m_i = attn_step(
             acc, l_i, m_i, q, k, v, b, h, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, off,
             sm_scale, qk_scale2, softcap, slope, start_n - m0 - off, win_left, win_right, True, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False, SOFTCAP_BOUND)
+            HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD, MASK_MOD, USE_NATURAL, HAS_HOOKS, "tf32", None, None, False)
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
@@ -243,7 +239,7 @@ def tma_launch_parts(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
     causal: bool, window: Tuple[int, int], has_softcap: bool, has_alibi: bool, score_mod: Any, mask_mod: Any,
     config: FwdConfig, positive_scale: bool = True, rope_mode: int = 0, rope_ints: Tuple[int, int, int] = (0, 0, 0),
-    lpt_heads: int = 0, softcap_bound: bool = False,
+    lpt_heads: int = 0,
 ) -> Tuple[Tuple[int, int], tuple, tuple, tuple, dict]:
     """What a TMA launch takes that depends on neither data pointers nor float values.
 
@@ -256,8 +252,6 @@ def tma_launch_parts(
     signature (its launch plan). ``positive_scale``: sm_scale > 0 (else the scores take the
     natural-units path, see :func:`.forward.attn_step`). ``lpt_heads`` > 0: issue the programs
     longest first across chunks of that many heads (causal; :data:`.forward.CAUSAL_SCHEDULE`).
-    ``softcap_bound``: the softcap form runs against a fixed row reference (:func:`.forward.softcap_bounded`;
-    taken only where the scores take the fast softcap form, not natural units).
     """
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -273,8 +267,6 @@ def tma_launch_parts(
                   **tma_constexprs(D, config, causal, window, has_softcap, has_alibi, score_mod, mask_mod, positive_scale))
     if lpt_heads > 0:
         consts["LPT"] = True
-    if softcap_bound and has_softcap and not consts["USE_NATURAL"]:
-        consts["SOFTCAP_BOUND"] = True
     return (num_m, B * H), specs, ints_a, ints_b, consts
 
 
