@@ -145,11 +145,11 @@ def test_modifiers_bar_pairs_alternate_in_rounds(tmp_path, monkeypatch):
     st.measure(ctx)
     assert not ctx.errors, ctx.errors
     rows = {(r["extra"]["what"], r["extra"]["path"]): r for r in kb.measurements(run_id) if r["op"] == "attn_fwd"}
-    for what in ("plain", "rope", "alibi", "softcap"):
+    for what in ("plain", "rope", "rope_separate", "alibi", "softcap"):
         rounds = rows[(what, "default")]["extra"]["round_ms"]
         assert len(rounds) == BAR_ROUNDS
-        # the fake clock ticks per call: the four alternate, so each round is four calls after the last
-        assert [round(b - a, 4) for a, b in zip(rounds, rounds[1:])] == [0.04] * (BAR_ROUNDS - 1)
+        # the fake clock ticks per call: the five alternate, so each round is five calls after the last
+        assert [round(b - a, 4) for a, b in zip(rounds, rounds[1:])] == [0.05] * (BAR_ROUNDS - 1)
     assert "round_ms" not in rows[("window", "default")]["extra"]
     assert "round_ms" not in rows[("softcap", "portable")]["extra"]
 
@@ -214,6 +214,13 @@ def test_modifiers_overheads_from_alternating_rounds(tmp_path):
     assert soft.metrics["overhead"] == pytest.approx(0.19) and soft.verdict == "supported", soft.claim
     assert soft.metrics["round_overheads"] == [0.19, 0.3, pytest.approx(0.0083, abs=1e-4)]
     assert "median of 3 alternating rounds" in soft.claim
+    # fused against separate RoPE: per-round ratios too (1.02x, 0.97x, 1.10x -> 1.02x: met)
+    kb, run_id, ctx = _ctx(tmp_path / "sep", "modifiers", quick=False)
+    _row(ctx, "rope", "default", 10.0, mods=["rope"], round_ms=[10.0, 10.0, 9.0])
+    _row(ctx, "rope_separate", "default", 9.7, mods=["rope"], round_ms=[10.2, 9.7, 9.9])
+    sep = {x.id: x for x in ModifiersStudy().analyze(_data(kb, run_id))}["modifiers-rope-fused-vs-separate"]
+    assert sep.metrics["separate_over_fused"] == pytest.approx(1.02) and sep.verdict == "supported", sep.claim
+    assert sep.metrics["round_ratios"] == [1.02, 0.97, 1.1] and "1.02x, 0.97x, 1.10x" in sep.claim
     alibi = f["modifiers-alibi-overhead"]
     assert alibi.metrics["overhead"] == pytest.approx(0.04) and alibi.metrics["round_overheads"] is None
     assert "alternating" not in alibi.claim
