@@ -43,7 +43,7 @@ H, D, HKV_GQA = 16, 128, 4
 WINDOW = 1024
 SOFTCAP = 50.0
 BAR_N = 16384
-#: the bar pairs (plain, RoPE, ALiBi, softcap on the default path at BAR_N) are timed in this many
+#: the bar pairs (BAR_WHATS on the default path at BAR_N) are timed in this many
 #: alternating rounds: one sitting's clocks drift enough (plain attention on one input set took
 #: 1.89-2.29 ms over three rounds of one process, session 9) to move an overhead by more than a bar's
 #: margin when the two timings are minutes apart; each round times the pair seconds apart
@@ -222,7 +222,7 @@ class ModifiersStudy(Study):
                 t = sorted(ts, key=lambda x: x.ms_median)[(len(ts) - 1) // 2]
                 extra: Dict[str, Any] = {"what": what, "path": path}
                 if len(ts) > 1:
-                    extra["round_ms"] = [round(x.ms_median, 4) for x in times[(what, path)] if x is not None]
+                    extra["round_ms"] = [round(x.ms_median, 4) for x in ts]
                 if path == "rope_tile":
                     extra["config"] = rope_cfg.as_dict()
                 if what in ("plain", "softcap") and path == "default" and n == self.bar_n:
@@ -325,7 +325,7 @@ class ModifiersStudy(Study):
             return None, r, b
         per_round = _round_overheads(r, b)
         if per_round:
-            return sorted(per_round)[(len(per_round) - 1) // 2], r, b
+            return _median(per_round), r, b
         return r["ms_median"] / b["ms_median"] - 1.0, r, b
 
     def _bar_finding(self, data: RunData, fid: str, title: str, what: str, path: str, limit: float,
@@ -394,7 +394,7 @@ class ModifiersStudy(Study):
         for r in (sep_d, sep_p):
             if r:
                 per_round = _round_overheads(r, fused)
-                ratios[r["extra"]["path"]] = (1.0 + sorted(per_round)[(len(per_round) - 1) // 2] if per_round
+                ratios[r["extra"]["path"]] = (1.0 + _median(per_round) if per_round
                                               else r["ms_median"] / fused["ms_median"])
         best_path = min(ratios, key=ratios.get)
         sp = ratios[best_path]
@@ -562,6 +562,11 @@ class ModifiersStudy(Study):
 
 
 STUDY = ModifiersStudy()
+
+
+def _median(xs: List[float]) -> float:
+    """The lower median (an odd number of rounds: the middle one)."""
+    return sorted(xs)[(len(xs) - 1) // 2]
 
 
 def _round_overheads(row: Dict[str, Any], base: Dict[str, Any]) -> Optional[List[float]]:
