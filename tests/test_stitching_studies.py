@@ -112,15 +112,21 @@ def test_constants_gpu_dry_run(tmp_path, monkeypatch):
     _no_analysis_errors(findings)
 
 
-@cpu_only
-def test_modifiers_gpu_dry_run(tmp_path, monkeypatch):
-    kb, run_id, ctx = _ctx(tmp_path, "modifiers")
+def _modifiers_dry_run(tmp_path, monkeypatch, quick):
+    """The modifiers study's GPU half at tiny CPU shapes with a fake clock; (kb, run_id, study)."""
+    kb, run_id, ctx = _ctx(tmp_path, "modifiers", quick=quick)
     _fake_bench(ctx, monkeypatch)
     st = ModifiersStudy()
     st.ns, st.tokens, st.heads, st.head_dim, st.kv_heads_gqa = (48,), 48, 2, 32, 1
     st.window, st.bar_n, st.flex, st.dtype, st.device = 8, 48, False, torch.float16, "cpu"
     st.measure(ctx)
     assert not ctx.errors, ctx.errors
+    return kb, run_id, st
+
+
+@cpu_only
+def test_modifiers_gpu_dry_run(tmp_path, monkeypatch):
+    kb, run_id, st = _modifiers_dry_run(tmp_path, monkeypatch, quick=True)
     whats = {r["extra"]["what"] for r in kb.measurements(run_id)}
     assert {"plain", "rope", "rope_separate", "rope_kernel_only", "alibi", "softcap", "window", "gqa",
             "gqa_repeat"} <= whats
@@ -133,17 +139,11 @@ def test_modifiers_gpu_dry_run(tmp_path, monkeypatch):
 
 @cpu_only
 def test_modifiers_bar_pairs_alternate_in_rounds(tmp_path, monkeypatch):
-    # not quick, at the bar N: plain, RoPE, ALiBi and softcap on the default path run BAR_ROUNDS rounds
-    # one after the other (after everything else), each row keeps its rounds, the rest run once
+    # not quick, at the bar N: the bar pairs on the default path run BAR_ROUNDS rounds one after the
+    # other (after everything else), each row keeps its rounds, the rest run once
     from attention_proto.studies.modifiers import BAR_ROUNDS
 
-    kb, run_id, ctx = _ctx(tmp_path, "modifiers", quick=False)
-    _fake_bench(ctx, monkeypatch)
-    st = ModifiersStudy()
-    st.ns, st.tokens, st.heads, st.head_dim, st.kv_heads_gqa = (48,), 48, 2, 32, 1
-    st.window, st.bar_n, st.flex, st.dtype, st.device = 8, 48, False, torch.float16, "cpu"
-    st.measure(ctx)
-    assert not ctx.errors, ctx.errors
+    kb, run_id, _ = _modifiers_dry_run(tmp_path, monkeypatch, quick=False)
     rows = {(r["extra"]["what"], r["extra"]["path"]): r for r in kb.measurements(run_id) if r["op"] == "attn_fwd"}
     for what in ("plain", "rope", "rope_separate", "alibi", "softcap"):
         rounds = rows[(what, "default")]["extra"]["round_ms"]
