@@ -323,18 +323,19 @@ class PagedStudy(Study):
             B, N = sw.breakdown_shape
             q, kc, vc, bt, sl, lens = setup(B, N, page, Hq, Hkv, D)
             kw = dict(max_seq_len=N, check_inputs=False, total_tokens=sum(lens))
+            nbytes = _kv_bytes(lens, Hkv, D)
             with ctx.guard(f"kernel times B{B} N{N}"):
                 ours_fn = _graphed(lambda: paged_attention(q, kc, vc, bt, sl, **kw))
-                read_fn = _graphed(read_stream_fn(int(_kv_bytes(lens, Hkv, D)), device))
+                read_fn = _graphed(read_stream_fn(int(nbytes), device))
                 k_ours, k_read = kernel_times_clean_l2(ours_fn), kernel_times_clean_l2(read_fn)
                 w_ours = ctx.bench_clean_l2(ours_fn, *sw.bench_ms).ms_median * 1e3
                 w_read = ctx.bench_clean_l2(read_fn, *sw.bench_ms).ms_median * 1e3
                 p = explain(q, kc, bt, max_seq_len=N, total_tokens=sum(lens))
                 ctx.record(op="paged_kernel_times", impl=OURS, variant="auto", B=B, H=Hq, Hkv=Hkv, N=1, Nk=N, D=D,
-                           dtype=dname, causal=True, nbytes=_kv_bytes(lens, Hkv, D),
+                           dtype=dname, causal=True, nbytes=nbytes,
                            extra={"sweep": "kernel_times", "kernels_us": k_ours, "read_kernels_us": k_read,
                                   "wall_us": w_ours, "read_wall_us": w_read, "version": p.version,
-                                  "num_partitions": p.num_partitions, "kv_bytes": _kv_bytes(lens, Hkv, D),
+                                  "num_partitions": p.num_partitions, "kv_bytes": nbytes,
                                   "timing_protocol": _protocol(True) + "; kernels: CUPTI durations"})
             section("kernel times")
         # ---- host overhead (eager calls, no graph) -------------------------------------------

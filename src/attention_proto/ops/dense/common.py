@@ -344,3 +344,12 @@ def strides4(t, varlen: bool) -> tuple:
     if varlen:
         return 0, t.stride(1), t.stride(0), t.stride(2)
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+@triton.jit
+def split_hi_lo(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` as two ``DTYPE`` values: ``hi`` = x rounded, ``lo`` = the residue x - hi rounded (the
+    split scores' operands: hi.k + hi.k_lo + lo.k carries x to ~2^-16 where hi alone has ~2^-8)."""
+    hi = x.to(DTYPE)
+    return hi, (x - hi.to(tl.float32)).to(DTYPE)
+

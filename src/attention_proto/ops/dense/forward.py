@@ -49,7 +49,7 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode, l2_bytes, sm_count_of
 from ...runtime.validation import describe
 from .common import (WINDOW_UNBOUNDED, apply_mask, apply_score_mods, key_start_bounds, kv_block_range,
-                     load_rope_tile, load_tile, mul_rn, tanh_for)
+                     load_rope_tile, load_tile, mul_rn, split_hi_lo, tanh_for)
 from .configs import (RELOAD_HOOKS, SMALL_PROBLEM_SCORES, FwdConfig, block_d, fits, pick_forward_config,
                       shared_memory_bytes)
 from .rope import RopeSpec, rope_tables
@@ -185,10 +185,10 @@ def _fwd_block(acc, l_i, m_i, q, q_lo, k_base, k_lo_base, v_base, start_n, b, h,
     if ROPE != 0:
         k32 = load_rope_tile(k_base, offs_n, seqlen_k, skn, skd, rope_k_off, COS, SIN, stride_cs, max_pos,
                              ROPE, HEAD_DIM, BLOCK_D, MASKED)
-        k = k32.to(q.dtype)
         if SPLIT:
-            k_lo = (k32 - k.to(tl.float32)).to(q.dtype)
+            k, k_lo = split_hi_lo(k32, q.dtype)
         else:
+            k = k32.to(q.dtype)
             k_lo = k
     else:
         k = load_tile(k_base, offs_n, seqlen_k, skn, skd, HEAD_DIM, BLOCK_D, MASKED)
@@ -254,10 +254,10 @@ def _fwd_kernel(
     if ROPE != 0:
         q32 = load_rope_tile(q_base, offs_m, seqlen_q, sqm, sqd, rope_q_off + rope_q_auto * off,
                              COS, SIN, stride_cs, max_pos, ROPE, HEAD_DIM, BLOCK_D, CHECK_M)
-        q = q32.to(Q.dtype.element_ty)
         if SPLIT:
-            q_lo = (q32 - q.to(tl.float32)).to(Q.dtype.element_ty)
+            q, q_lo = split_hi_lo(q32, Q.dtype.element_ty)
         else:
+            q = q32.to(Q.dtype.element_ty)
             q_lo = q
     else:
         q = load_tile(q_base, offs_m, seqlen_q, sqm, sqd, HEAD_DIM, BLOCK_D, CHECK_M)

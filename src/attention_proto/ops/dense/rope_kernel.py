@@ -23,7 +23,8 @@ from ...runtime.cache import KERNEL_CACHE
 from ...runtime.device import interpreter_mode
 from ...runtime.validation import (describe, require_dtype, require_rank, require_same_device, require_same_dtype,
                                    require_tensor)
-from .common import ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rotate_pairs, seq_bounds, strides4
+from .common import (ROPE_HALF, ROPE_INTERLEAVED, load_rope_tile, rotate_pairs, seq_bounds, split_hi_lo,
+                     strides4)
 from .configs import block_d
 from .rope import RopeSpec, rope_tables
 
@@ -46,10 +47,10 @@ def _rope_kernel(X, Y, Y_LO, COS, SIN,
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < N) & (cols[None, :] < HEAD_DIM)
     y_off = b * syb + h * syh + rows[:, None] * syn + cols[None, :] * syd
-    y_hi = y.to(Y.dtype.element_ty)
+    y_hi, y_lo = split_hi_lo(y, Y.dtype.element_ty)
     tl.store(Y + y_off, y_hi, mask=mask)
     if Y_LO is not None:
-        tl.store(Y_LO + y_off, (y - y_hi.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y_LO + y_off, y_lo, mask=mask)
 
 
 @triton.jit
@@ -81,10 +82,9 @@ def _rope_rows_kernel(X, Y, Y_LO, COS, SIN,
             tl.store(Y + y_off, rotate_pairs(x, c, s, ROPE, HEAD_DIM).to(Y.dtype.element_ty), mask=hmask)
         else:
             # rotated in fp32 (the same arithmetic), stored rounded, the residue beside it
-            y = rotate_pairs(x.to(tl.float32), c, s, ROPE, HEAD_DIM)
-            y_hi = y.to(Y.dtype.element_ty)
+            y_hi, y_lo = split_hi_lo(rotate_pairs(x.to(tl.float32), c, s, ROPE, HEAD_DIM), Y.dtype.element_ty)
             tl.store(Y + y_off, y_hi, mask=hmask)
-            tl.store(Y_LO + y_off, (y - y_hi.to(tl.float32)).to(Y.dtype.element_ty), mask=hmask)
+            tl.store(Y_LO + y_off, y_lo, mask=hmask)
 
 
 @triton.jit
@@ -92,11 +92,10 @@ def _rope_pass(X, Y, Y_LO, COS, SIN, CU_Q, CU_K,
                stride_xb, stride_xh, stride_xm, stride_xd, stride_yb, stride_yh, stride_ym, stride_yd,
                nq, nk, H, stride_cs, max_pos, pos_off,
                IS_VARLEN: tl.constexpr, IS_Q: tl.constexpr, Q_DEFAULT: tl.constexpr, ROPE: tl.constexpr,
-               INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               WRITE_LO: tl.constexpr = False):
+               INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Y = R X (INVERSE: R^T X) for the rows of q (IS_Q) or k; table row = pos_off + position.
 
-    WRITE_LO: Y_LO (Y's strides and dtype) gets the rounding residue R X - Y (split scores).
+    Y_LO (Y's strides and dtype; None: not written) gets the rounding residue R X - Y (split scores).
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -119,10 +118,10 @@ def _rope_pass(X, Y, Y_LO, COS, SIN, CU_Q, CU_K,
     cols = tl.arange(0, BLOCK_D)
     y_off = b64 * stride_yb + h * stride_yh + rows[:, None] * stride_ym + cols[None, :] * stride_yd
     y_ok = (rows < start + n)[:, None] & (cols < HEAD_DIM)[None, :]
-    y = x.to(Y.dtype.element_ty)
+    y, y_lo = split_hi_lo(x, Y.dtype.element_ty)
     tl.store(Y + y_off, y, mask=y_ok)
-    if WRITE_LO:
-        tl.store(Y_LO + y_off, (x - y.to(tl.float32)).to(Y.dtype.element_ty), mask=y_ok)
+    if Y_LO is not None:
+        tl.store(Y_LO + y_off, y_lo, mask=y_ok)
 
 
 def _block_n(D: int) -> int:
@@ -178,10 +177,10 @@ def rope_pass(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     rb = 16 if small else max(16, 2048 // block_d(D))  # four [rb, BD] fp32 tiles live at once
     KERNEL_CACHE.launch(
         _rope_pass, (triton.cdiv(nq if is_q else nk, rb), batch * x.shape[1]),
-        x, y, y if y_lo is None else y_lo, cos, sin, cu_q, cu_k, *strides4(x, varlen), *strides4(y, varlen),
+        x, y, y_lo, cos, sin, cu_q, cu_k, *strides4(x, varlen), *strides4(y, varlen),
         nq, nk, x.shape[1], cos.stride(0), cos.shape[0], pos_off,
         IS_VARLEN=varlen, IS_Q=is_q, Q_DEFAULT=q_default, ROPE=mode, INVERSE=inverse, HEAD_DIM=D, BLOCK_M=rb,
-        BLOCK_D=block_d(D), num_warps=1 if small else 4, WRITE_LO=y_lo is not None,
+        BLOCK_D=block_d(D), num_warps=1 if small else 4,
     )
 
 
