@@ -340,16 +340,25 @@ def test_warp_specialization_needs_8_warps(tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("shape", [(1, 8, 128, 64), (2, 8, 1024, 128)], ids=["small-portable", "tma"])
+@pytest.mark.parametrize("shape", [(1, 8, 128, 64), (2, 8, None, 128)], ids=["small-portable", "tma"])
 def test_gpu_repeated_calls_launch_directly(shape):
     """Second and later calls of a signature launch the compiled kernel directly: results, hooks, graphs."""
     from triton import knobs
 
     from attention_proto.ops.dense import forward as fwd
-    from attention_proto.ops.dense.configs import SMALL_PROBLEM_SCORES
+    from attention_proto.ops.dense.configs import SMALL_PROBLEM_SCORES, pick_forward_config
 
     B, H, N, D = shape
     dtype = torch.bfloat16
+    if N is None:
+        # the first length whose tuned causal config is a TMA one (the table may rank the portable
+        # kernel first at some lengths: it did at N 1024, D 128 on the H100)
+        N = next((n for n in (1024, 2048, 4096) if pick_forward_config(D, dtype, True, n, "auto").path != "portable"),
+                 None)
+        if N is None:
+            pytest.skip("the tuned table picks the portable kernel for causal D128 at N 1024-4096")
+    tma_expected = (B * H * N * N > SMALL_PROBLEM_SCORES
+                    and pick_forward_config(D, dtype, True, N, "auto").path != "portable")
 
     def ref_check(q, k, v, out):
         ro, _ = attention_reference(q, k, v, causal=True, device="cuda")
@@ -362,7 +371,7 @@ def test_gpu_repeated_calls_launch_directly(shape):
         ref_check(q, k, v, attention(q, k, v, causal=True))
     plans = list(fwd._PLANS.values())
     assert len(plans) == 1 and plans[0].direct is not None
-    assert (plans[0].specs is None) == (B * H * N * N <= SMALL_PROBLEM_SCORES)
+    assert (plans[0].specs is not None) == tma_expected
     seen = []
     hook = lambda md: seen.append(md.get()["name"])  # noqa: E731 - triton passes a LazyDict
     knobs.runtime.launch_enter_hook.add(hook)
